@@ -1,0 +1,186 @@
+"""`python -m jaxlm.train --config FILE [a.b=c ...]`: the story of a run, top to bottom.
+
+config -> mesh -> data -> sharded state (fresh or resumed) -> compiled step -> loop
+(log, eval, checkpoint) -> final eval and checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from jaxlm.config import Config, ConfigError, check_against_devices, diff_from_defaults, \
+    dump_yaml, load_config
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m jaxlm.train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="YAML config; may be repeated, later files override earlier ones")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="overrides applied after the files, e.g. train.steps=100")
+    return p.parse_args(argv)
+
+
+def configure_runtime(cfg: Config):
+    """Settings that must be made before JAX starts its backends."""
+    import jax
+    if cfg.runtime.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", cfg.runtime.cpu_devices)
+    if cfg.runtime.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", cfg.runtime.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        configure_runtime(cfg)
+        run(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def say(msg: str):
+    import jax
+    if jax.process_index() == 0:
+        from tqdm import tqdm
+        tqdm.write(msg, file=sys.stdout)
+
+
+def run(cfg: Config) -> dict:
+    """Train as configured; returns the last logged metrics (used by tests and benchmarks)."""
+    import jax
+    import numpy as np
+    from jaxlm import metrics as M
+    from jaxlm.checkpoint import Checkpointer
+    from jaxlm.data import DataIterator, build_datasets, eval_batches
+    from jaxlm.sharding import make_mesh
+    from jaxlm.step import abstract_batch, build_step_fns
+
+    # ---- mesh and run directory
+    sizes = check_against_devices(cfg, jax.device_count())
+    mesh = make_mesh(sizes)
+    run_dir = Path(cfg.train.run_dir)
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    changed = diff_from_defaults(cfg)
+    say("config (changed from defaults):" + "".join(
+        f"\n  {k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()
+        if k != "mesh.rules") + ("\n  mesh.rules: (custom table)" if "mesh.rules" in changed else ""))
+    device = jax.devices()[0]
+    say(f"devices: {jax.device_count()} x {device.device_kind} ({jax.default_backend()}), "
+        f"{jax.process_count()} process(es); mesh "
+        + (" x ".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "1 device"))
+
+    # ---- data
+    data = build_datasets(cfg.data, cfg.model.vocab_size)
+    train_iter = DataIterator(data.train, cfg.train.global_batch_size, cfg.data.seed,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())
+    evals = eval_batches(data.eval, cfg.train.global_batch_size, cfg.train.eval_batches,
+                         jax.process_index(), jax.process_count())
+
+    # ---- state: fresh, or resumed from the latest checkpoint
+    fns = build_step_fns(cfg, mesh)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint) if cfg.checkpoint.enabled else None
+    latest = ckpt.latest_step() if ckpt and cfg.checkpoint.resume else None
+    if latest is not None:
+        state, data_state = ckpt.restore(latest, fns.abstract_state)
+        train_iter.restore(data_state["iterator"])
+        if data_state.get("fingerprint") != data.fingerprint:
+            say(f"warning: the data corpus differs from the one checkpoint {latest} was trained on")
+        say(f"resumed from step {latest} ({ckpt.directory / str(latest)})")
+    else:
+        state = fns.init(cfg.train.seed)
+    start = int(state["step"])
+    say(f"model: {fns.param_count / 1e6:.2f}M parameters; run dir {run_dir}")
+
+    def to_global(batch_np):
+        return {k: jax.make_array_from_process_local_data(fns.batch_sharding, v)
+                for k, v in batch_np.items()}
+
+    eval_arrays = [to_global(b) for b in evals]
+
+    def evaluate():
+        nll, count = 0.0, 0.0
+        for b in eval_arrays:
+            n, c = fns.eval_step(state["params"], b)
+            nll, count = nll + float(n), count + float(c)
+        loss = nll / max(count, 1.0)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    # ---- compile once, ahead of time, so compile time is reported apart from step time
+    t0 = time.perf_counter()
+    step_fn = fns.train_step.lower(fns.abstract_state,
+                                   abstract_batch(cfg, fns.batch_sharding)).compile()
+    compile_s = time.perf_counter() - t0
+    mem = step_fn.memory_analysis()
+    mem_note = ""
+    if mem is not None:
+        mem_note = (f"; per device: args {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
+                    f"temp {mem.temp_size_in_bytes / 2**20:.1f} MiB")
+    say(f"train step compiled in {compile_s:.1f} s{mem_note}")
+
+    flops_tok = M.flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = M.peak_flops(device.device_kind, cfg.log.peak_tflops)
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    writer = M.MetricsWriter(run_dir, cfg.log.jsonl, cfg.log.tensorboard)
+    writer.write(start, {"compile_time_s": compile_s})
+    last: dict = {}
+    if start >= cfg.train.steps:
+        say(f"already trained to step {start} (train.steps={cfg.train.steps}); nothing to do")
+
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True,
+               # None: tqdm shows the bar only on a terminal (CI logs stay readable)
+               disable=True if not cfg.log.progress or jax.process_index() != 0 else None,
+               file=sys.stdout)
+    window_start, window_steps, pending = time.perf_counter(), 0, None
+    for step in range(start + 1, cfg.train.steps + 1):
+        state, pending = step_fn(state, to_global(train_iter.next()))
+        window_steps += 1
+        bar.update(1)
+        is_last = step == cfg.train.steps
+        if step % cfg.log.every_steps == 0 or is_last:
+            host = jax.device_get(pending)  # waits for the device: closes the timing window
+            dt = (time.perf_counter() - window_start) / window_steps
+            tps = tokens_per_step / dt
+            last = {"loss": float(host["loss"]), "lr": float(host["lr"]),
+                    "grad_norm": float(host["grad_norm"]), "tokens_per_sec": tps,
+                    "step_time_s": dt, "mfu": M.mfu(tps, flops_tok, peak, jax.device_count())}
+            mem_b = M.peak_memory_bytes()
+            last["peak_mem_gib"] = mem_b / 2**30 if mem_b else None
+            if not np.isfinite(last["loss"]):
+                raise FloatingPointError(f"loss became {last['loss']} at step {step}")
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 or is_last:
+                last.update(evaluate())
+            say(M.format_line(step, last))
+            bar.set_postfix(loss=f"{last['loss']:.3f}")
+            writer.write(step, last)
+            window_start, window_steps = time.perf_counter(), 0
+        elif cfg.train.eval_every and step % cfg.train.eval_every == 0:
+            ev = evaluate()
+            say(M.format_line(step, ev))
+            writer.write(step, ev)
+            window_start, window_steps = time.perf_counter(), 0
+        if ckpt and (step % cfg.checkpoint.every_steps == 0 or is_last):
+            ckpt.save(step, state, {"iterator": train_iter.state(),
+                                    "fingerprint": data.fingerprint})
+    bar.close()
+    if ckpt:
+        ckpt.wait()
+        ckpt.close()
+    writer.close()
+    return {**last, "compile_time_s": compile_s, "state": state}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
