@@ -36,6 +36,15 @@ def run_jaxlm(overrides):
             "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len)}
 
 
+def run_worker(overrides):
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *overrides],
+                         capture_output=True, text=True, timeout=900)
+    for line in out.stdout.splitlines():
+        if line.startswith("WORKER "):
+            return json.loads(line[len("WORKER "):])
+    return {"name": "jaxlm " + " ".join(overrides), "error": (out.stdout + out.stderr)[-2000:]}
+
+
 def run_peer(which, peer_overrides):
     cmd = [sys.executable, ".peer/ref_models.py", which] + ([json.dumps(peer_overrides)]
                                                              if peer_overrides else [])
@@ -55,9 +64,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--peers", default="torch,jax")
     ap.add_argument("--peer-config", default="", help="JSON overrides for ref_models.py")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    rows = [run_jaxlm(args.overrides)]
+    if args.worker:  # one trainer per process: each gets the whole GPU memory
+        print("WORKER " + json.dumps(run_jaxlm(args.overrides)), flush=True)
+        return
+    rows = [run_worker(args.overrides)]
     peer_cfg = json.loads(args.peer_config) if args.peer_config else None
     for p in filter(None, args.peers.split(",")):
         rows.append(run_peer(p, peer_cfg))
@@ -71,9 +84,9 @@ def main():
         print(f"| {r['name']} | {r['tokens_per_sec']:,.0f} | {r['step_ms']:.1f} | "
               f"{'n/a' if r['mfu'] is None else format(r['mfu'], '.1%')} | {r['compile_s'] or float('nan'):.1f} | "
               f"{mem if mem is None else round(mem, 1)} |")
-    base = rows[0]["tokens_per_sec"]
+    base = rows[0].get("tokens_per_sec")
     for r in rows[1:]:
-        if "error" not in r:
+        if "error" not in r and base:
             print(f"jaxlm / {r['name']}: {base / r['tokens_per_sec']:.3f}")
     out = os.environ.get("OUT")
     if out:

@@ -29,7 +29,12 @@ def configure_runtime(cfg: Config):
     """Settings that must be made before JAX starts its backends."""
     import jax
     if cfg.runtime.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", cfg.runtime.cpu_devices)
+        try:
+            jax.config.update("jax_num_cpu_devices", cfg.runtime.cpu_devices)
+        except RuntimeError:  # backends already started (tests, notebooks): keep what is there
+            if jax.default_backend() == "cpu" and jax.device_count() != cfg.runtime.cpu_devices:
+                raise ConfigError(f"runtime.cpu_devices={cfg.runtime.cpu_devices}, but JAX already "
+                                  f"started with {jax.device_count()} CPU devices") from None
     if cfg.runtime.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", cfg.runtime.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
