@@ -23,8 +23,10 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True,
             cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data"))
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -74,5 +76,8 @@ def _check_matches(meta, abstract_state, where):
 def _flat_shapes(tree):
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     for path, leaf in flat:
-        yield jax.tree_util.keystr(path), tuple(np.shape(leaf) if not hasattr(leaf, "shape")
+        # orbax metadata turns namedtuples into dicts: compare by plain key names
+        name = ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                        for k in path)
+        yield name, tuple(np.shape(leaf) if not hasattr(leaf, "shape")
                                                 else leaf.shape)

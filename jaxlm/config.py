@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,20 @@ import yaml
 
 class ConfigError(ValueError):
     """Bad user input: the message names the key or file and what was expected."""
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML, but `1e-3` is a float as in YAML 1.2 (PyYAML's 1.1 rules need `1.0e-3`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 def _choices(*values):
@@ -183,11 +199,16 @@ def _read_yaml(path: str) -> dict:
     if not p.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        tree = yaml.safe_load(p.read_text())
+        tree = _yaml_load(p.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        ctx, ctx_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if ctx and ctx_mark and mark and ctx_mark.line != mark.line:
+            problem += f" ({ctx} that starts on line {ctx_mark.line + 1})"
         raise ConfigError(f"{where}: malformed YAML: {problem}") from None
     if tree is None:
         return {}
@@ -201,8 +222,11 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}': expected key=value, e.g. train.steps=100")
     key, raw = item.split("=", 1)
+    if "" in key.strip().split("."):
+        raise ConfigError(f"override '{item}': empty key part; expected key=value, "
+                          f"e.g. train.steps=100")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -227,8 +251,11 @@ def all_keys(obj=None, prefix="") -> list[str]:
     return out
 
 
-def _unknown_key(dotted: str, source: str) -> ConfigError:
-    keys = all_keys()
+def _unknown_key(dotted: str, source: str, value=None) -> ConfigError:
+    while isinstance(value, dict) and value:  # a misspelled section: name a full key inside it
+        name, value = next(iter(value.items()))
+        dotted = f"{dotted}.{name}"
+    keys = all_keys() + [f.name for f in dataclasses.fields(Config)]
     close = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.5)
     if not close:  # fall back to matching the last component anywhere
         leaf = dotted.rsplit(".", 1)[-1]
@@ -247,7 +274,7 @@ def _apply_tree(obj, tree: dict, source: str, prefix: str = ""):
     for name, value in tree.items():
         dotted = f"{prefix}{name}"
         if name not in fields:
-            raise _unknown_key(dotted, source)
+            raise _unknown_key(dotted, source, value)
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
             _apply_tree(current, value, source, dotted + ".")
@@ -298,7 +325,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads="
                           f"{m.num_heads}; set model.head_dim explicitly")
     if m.resolved_head_dim % 2:
-        raise ConfigError(f"head dim {m.resolved_head_dim} must be even for RoPE")
+        how = (f"model.head_dim={m.head_dim}" if m.head_dim else
+               f"model.d_model={m.d_model} / model.num_heads={m.num_heads}")
+        raise ConfigError(f"head dim {m.resolved_head_dim} ({how}) must be even for RoPE")
     t = cfg.train
     if t.global_batch_size % t.microbatches:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
@@ -306,14 +335,18 @@ def validate(cfg: Config) -> None:
     fills = [a for a, n in cfg.mesh.axis_sizes().items() if n == -1]
     if len(fills) > 1:
         raise ConfigError(f"mesh: only one axis may be -1 (fill), got {', '.join(fills)}")
-    if any(n == 0 for n in cfg.mesh.axis_sizes().values()):
-        raise ConfigError("mesh: axis sizes must be >= 1 or -1 (fill)")
+    zeros = [a for a, n in cfg.mesh.axis_sizes().items() if n == 0]
+    if zeros:
+        raise ConfigError(f"mesh.{zeros[0]}: 0 is not a valid size; axis sizes must be >= 1 "
+                          f"or -1 (fill)")
     _check_rules(cfg.mesh.rules)
 
 
 def _check_field(key, value, meta):
     if value is None:
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
     if "choices" in meta and value not in meta["choices"]:
         allowed = ", ".join(map(str, meta["choices"]))
         raise ConfigError(f"{key}: {value!r} is not one of: {allowed}")
@@ -347,7 +380,7 @@ def check_against_devices(cfg: Config, num_devices: int) -> dict[str, int]:
     if fill:
         if num_devices % fixed:
             raise ConfigError(f"mesh: fixed axes multiply to {fixed}, which does not divide the "
-                              f"{num_devices} devices available")
+                              f"{num_devices} devices available (to fill mesh.{fill[0]}=-1)")
         sizes[fill[0]] = num_devices // fixed
     product = 1
     for n in sizes.values():

@@ -90,7 +90,7 @@ def check_divisible(shapes, shardings, what: str = "parameter"):
             axes_t = axes if isinstance(axes, tuple) else (axes,)
             n = int(np.prod([sh.mesh.shape[a] for a in axes_t]))
             if dim % n:
-                name = jax.tree_util.keystr(path)
+                name = ".".join(str(getattr(k, "key", k)) for k in path)
                 raise ConfigError(f"{what} {name} with shape {tuple(shape.shape)} and spec "
                                   f"{sh.spec}: dimension {dim} is not divisible by mesh axes "
                                   f"{'*'.join(axes_t)}={n}; change mesh.rules or the mesh")

@@ -113,7 +113,7 @@ def build_step_fns(cfg: Config, mesh: Mesh) -> StepFns:
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             new_params = optax.apply_updates(params, updates)
             rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
-            metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+            metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                        "lr": schedule(state["step"]), "tokens": total_tokens}
             new_state = {"params": new_params, "opt_state": opt_state,
                          "step": state["step"] + 1, "rng": jax.random.key_data(rng)}

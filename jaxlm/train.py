@@ -16,8 +16,14 @@ from jaxlm.config import Config, ConfigError, check_against_devices, diff_from_d
     dump_yaml, load_config
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, like every other bad input
+        self.exit(2, f"error: {message} (usage: python -m jaxlm.train --config FILE "
+                     f"[key.sub=value ...])\n")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxlm.train", description=__doc__.splitlines()[0])
+    p = _Parser(prog="python -m jaxlm.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="YAML config; may be repeated, later files override earlier ones")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
@@ -142,6 +148,11 @@ def run(cfg: Config) -> dict:
     last: dict = {}
     if start >= cfg.train.steps:
         say(f"already trained to step {start} (train.steps={cfg.train.steps}); nothing to do")
+
+    if start == 0 and cfg.train.eval_every:
+        initial = evaluate()  # the baseline the run's eval losses are read against
+        say(M.format_line(0, initial))
+        writer.write(0, initial)
 
     from tqdm import tqdm
     bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True,
