@@ -51,10 +51,13 @@ def reference():
     return cfg, batches, train(cfg, MESHES["single"], batches)
 
 
-@pytest.mark.parametrize("name", [m for m in MESHES if m != "single"])
+@pytest.mark.parametrize("name", [m for m in MESHES if m != "single"] + ["fsdp_microbatches"])
 def test_mesh_matches_single_device(reference, name):
+    """Also: gradient accumulation over 2 microbatches on a mesh equals one full batch."""
     cfg, batches, (p0, g0, l0, p1, _) = reference
-    q0, h0, m0, q1, state = train(cfg, MESHES[name], batches)
+    if name == "fsdp_microbatches":
+        cfg = tiny_config("train.microbatches=2")
+    q0, h0, m0, q1, state = train(cfg, MESHES.get(name, {"fsdp": 4}), batches)
     close = lambda a, b, tol: np.testing.assert_allclose(a, b, rtol=tol, atol=tol)  # noqa: E731
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), p0, q0)  # same init, bitwise
     jax.tree.map(lambda a, b: close(a, b, 2e-5), g0, h0)

@@ -22,6 +22,8 @@ def test_readme_command_runs_logs_and_resumes(tmp_path):
     first = train_cmd(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "mesh data=4 x fsdp=2" in first.stdout
+    assert "config (changed from defaults):" in first.stdout
+    assert "model.d_model: 256 -> 128" in first.stdout and "train.steps: 1000 -> 4" in first.stdout
     assert "train step compiled in" in first.stdout
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "loss" in r]
