@@ -73,10 +73,14 @@ class ModelConfig:
 MESH_AXES = ("data", "stage", "fsdp", "sequence", "expert", "tensor")
 
 # Logical name -> mesh axes. First match wins; an axis already used by an earlier dimension of the
-# same array, or of size 1, is skipped. Params use bare names, activations the `act_` names.
+# same array, or of size 1, is skipped. Params use bare names, activations the `act_` names:
+# `act_res_seq` is the sequence dim of the residual stream and norms (between tensor-parallel
+# regions: Megatron sequence parallelism maps it to `tensor` too), `act_seq` the sequence dim
+# inside attention/MLP (context parallelism over `sequence`).
 DEFAULT_RULES = [
     ["batch", ["data", "fsdp", "expert"]],
     ["act_batch", ["data", "fsdp", "expert"]],
+    ["act_res_seq", "sequence"],
     ["act_seq", "sequence"],
     ["act_embed", None],
     ["act_heads", "tensor"],
@@ -95,6 +99,22 @@ DEFAULT_RULES = [
 
 
 @dataclass
+class DcnConfig:
+    """How much of each mesh axis spans slices/hosts over the slower data-centre network (DCN).
+    The rest of the axis stays inside a slice (ICI/NVLink), so bandwidth-hungry axes (tensor,
+    fsdp) should stay 1 here and data parallelism go across."""
+    data: int = field(default=1, metadata=_range(1))
+    stage: int = field(default=1, metadata=_range(1))
+    fsdp: int = field(default=1, metadata=_range(1))
+    sequence: int = field(default=1, metadata=_range(1))
+    expert: int = field(default=1, metadata=_range(1))
+    tensor: int = field(default=1, metadata=_range(1))
+
+    def num_slices(self) -> int:
+        return math.prod(getattr(self, a) for a in MESH_AXES)
+
+
+@dataclass
 class MeshConfig:
     """Sizes of the device mesh axes (-1 on one axis: fill with the remaining devices)."""
     data: int = field(default=-1, metadata=_range(-1))
@@ -104,6 +124,11 @@ class MeshConfig:
     expert: int = field(default=1, metadata=_range(-1))
     tensor: int = field(default=1, metadata=_range(-1))
     rules: list = field(default_factory=lambda: [list(r) for r in DEFAULT_RULES])
+    dcn: DcnConfig = field(default_factory=DcnConfig)
+    zero1: bool = False  # shard optimizer state over `data` too (params stay replicated there)
+    # refuse meshes whose per-device parameter bytes exceed the ideal (total / sharding axes) by
+    # more than this fraction: a rules table that silently replicates a big tensor is a bug
+    max_unsharded_fraction: float = field(default=0.05, metadata=_range(0.0))
 
     def axis_sizes(self) -> dict[str, int]:
         return {a: getattr(self, a) for a in MESH_AXES}
@@ -111,11 +136,75 @@ class MeshConfig:
 
 @dataclass
 class DataConfig:
-    source: str = field(default="stdlib", metadata=_choices("stdlib", "synthetic"))
+    # files: `path` is a folder, file or glob of .txt/.jsonl/.parquet; tokens: `path` is a flat
+    # .bin (token_dtype) or .npy of token ids; mixture: rows drawn by weight from `mixture` entries
+    source: str = field(default="stdlib", metadata=_choices(
+        "stdlib", "synthetic", "files", "tfds", "tokens", "mixture"))
     seq_len: int = field(default=256, metadata=_range(2))
-    max_bytes: int = field(default=8_000_000, metadata=_range(1024))
+    max_bytes: int = field(default=8_000_000, metadata=_range(1024))  # stdlib only
     eval_fraction: float = field(default=0.02, metadata=_range(0.0, 0.5))
     seed: int = 0
+    path: str | None = None
+    text_field: str = "text"  # jsonl/parquet field or tfds feature ("a/b" for nested features)
+    tfds_name: str | None = None  # a registered or prepared dataset, e.g. "my_ds/config:1.0.0"
+    tfds_split: str = "train"
+    tfds_eval_split: str | None = None  # None: hold out eval_fraction of tfds_split's documents
+    tfds_data_dir: str | None = None  # None: tfds's default ($TFDS_DATA_DIR, ~/tensorflow_datasets)
+    token_dtype: str = field(default="uint16", metadata=_choices("uint16", "uint32"))  # .bin files
+    tokenizer: str = field(default="byte", metadata=_choices("byte", "sentencepiece", "huggingface"))
+    tokenizer_path: str | None = None  # sentencepiece .model or huggingface tokenizer.json
+    cache_dir: str = "~/.cache/jaxlm/data"  # local corpora as tfds datasets, tokenized arrays
+    mixture: list = field(default_factory=list)  # [{source: files, path: ..., weight: 0.7}, ...]
+    prefetch: int = field(default=2, metadata=_range(0))  # batches read ahead on a thread
+
+    def sources(self) -> list[tuple[DataConfig, float]]:
+        """(config, weight) of each source: this config alone, or each mixture entry merged onto
+        it (an entry sets source keys; seq_len, seed and the tokenizer are shared)."""
+        if self.source != "mixture":
+            return [(self, 1.0)]
+        hints = typing.get_type_hints(DataConfig)
+        out = []
+        for i, entry in enumerate(self.mixture):
+            where = f"data.mixture[{i}]"
+            if not isinstance(entry, dict) or "source" not in entry:
+                raise ConfigError(f"{where}: expected a mapping with at least 'source' and "
+                                  f"'weight', got {entry!r}")
+            values = {}
+            for key, value in entry.items():
+                if key not in MIXTURE_KEYS:
+                    close = difflib.get_close_matches(str(key), MIXTURE_KEYS, n=1)
+                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    raise ConfigError(f"{where}: key '{key}' cannot be set per source{hint}; "
+                                      f"allowed: {', '.join(MIXTURE_KEYS)}")
+                values[key] = _coerce(value, float if key == "weight" else hints[key],
+                                      f"{where}.{key}", "config")
+            weight = values.pop("weight", None)
+            if weight is None or not math.isfinite(weight) or weight <= 0:
+                raise ConfigError(f"{where}.weight: expected a number > 0, got {weight!r}")
+            out.append((dataclasses.replace(self, mixture=[], **values), weight))
+        return out
+
+
+# Keys a mixture entry may set; the rest (seq_len, seed, tokenizer, cache...) are shared.
+MIXTURE_KEYS = ("source", "weight", "path", "text_field", "tfds_name", "tfds_split",
+                "tfds_eval_split", "tfds_data_dir", "token_dtype", "max_bytes", "eval_fraction")
+
+
+def _check_data(d: DataConfig):
+    if d.source == "mixture" and not d.mixture:
+        raise ConfigError("data.source=mixture needs data.mixture: a list of "
+                          "{source: ..., weight: ...} entries")
+    if d.tokenizer != "byte" and not d.tokenizer_path:
+        raise ConfigError(f"data.tokenizer={d.tokenizer} needs data.tokenizer_path")
+    for i, (src, _) in enumerate(d.sources()):
+        where = f"data.mixture[{i}]" if d.source == "mixture" else "data"
+        for key, meta in ((f.name, f.metadata) for f in dataclasses.fields(DataConfig)):
+            _check_field(f"{where}.{key}", getattr(src, key), meta)
+        if src.source == "mixture":
+            raise ConfigError(f"{where}.source: a mixture entry cannot itself be a mixture")
+        need = {"files": "path", "tokens": "path", "tfds": "tfds_name"}.get(src.source)
+        if need and not getattr(src, need):
+            raise ConfigError(f"{where}.source={src.source} needs {where}.{need}")
 
 
 @dataclass
@@ -167,6 +256,22 @@ class RuntimeConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process runs through jax.distributed (see jaxlm/distributed.py). Unset values come
+    from JAXLM_COORDINATOR/JAXLM_NUM_PROCESSES/JAXLM_PROCESS_ID, then from SLURM or a Kubernetes
+    Indexed Job; with none of those the run is one process."""
+    # auto: as above; jax: JAX's own detection too (Cloud TPU VMs, Open MPI); off: one process
+    detect: str = field(default="auto", metadata=_choices("auto", "jax", "off"))
+    coordinator: str | None = None  # host:port of process 0
+    coordinator_port: int = field(default=0, metadata=_range(0, 65535))  # 0: SLURM job id / 1234
+    num_processes: int = field(default=0, metadata=_range(0))  # 0: from the environment
+    process_id: int = field(default=-1, metadata=_range(-1))  # -1: from the environment
+    init_timeout_s: int = field(default=300, metadata=_range(1))  # all processes must join by then
+    heartbeat_timeout_s: int = field(default=100, metadata=_range(1))  # a silent peer is dead after
+    shutdown_timeout_s: int = field(default=300, metadata=_range(1))  # wait for peers at exit
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -176,6 +281,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # ---------------------------------------------------------------- loading
@@ -313,10 +419,7 @@ def _coerce(value, tp, key: str, source: str):
 
 def validate(cfg: Config) -> None:
     """Per-field ranges and choices, then relations between fields (no devices needed)."""
-    for section in dataclasses.fields(cfg):
-        sub = getattr(cfg, section.name)
-        for f in dataclasses.fields(sub):
-            _check_field(f"{section.name}.{f.name}", getattr(sub, f.name), f.metadata)
+    _check_fields(cfg, "")
     m = cfg.model
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by "
@@ -340,6 +443,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"mesh.{zeros[0]}: 0 is not a valid size; axis sizes must be >= 1 "
                           f"or -1 (fill)")
     _check_rules(cfg.mesh.rules)
+    _check_data(cfg.data)
+
+
+def _check_fields(obj, prefix):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, f"{prefix}{f.name}.")
+        else:
+            _check_field(f"{prefix}{f.name}", value, f.metadata)
 
 
 def _check_field(key, value, meta):
@@ -388,6 +501,11 @@ def check_against_devices(cfg: Config, num_devices: int) -> dict[str, int]:
     if product != num_devices:
         shape = " x ".join(f"{a}={n}" for a, n in sizes.items() if n != 1) or "1"
         raise ConfigError(f"mesh: {shape} = {product} devices, but {num_devices} are available")
+    for axis, n in dataclasses.asdict(cfg.mesh.dcn).items():
+        if sizes[axis] % n:
+            raise ConfigError(f"mesh.dcn.{axis}={n} does not divide mesh.{axis}={sizes[axis]}; "
+                              f"mesh.{axis} is the total size, mesh.dcn.{axis} its share across "
+                              f"slices")
     batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     micro = cfg.train.global_batch_size // cfg.train.microbatches
     if micro % batch_shards:

@@ -6,6 +6,7 @@ is data (`mesh.rules`), so DP, FSDP and TP are configurations of the same model 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Sequence
 
@@ -18,12 +19,46 @@ from jaxlm.config import MESH_AXES
 Rules = Sequence[Sequence]
 
 
-def make_mesh(axis_sizes: dict[str, int], devices=None) -> Mesh:
+def make_mesh(axis_sizes: dict[str, int], devices=None, dcn_sizes: dict[str, int] | None = None
+              ) -> Mesh:
     """All six axes always exist (size 1 when unused), with Auto axis types, in MESH_AXES order:
-    'tensor' last so it varies fastest over devices (neighbouring devices share the most traffic)."""
-    devices = np.asarray(devices if devices is not None else jax.devices())
+    'tensor' last so it varies fastest over devices (neighbouring devices share the most traffic).
+
+    `dcn_sizes` makes a hybrid mesh: devices are grouped into slices (by `slice_index` on TPU
+    multislice, else by process, else, on one process, in consecutive blocks: a simulation), and
+    axis `a` is laid out as dcn_sizes[a] slices x (axis_sizes[a] / dcn_sizes[a]) devices inside
+    each, so only the DCN share of an axis ever crosses the slow network."""
+    devices = list(devices if devices is not None else jax.devices())
     shape = tuple(axis_sizes[a] for a in MESH_AXES)
-    return Mesh(devices.reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    dcn = tuple((dcn_sizes or {}).get(a, 1) for a in MESH_AXES)
+    num_slices = math.prod(dcn)
+    if num_slices == 1:
+        array = np.asarray(devices).reshape(shape)
+    else:
+        slices = _group_into_slices(devices, num_slices)
+        ici = tuple(n // d for n, d in zip(shape, dcn))
+        n = len(MESH_AXES)
+        # [dcn_0..dcn_5, ici_0..ici_5] -> interleave (dcn_a, ici_a) -> merge each pair
+        grid = np.asarray(slices).reshape(dcn + ici)
+        grid = grid.transpose([i for a in range(n) for i in (a, n + a)])
+        array = grid.reshape(shape)
+    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _group_into_slices(devices, num_slices):
+    for attr in ("slice_index", "process_index"):
+        keys = [getattr(d, attr, None) for d in devices]
+        if None not in keys and len(set(keys)) == num_slices:
+            groups = [[d for d, k in zip(devices, keys) if k == key] for key in sorted(set(keys))]
+            break
+    else:
+        if len(devices) % num_slices:
+            raise ValueError(f"{len(devices)} devices cannot form {num_slices} equal slices")
+        per = len(devices) // num_slices
+        groups = [devices[i * per:(i + 1) * per] for i in range(num_slices)]
+    if len({len(g) for g in groups}) != 1:
+        raise ValueError(f"slices have unequal device counts: {[len(g) for g in groups]}")
+    return groups
 
 
 def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh) -> P:
@@ -94,3 +129,60 @@ def check_divisible(shapes, shardings, what: str = "parameter"):
                 raise ConfigError(f"{what} {name} with shape {tuple(shape.shape)} and spec "
                                   f"{sh.spec}: dimension {dim} is not divisible by mesh axes "
                                   f"{'*'.join(axes_t)}={n}; change mesh.rules or the mesh")
+
+
+# Mesh axes that are meant to divide the parameters (data and sequence replicate them).
+PARAM_SHARDING_AXES = ("fsdp", "tensor", "expert", "stage")
+
+
+def add_axis(spec: P, shape, axis: str, mesh: Mesh) -> P:
+    """`spec` with mesh `axis` added to the first dimension that still divides (ZeRO-1: optimizer
+    state split over `data` while the parameters stay replicated there); unchanged if none does."""
+    if mesh.shape[axis] == 1 or any(axis in (e if isinstance(e, tuple) else (e,)) for e in spec):
+        return spec
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    for i, (dim, e) in enumerate(zip(shape, entries)):
+        current = () if e is None else e if isinstance(e, tuple) else (e,)
+        if dim % (math.prod(mesh.shape[a] for a in current) * mesh.shape[axis]) == 0:
+            entries[i] = (*current, axis) if current else axis
+            return P(*entries)
+    return spec
+
+
+def bytes_per_device(abstract_tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs/arrays carrying NamedShardings."""
+    total = 0
+    for leaf in jax.tree.leaves(abstract_tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def check_sufficiently_sharded(abstract_params, logical_specs, mesh: Mesh, max_fraction: float):
+    """Per-device parameter bytes may exceed the ideal (total bytes / product of the parameter
+    sharding axes) by at most `max_fraction`; otherwise name the biggest replicated tensors."""
+    from jaxlm.config import ConfigError
+    ways = math.prod(mesh.shape[a] for a in PARAM_SHARDING_AXES)
+    if ways == 1:
+        return
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    total = sum(math.prod(l.shape) * np.dtype(l.dtype).itemsize for _, l in leaves)
+    actual = bytes_per_device([l for _, l in leaves])
+    ideal = total / ways
+    if actual <= ideal * (1 + max_fraction):
+        return
+    specs = dict((jax.tree_util.keystr(p), s) for p, s in jax.tree_util.tree_flatten_with_path(
+        logical_specs, is_leaf=lambda x: isinstance(x, P))[0])
+    def excess(leaf):  # bytes this tensor holds per device beyond its ideal share
+        return (bytes_per_device([leaf])
+                - math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize / ways)
+
+    worst = sorted(leaves, key=lambda pl: -excess(pl[1]))
+    names = ", ".join(
+        f"{'.'.join(str(getattr(k, 'key', k)) for k in p)} {tuple(l.shape)} logical "
+        f"{tuple(specs[jax.tree_util.keystr(p)])} -> {l.sharding.spec}" for p, l in worst[:3])
+    raise ConfigError(
+        f"mesh leaves too much of the parameters unsharded: each device holds {actual:,} bytes, "
+        f"{actual / ideal:.2f}x the ideal {ideal:,.0f} over {'*'.join(PARAM_SHARDING_AXES)}={ways} "
+        f"(allowed: 1 + mesh.max_unsharded_fraction={max_fraction}); least sharded: {names}. "
+        f"Map these logical axes to mesh axes in mesh.rules, or raise the allowance")

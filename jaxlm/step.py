@@ -18,7 +18,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxlm.config import Config
 from jaxlm.models import build_model
 from jaxlm.optim import learning_rate_schedule, make_optimizer
-from jaxlm.sharding import constrain, logical_to_spec, tree_shardings, use_rules, check_divisible
+from jaxlm.sharding import (add_axis, check_divisible, check_sufficiently_sharded, constrain,
+                            logical_to_spec, tree_shardings, use_rules)
 
 BATCH_NAMES = ("act_batch", "act_seq")
 
@@ -57,11 +58,20 @@ def build_step_fns(cfg: Config, mesh: Mesh) -> StepFns:
     abstract_params = nnx.to_pure_dict(abstract_params_state)
     param_sh = tree_shardings(logical, mesh, rules)
     check_divisible(abstract_params, param_sh)
+    check_sufficiently_sharded(
+        jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                     abstract_params, param_sh),
+        logical, mesh, cfg.mesh.max_unsharded_fraction)
+    opt_param_sh = param_sh
+    if cfg.mesh.zero1:  # ZeRO-1: optimizer moments split over `data` as well
+        opt_param_sh = jax.tree.map(
+            lambda s, sh: NamedSharding(mesh, add_axis(sh.spec, s.shape, "data", mesh)),
+            abstract_params, param_sh)
 
     tx = make_optimizer(cfg.optim, cfg.train.steps, logical)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_sh = optax.tree_map_params(
-        tx, lambda _, sh: sh, abstract_opt, param_sh,
+        tx, lambda _, sh: sh, abstract_opt, opt_param_sh,
         transform_non_params=lambda _: NamedSharding(mesh, P()),
         is_leaf=lambda x: isinstance(x, NamedSharding))
     replicated = NamedSharding(mesh, P())

@@ -6,12 +6,15 @@ config -> mesh -> data -> sharded state (fresh or resumed) -> compiled step -> l
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import math
 import os
 import sys
 import time
 from pathlib import Path
 
+from jaxlm import distributed
 from jaxlm.config import Config, ConfigError, check_against_devices, diff_from_defaults, \
     dump_yaml, load_config
 
@@ -51,6 +54,8 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         configure_runtime(cfg)
+        distributed.initialize(cfg.distributed)  # multi-process: before any other JAX call
+        distributed.log_to_file(cfg.train.run_dir)
         run(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -60,6 +65,7 @@ def main(argv=None) -> int:
 
 def say(msg: str):
     import jax
+    logging.getLogger("jaxlm").info(msg)  # every process: <run_dir>/logs/process_<i>.log
     if jax.process_index() == 0:
         from tqdm import tqdm
         tqdm.write(msg, file=sys.stdout)
@@ -77,7 +83,7 @@ def run(cfg: Config) -> dict:
 
     # ---- mesh and run directory
     sizes = check_against_devices(cfg, jax.device_count())
-    mesh = make_mesh(sizes)
+    mesh = make_mesh(sizes, dcn_sizes=dataclasses.asdict(cfg.mesh.dcn))
     run_dir = Path(cfg.train.run_dir)
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +101,7 @@ def run(cfg: Config) -> dict:
     data = build_datasets(cfg.data, cfg.model.vocab_size)
     train_iter = DataIterator(data.train, cfg.train.global_batch_size, cfg.data.seed,
                               process_index=jax.process_index(),
-                              process_count=jax.process_count())
+                              process_count=jax.process_count(), prefetch=cfg.data.prefetch)
     evals = eval_batches(data.eval, cfg.train.global_batch_size, cfg.train.eval_batches,
                          jax.process_index(), jax.process_count())
 
@@ -133,12 +139,8 @@ def run(cfg: Config) -> dict:
     step_fn = fns.train_step.lower(fns.abstract_state,
                                    abstract_batch(cfg, fns.batch_sharding)).compile()
     compile_s = time.perf_counter() - t0
-    mem = step_fn.memory_analysis()
-    mem_note = ""
-    if mem is not None:
-        mem_note = (f"; per device: args {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
-                    f"temp {mem.temp_size_in_bytes / 2**20:.1f} MiB")
-    say(f"train step compiled in {compile_s:.1f} s{mem_note}")
+    say(f"train step compiled in {compile_s:.1f} s")
+    say(memory_report(fns.abstract_state, step_fn.memory_analysis()))
 
     flops_tok = M.flops_per_token(cfg.model, cfg.data.seq_len)
     peak = M.peak_flops(device.device_kind, cfg.log.peak_tflops)
@@ -160,8 +162,12 @@ def run(cfg: Config) -> dict:
                disable=True if not cfg.log.progress or jax.process_index() != 0 else None,
                file=sys.stdout)
     window_start, window_steps, pending = time.perf_counter(), 0, None
+    data_wait = 0.0  # seconds this window spent waiting for the data iterator
     for step in range(start + 1, cfg.train.steps + 1):
-        state, pending = step_fn(state, to_global(train_iter.next()))
+        t_data = time.perf_counter()
+        batch = train_iter.next()
+        data_wait += time.perf_counter() - t_data
+        state, pending = step_fn(state, to_global(batch))
         window_steps += 1
         bar.update(1)
         is_last = step == cfg.train.steps
@@ -171,7 +177,8 @@ def run(cfg: Config) -> dict:
             tps = tokens_per_step / dt
             last = {"loss": float(host["loss"]), "lr": float(host["lr"]),
                     "grad_norm": float(host["grad_norm"]), "tokens_per_sec": tps,
-                    "step_time_s": dt, "mfu": M.mfu(tps, flops_tok, peak, jax.device_count())}
+                    "step_time_s": dt, "mfu": M.mfu(tps, flops_tok, peak, jax.device_count()),
+                    "data_wait_s": data_wait / window_steps}
             mem_b = M.peak_memory_bytes()
             last["peak_mem_gib"] = mem_b / 2**30 if mem_b else None
             if not np.isfinite(last["loss"]):
@@ -181,21 +188,33 @@ def run(cfg: Config) -> dict:
             say(M.format_line(step, last))
             bar.set_postfix(loss=f"{last['loss']:.3f}")
             writer.write(step, last)
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
         elif cfg.train.eval_every and step % cfg.train.eval_every == 0:
             ev = evaluate()
             say(M.format_line(step, ev))
             writer.write(step, ev)
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
         if ckpt and (step % cfg.checkpoint.every_steps == 0 or is_last):
             ckpt.save(step, state, {"iterator": train_iter.state(),
                                     "fingerprint": data.fingerprint})
     bar.close()
+    train_iter.close()
     if ckpt:
         ckpt.wait()
         ckpt.close()
     writer.close()
     return {**last, "compile_time_s": compile_s, "state": state}
+
+
+def memory_report(abstract_state, analysis) -> str:
+    """Per-device bytes: state from its shardings, activations/temporaries from the compiler."""
+    from jaxlm.sharding import bytes_per_device
+    mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
+    parts = [f"params {mib(bytes_per_device(abstract_state['params']))}",
+             f"optimizer state {mib(bytes_per_device(abstract_state['opt_state']))}"]
+    if analysis is not None:
+        parts.append(f"activations/temp {mib(analysis.temp_size_in_bytes)}")
+    return "memory per device: " + ", ".join(parts)
 
 
 if __name__ == "__main__":

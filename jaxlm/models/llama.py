@@ -18,7 +18,7 @@ from jaxlm.models.attention import Attention
 from jaxlm.models.layers import MLP, RMSNorm, param, scaled_out_std
 from jaxlm.sharding import constrain
 
-ACT = ("act_batch", "act_seq", "act_embed")
+ACT = ("act_batch", "act_res_seq", "act_embed")  # the residual stream between blocks
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
