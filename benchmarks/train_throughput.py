@@ -1,9 +1,14 @@
-"""1B-preset training throughput: jaxlm through its real `jaxlm.train` path, then the peer trainers
-in the same call (same GPU, same model, same MFU formula).
+"""Training throughput: jaxlm through its real `jaxlm.train` path beside the peer trainers, in one
+call, on the same GPU, the same model and the same MFU formula.
 
-Run on the device from the repo root, with the peers copied to .peer/ (see ../shared/bench/README.md):
-  PYTHONPATH=. python3 benchmarks/train_throughput.py [--peers torch,jax] [key=value ...]
-Extra key=value pairs are jaxlm config overrides (e.g. model.remat=full).
+Run on the device from the repo root, with the peers copied to .peer/ (see ../shared/bench/README.md;
+MaxText: .peer/maxtext/ after its fetch_wheels.sh):
+  PYTHONPATH=. python3 benchmarks/train_throughput.py [--shapes 1b,gqa] [--peers torch,jax,maxtext]
+      [--variant "key=value ..."]... [key=value ...]
+Shapes: `1b` = configs/llama-1b.yaml (seq 2048, batch 8, 16 kv heads); `gqa` = the same with
+kv heads 4, seq 4096, batch 4. Each trainer runs in its own process (the whole GPU memory each).
+jaxlm's row also reports its host overhead: its step time inside `jaxlm.train` against a bare loop
+over the same compiled step with device-resident batches, in the same process.
 """
 from __future__ import annotations
 
@@ -17,38 +22,78 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+SHAPES = {  # jaxlm overrides, ref_models.py overrides, MaxText overrides
+    "1b": ([], {}, []),
+    "gqa": (["model.num_kv_heads=4", "data.seq_len=4096", "train.global_batch_size=4"],
+            {"kv_heads": 4, "seq": 4096, "batch": 4},
+            ["base_num_kv_heads=4", "max_target_length=4096", "per_device_batch_size=4"]),
+}
+
 
 def run_jaxlm(overrides):
+    import jax
+    import numpy as np
     from jaxlm.config import load_config
+    from jaxlm.data import SyntheticDataset
     from jaxlm.metrics import flops_per_token
+    from jaxlm.sharding import make_mesh
+    from jaxlm.step import build_step_fns
     from jaxlm.train import configure_runtime, run
     cfg = load_config(["configs/llama-1b.yaml"],
                       ["train.steps=40", "log.every_steps=20", "log.progress=false",
                        "log.tensorboard=false", f"train.run_dir=/tmp/bench-{time.time_ns()}",
                        *overrides])
     configure_runtime(cfg)
-    t0 = time.perf_counter()
     last = run(cfg)  # the last window (steps 21-40) excludes compile and warm-up
+    del last["state"]
+    # the same step in a bare loop: what jaxlm.train adds on top is host overhead
+    mesh = make_mesh({"data": 1, "stage": 1, "fsdp": 1, "sequence": 1, "expert": 1, "tensor": 1})
+    fns = build_step_fns(cfg, mesh)
+    state = fns.init(0)
+    B = cfg.train.global_batch_size
+    data = SyntheticDataset(cfg.model.vocab_size, cfg.data.seq_len)
+    batches = [jax.device_put(data.get(np.arange(i * B, (i + 1) * B)), fns.batch_sharding)
+               for i in range(2)]
+    for i in range(3):
+        state, m = fns.train_step(state, batches[i % 2])
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for i in range(20):
+        state, m = fns.train_step(state, batches[i % 2])
+    jax.block_until_ready(m)
+    bare = (time.perf_counter() - t0) / 20
     return {"name": "jaxlm " + " ".join(overrides), "tokens_per_sec": last["tokens_per_sec"],
             "step_ms": last["step_time_s"] * 1e3, "mfu": last["mfu"],
             "compile_s": last["compile_time_s"], "peak_mem_gib": last["peak_mem_gib"],
-            "wall_s": time.perf_counter() - t0,
+            "bare_step_ms": bare * 1e3,
+            "host_overhead": (last["step_time_s"] - bare) / last["step_time_s"],
             "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len)}
 
 
-def run_worker(overrides):
+def run_worker(overrides, label):
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *overrides],
                          capture_output=True, text=True, timeout=900)
     for line in out.stdout.splitlines():
         if line.startswith("WORKER "):
-            return json.loads(line[len("WORKER "):])
-    return {"name": "jaxlm " + " ".join(overrides), "error": (out.stdout + out.stderr)[-2000:]}
+            return {**json.loads(line[len("WORKER "):]), "name": f"jaxlm {label}".strip()}
+    return {"name": f"jaxlm {label}".strip(), "error": (out.stdout + out.stderr)[-2000:]}
 
 
-def run_peer(which, peer_overrides):
-    cmd = [sys.executable, ".peer/ref_models.py", which] + ([json.dumps(peer_overrides)]
-                                                             if peer_overrides else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+def run_peer(which, shape):
+    _, ref_cfg, mt_args = SHAPES[shape]
+    if which == "maxtext":
+        here = ".peer/maxtext"
+        cmd = f"cd {here} && ./setup_pydeps.sh >/dev/null && ./run_llama_gpu.sh noremat " + " ".join(mt_args)
+        out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=900)
+        text = out.stdout + out.stderr
+        tok = re.search(r"tokens/s/device\s*:\s*median (\d+)", text)
+        st = re.search(r"step time\s+s\s*:\s*median ([\d.]+)", text)
+        if not tok:
+            return {"name": "maxtext", "error": text[-2000:]}
+        return {"name": "maxtext 0.2.5", "tokens_per_sec": float(tok.group(1)),
+                "step_ms": float(st.group(1)) * 1e3 if st else None, "mfu": None, "compile_s": None}
+    cmd = [sys.executable, ".peer/ref_models.py", which] + ([json.dumps(ref_cfg)] if ref_cfg else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     text = out.stdout + out.stderr
     m = re.search(r"RESULT (\S+): step ([\d.]+) ms, ([\d,]+) tokens/s, ([\d.]+) TFLOP/s, "
                   r"MFU ([\d.]+)%", text)
@@ -60,38 +105,50 @@ def run_peer(which, peer_overrides):
             "compile_s": float(c.group(1)) if c else None}
 
 
+def fmt(v, f):
+    return "-" if v is None else format(v, f)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="1b")
     ap.add_argument("--peers", default="torch,jax")
-    ap.add_argument("--peer-config", default="", help="JSON overrides for ref_models.py")
+    ap.add_argument("--variant", action="append", default=None,
+                    help="a jaxlm variant: space-separated overrides (repeatable)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.worker:  # one trainer per process: each gets the whole GPU memory
         print("WORKER " + json.dumps(run_jaxlm(args.overrides)), flush=True)
         return
-    rows = [run_worker(args.overrides)]
-    peer_cfg = json.loads(args.peer_config) if args.peer_config else None
-    for p in filter(None, args.peers.split(",")):
-        rows.append(run_peer(p, peer_cfg))
-    print("\n| trainer | tokens/s | step ms | MFU | compile s | peak mem GiB |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['name']} | failed: {r['error'][-300:]!r} |")
-            continue
-        mem = r.get("peak_mem_gib")
-        print(f"| {r['name']} | {r['tokens_per_sec']:,.0f} | {r['step_ms']:.1f} | "
-              f"{'n/a' if r['mfu'] is None else format(r['mfu'], '.1%')} | {r['compile_s'] or float('nan'):.1f} | "
-              f"{mem if mem is None else round(mem, 1)} |")
-    base = rows[0].get("tokens_per_sec")
-    for r in rows[1:]:
-        if "error" not in r and base:
-            print(f"jaxlm / {r['name']}: {base / r['tokens_per_sec']:.3f}")
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "train_throughput.json"), "a") as f:
-            f.write(json.dumps(rows) + "\n")
+    variants = [v.split() for v in (args.variant or [""])]
+    all_rows = {}
+    for shape in args.shapes.split(","):
+        rows = [run_worker([*SHAPES[shape][0], *args.overrides, *v], " ".join(v))
+                for v in variants]
+        for p in filter(None, args.peers.split(",")):
+            rows.append(run_peer(p, shape))
+        f_tok = next((r["flops_per_token"] for r in rows if "flops_per_token" in r), None)
+        for r in rows:  # same MFU formula for every trainer
+            if "error" not in r and f_tok:
+                r["mfu"] = r["tokens_per_sec"] * f_tok / 989.4e12
+        all_rows[shape] = rows
+        print(f"\n### shape {shape}\n| trainer | tokens/s | step ms | MFU | compile s | "
+              f"peak mem GiB | host overhead |\n|---|---|---|---|---|---|---|")
+        for r in rows:
+            if "error" in r:
+                print(f"| {r['name']} | failed: {r['error'][-300:]!r} |")
+                continue
+            print(f"| {r['name']} | {r['tokens_per_sec']:,.0f} | {fmt(r['step_ms'], '.1f')} | "
+                  f"{fmt(r['mfu'], '.1%')} | {fmt(r['compile_s'], '.1f')} | "
+                  f"{fmt(r.get('peak_mem_gib'), '.1f')} | {fmt(r.get('host_overhead'), '.1%')} |")
+        for j in (r for r in rows if r["name"].startswith("jaxlm") and "error" not in r):
+            for r in rows:
+                if not r["name"].startswith("jaxlm") and "error" not in r:
+                    print(f"{j['name']} / {r['name']}: {j['tokens_per_sec'] / r['tokens_per_sec']:.3f}")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "train_throughput.json"), "a") as f:
+            f.write(json.dumps(all_rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ class ModelConfig:
     dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16"))
     attention: str = field(default="xla", metadata=_choices("xla", "cudnn", "auto"))
     scan_layers: bool = True
+    # with scan_layers: layers per scan iteration (num_layers = fully unrolled; parameters stay
+    # stacked either way, so checkpoints and the 'layers' axis do not change)
+    scan_unroll: int = field(default=1, metadata=_range(1))
     remat: str = field(default="none", metadata=_choices("none", "full", "save_dots"))
 
     @property
@@ -427,6 +430,9 @@ def validate(cfg: Config) -> None:
     if not m.head_dim and m.d_model % m.num_heads:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads="
                           f"{m.num_heads}; set model.head_dim explicitly")
+    if m.num_layers % m.scan_unroll:
+        raise ConfigError(f"model.scan_unroll={m.scan_unroll} does not divide "
+                          f"model.num_layers={m.num_layers}")
     if m.resolved_head_dim % 2:
         how = (f"model.head_dim={m.head_dim}" if m.head_dim else
                f"model.d_model={m.d_model} / model.num_heads={m.num_heads}")

@@ -107,7 +107,8 @@ class Llama(nnx.Module):
             return block(h, positions_BxS, segment_ids_BxS)
 
         if self.cfg.remat != "none":
-            apply = nnx.remat(apply, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
+            apply = nnx.remat(apply, policy=REMAT_POLICIES[self.cfg.remat],
+                              prevent_cse=not self.cfg.scan_layers)
         if not self.cfg.scan_layers:
             for block in self.layers:
                 h_BxSxD = apply(block, h_BxSxD)
@@ -117,5 +118,5 @@ class Llama(nnx.Module):
         def body(h, layer_state):
             return apply(nnx.merge(graphdef, layer_state), h), None
 
-        h_BxSxD, _ = jax.lax.scan(body, h_BxSxD, stacked)
+        h_BxSxD, _ = jax.lax.scan(body, h_BxSxD, stacked, unroll=self.cfg.scan_unroll)
         return h_BxSxD
