@@ -197,6 +197,9 @@ def _check_data(d: DataConfig):
     if d.source == "mixture" and not d.mixture:
         raise ConfigError("data.source=mixture needs data.mixture: a list of "
                           "{source: ..., weight: ...} entries")
+    if d.mixture and d.source != "mixture":
+        raise ConfigError(f"data.mixture is set but data.source={d.source}; set "
+                          f"data.source=mixture to use it")
     if d.tokenizer != "byte" and not d.tokenizer_path:
         raise ConfigError(f"data.tokenizer={d.tokenizer} needs data.tokenizer_path")
     for i, (src, _) in enumerate(d.sources()):

@@ -116,7 +116,8 @@ def format_line(step: int, m: dict) -> str:
     parts = [f"step {step}"]
     fmt = [("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"), ("eval_ppl", "ppl {:.2f}"),
            ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"), ("tokens_per_sec", "{:,.0f} tok/s"),
-           ("step_time_s", "{:.3f} s/step"), ("mfu", "MFU {:.1%}"),
+           ("step_time_s", "{:.3f} s/step"), ("data_wait_s", "data {:.3f} s/step"),
+           ("mfu", "MFU {:.1%}"),
            ("peak_mem_gib", "mem {:.2f} GiB")]
     for key, f in fmt:
         if m.get(key) is not None:

@@ -183,16 +183,17 @@ def test_iterator_epochs_are_permutations():
     for e in range(3):
         rows = sum((_ids(it.next()) for _ in range(4)), [])
         assert sorted(rows) == list(range(24))
-        assert it.state() == {"epoch": e, "index": 24}
+        assert it.state() == {"rows": 24 * (e + 1), "sources": [{"epoch": e, "index": 24}]}
         epochs.append(rows)
     assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != list(range(24))
     it2 = DataIterator(ds, 6, seed=0, shuffle=False)
     assert sum((_ids(it2.next()) for _ in range(4)), []) == list(range(24))
-    # Remainder dropped: 26 rows, batch 6 -> 4 batches per epoch, then a new epoch.
+    # Epochs run on: 26 rows, batch 6 -> the 5th batch takes the last 2 rows of epoch 0 and
+    # the first 4 of epoch 1; no row is dropped.
     it3 = DataIterator(RowIdDataset(26), 6, seed=0)
-    for _ in range(5):
-        it3.next()
-    assert it3.state() == {"epoch": 1, "index": 6}
+    rows = sum((_ids(it3.next()) for _ in range(5)), [])
+    assert it3.state() == {"rows": 30, "sources": [{"epoch": 1, "index": 4}]}
+    assert sorted(rows[:26]) == list(range(26)) and len(set(rows[26:])) == 4
 
 
 def test_iterator_processes_cover_global_batch():
@@ -214,13 +215,18 @@ def test_iterator_errors():
     with pytest.raises(ConfigError, match="train.global_batch_size=16.*10 rows"):
         DataIterator(ds, 16, seed=0)
     it = DataIterator(ds, 2, seed=0)
-    for bad in ({"epoch": 0}, {"epoch": 0, "index": 1, "x": 2}, {"epoch": "0", "index": 0},
-                {"epoch": 0, "index": 1.5}, {"epoch": -1, "index": 0},
-                {"epoch": 0, "index": 11}, [0, 0], {"epoch": True, "index": 0}):
-        with pytest.raises(ValueError, match="state"):
+    good = {"rows": 3, "sources": [{"epoch": 0, "index": 3}]}
+    src = lambda **kw: {"rows": 3, "sources": [kw]}  # noqa: E731
+    for bad in ({"epoch": 0, "index": 1}, {**good, "x": 2}, {"rows": "0", "sources": []},
+                {"rows": 0, "sources": []}, {"rows": 0, "sources": [{"epoch": 0, "index": 0}] * 2},
+                src(epoch=0), src(epoch=0, index=1, x=2), src(epoch="0", index=0),
+                src(epoch=0, index=1.5), src(epoch=-1, index=0), src(epoch=0, index=11),
+                src(epoch=True, index=0), [0, 0], {"rows": -1, "sources": good["sources"]}):
+        with pytest.raises(ConfigError, match="state"):
             it.restore(bad)
-    it.restore({"epoch": np.int64(2), "index": np.array(4)})
-    assert it.state() == {"epoch": 2, "index": 4} and type(it.state()["index"]) is int
+    it.restore({"rows": np.int64(7), "sources": [{"epoch": np.int64(2), "index": np.array(4)}]})
+    assert it.state() == {"rows": 7, "sources": [{"epoch": 2, "index": 4}]}
+    assert type(it.state()["sources"][0]["index"]) is int
 
 
 def test_eval_batches_fixed_and_packed():
@@ -230,3 +236,45 @@ def test_eval_batches_fixed_and_packed():
     assert len(a) == 3 and all(x[k].shape == (4, 8) for x in a for k in FIELDS)
     assert all((x[k] == y[k]).all() for x, y in zip(a, b) for k in FIELDS)
     assert (a[0]["inputs"] == ds.get(np.arange(4))["inputs"]).all()
+
+
+DATA_CONFIG_ERRORS = [
+    (["data.source=files"], "data.source=files needs data.path"),
+    (["data.source=tfds"], "data.source=tfds needs data.tfds_name"),
+    (["data.source=tokens", "data.token_dtype=int8"],
+     "data.token_dtype: 'int8' is not one of: uint16, uint32"),
+    (["data.tokenizer=sentencepiece"], "data.tokenizer=sentencepiece needs data.tokenizer_path"),
+    (["data.source=mixture"], "data.source=mixture needs data.mixture"),
+    (["data.mixture=[{source: stdlib, weight: 1}]"],
+     "data.mixture is set but data.source=stdlib"),
+    (["data.source=mixture", "data.mixture=[{source: files, weight: 1}]"],
+     "data.mixture[0].source=files needs data.mixture[0].path"),
+    (["data.source=mixture", "data.mixture=[{source: stdlib, wieght: 1}]"],
+     "data.mixture[0]: key 'wieght' cannot be set per source (did you mean 'weight'?)"),
+    (["data.source=mixture", "data.mixture=[{source: stdlib, weight: 1, seq_len: 8}]"],
+     "data.mixture[0]: key 'seq_len' cannot be set per source"),
+    (["data.source=mixture", "data.mixture=[{source: stdlib}]"],
+     "data.mixture[0].weight: expected a number > 0, got None"),
+    (["data.source=mixture", "data.mixture=[{source: stdlib, weight: 0}]"],
+     "data.mixture[0].weight: expected a number > 0, got 0.0"),
+    (["data.source=mixture", "data.mixture=[{source: stdlib, weight: x}]"],
+     "data.mixture[0].weight: expected a number, got 'x'"),
+    (["data.source=mixture", "data.mixture=[{source: mixture, weight: 1}]"],
+     "data.mixture[0].source: a mixture entry cannot itself be a mixture"),
+    (["data.source=mixture", "data.mixture=[{source: c4, weight: 1}]"],
+     "data.mixture[0].source: 'c4' is not one of"),
+    (["data.source=mixture", "data.mixture=[{source: stdlib, weight: 1, eval_fraction: 0.9}]"],
+     "data.mixture[0].eval_fraction: 0.9 is above the maximum 0.5"),
+    (["data.source=mixture", "data.mixture=[stdlib]"],
+     "data.mixture[0]: expected a mapping with at least 'source' and 'weight'"),
+    (["data.prefetch=-1"], "data.prefetch: -1 is below the minimum 0"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", DATA_CONFIG_ERRORS,
+                         ids=[m[:40] for _, m in DATA_CONFIG_ERRORS])
+def test_data_config_errors(overrides, message):
+    from jaxlm.config import load_config
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)

@@ -1,11 +1,19 @@
-"""Data path: byte tokenizer, built-in stdlib corpus, packed rows, resumable iteration."""
+"""Data: sources (stdlib, synthetic, local files, tfds, token files, mixtures) -> tokenizer ->
+token cache -> packed rows -> deterministic, resumable, per-process batches.
+
+Importing this package imports neither JAX nor tfds nor a tokenizer library; each is loaded when
+a config needs it.
+"""
 from jaxlm.data.corpus import Corpus, load_stdlib_corpus, stdlib_root
 from jaxlm.data.loader import DataBundle, DataIterator, build_datasets, eval_batches
+from jaxlm.data.mixture import Mixture
 from jaxlm.data.packing import FIELDS, PackedDataset, RowDataset, SyntheticDataset, pack_documents
-from jaxlm.data.tokenizer import ByteTokenizer
+from jaxlm.data.tokenizer import (ByteTokenizer, HuggingFaceTokenizer, SentencePieceTokenizer,
+                                  load_tokenizer)
 
 __all__ = [
-    "ByteTokenizer", "Corpus", "load_stdlib_corpus", "stdlib_root", "FIELDS", "RowDataset",
-    "PackedDataset", "SyntheticDataset", "pack_documents", "DataBundle", "build_datasets",
+    "ByteTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "load_tokenizer", "Corpus",
+    "load_stdlib_corpus", "stdlib_root", "FIELDS", "RowDataset", "PackedDataset",
+    "SyntheticDataset", "pack_documents", "Mixture", "DataBundle", "build_datasets",
     "DataIterator", "eval_batches",
 ]

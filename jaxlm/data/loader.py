@@ -7,47 +7,52 @@ from dataclasses import dataclass
 import numpy as np
 
 from jaxlm.config import ConfigError, DataConfig
-from jaxlm.data.corpus import load_stdlib_corpus
-from jaxlm.data.packing import RowDataset, SyntheticDataset, pack_documents, seeded_rng
-from jaxlm.data.tokenizer import ByteTokenizer
+from jaxlm.data.mixture import Mixture, Planner, as_mixture, check_position, initial_position
+from jaxlm.data.packing import RowDataset
+from jaxlm.data.prefetch import Prefetcher
+from jaxlm.data.sources import build_source
+from jaxlm.data.tokenizer import check_vocab, load_tokenizer
 
 
 @dataclass
 class DataBundle:
-    train: RowDataset
-    eval: RowDataset
-    tokenizer: ByteTokenizer | None  # None for synthetic data
+    train: RowDataset | Mixture
+    eval: RowDataset | Mixture
+    tokenizer: object | None  # None when every source is synthetic
     fingerprint: str  # a resumed run compares this to detect a changed corpus
 
 
 def build_datasets(cfg: DataConfig, vocab_size: int) -> DataBundle:
-    """Train/eval datasets for `cfg.source`; the model's vocab must cover the tokens."""
-    if cfg.source == "synthetic":
-        if vocab_size <= 3:
-            raise ConfigError(f"model.vocab_size={vocab_size} is too small for synthetic data "
-                              f"(ids 0-2 are special; need at least 4)")
-        key = f"synthetic seed={cfg.seed} vocab={vocab_size} seq_len={cfg.seq_len}"
-        return DataBundle(train=SyntheticDataset(vocab_size, cfg.seq_len, cfg.seed, split=0),
-                          eval=SyntheticDataset(vocab_size, cfg.seq_len, cfg.seed, split=1),
-                          tokenizer=None,
-                          fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])
-    if cfg.source != "stdlib":
-        raise ConfigError(f"data.source: {cfg.source!r} is not one of: stdlib, synthetic")
-    tokenizer = ByteTokenizer()
-    if tokenizer.vocab_size > vocab_size:
-        raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the byte tokenizer's "
-                          f"vocabulary ({tokenizer.vocab_size})")
-    corpus = load_stdlib_corpus(cfg.max_bytes, cfg.eval_fraction)
-    train = pack_documents(corpus.train, tokenizer, cfg.seq_len)
-    evals = pack_documents(corpus.eval, tokenizer, cfg.seq_len)
-    sizes = f"data.max_bytes={cfg.max_bytes}, data.seq_len={cfg.seq_len}"
-    if train.num_rows < 1:
-        raise ConfigError(f"the train split has no full row of data.seq_len+1 tokens ({sizes}); "
-                          f"raise data.max_bytes or lower data.seq_len")
-    if evals.num_rows < 1:
-        raise ConfigError(f"the eval split has no full row of data.seq_len+1 tokens ({sizes}); "
-                          f"raise data.max_bytes, data.eval_fraction or lower data.seq_len")
-    return DataBundle(train=train, eval=evals, tokenizer=tokenizer, fingerprint=corpus.fingerprint)
+    """Train/eval datasets for `cfg.source` (a mixture: one per entry, drawn by weight); the
+    model's vocab must cover the tokenizer's."""
+    sources = cfg.sources()
+    tokenizer = None
+    if any(src.source != "synthetic" for src, _ in sources):
+        tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_path)
+        check_vocab(tokenizer, vocab_size)
+    trains, evals, prints, names = [], [], [], []
+    for i, (src, weight) in enumerate(sources):
+        name = f"data.mixture[{i}] ({src.source})" if cfg.source == "mixture" else \
+            f"data.source={src.source}"
+        train, held_out, fp = build_source(src, tokenizer, vocab_size)
+        sizes = (f"data.max_bytes={src.max_bytes}, " if src.source == "stdlib" else "") + \
+            f"data.seq_len={src.seq_len}"
+        if train.num_rows < 1:
+            raise ConfigError(f"{name}: the train split has no full row of data.seq_len+1 tokens "
+                              f"({sizes}); add data or lower data.seq_len")
+        if held_out.num_rows < 1:
+            raise ConfigError(f"{name}: the eval split has no full row of data.seq_len+1 tokens "
+                              f"({sizes}); raise data.eval_fraction, add data or lower "
+                              f"data.seq_len")
+        trains.append(train), evals.append(held_out), names.append(name)
+        prints.append(f"{fp}:{weight!r}")
+    fingerprint = (prints[0].split(":")[0] if len(sources) == 1 else
+                   hashlib.sha256(" ".join(prints).encode()).hexdigest()[:16])
+    if len(sources) == 1:
+        return DataBundle(trains[0], evals[0], tokenizer, fingerprint)
+    weights = [w for _, w in sources]
+    return DataBundle(Mixture(trains, weights, names), Mixture(evals, weights, names), tokenizer,
+                      fingerprint)
 
 
 def _local_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
@@ -61,74 +66,65 @@ def _local_slice(global_batch_size: int, process_index: int, process_count: int)
 
 
 class DataIterator:
-    """Batches of rows in a per-epoch shuffled order, resumable from a tiny state dict.
+    """Batches of rows in a seeded per-epoch shuffled order, resumable from a tiny state dict.
 
-    `index` counts the global rows consumed in the current epoch; an epoch's leftover rows
-    (fewer than one global batch) are dropped. Each process gets a contiguous slice of every
-    global batch, so all processes walk the same global order.
+    Every process plans the same global batch and reads only its contiguous slice of it, so
+    the global order does not depend on the number of processes, and a state saved with N
+    processes resumes exactly with M. With `prefetch` > 0 batches are read ahead on a thread;
+    `state()` is still the position after the batches already returned.
     """
 
-    def __init__(self, dataset: RowDataset, global_batch_size: int, seed: int,
-                 shuffle: bool = True, process_index: int = 0, process_count: int = 1):
+    def __init__(self, dataset: RowDataset | Mixture, global_batch_size: int, seed: int,
+                 shuffle: bool = True, process_index: int = 0, process_count: int = 1,
+                 prefetch: int = 0):
         self._local = _local_slice(global_batch_size, process_index, process_count)
-        if dataset.num_rows < global_batch_size:
+        self.mixture = as_mixture(dataset)
+        if self.mixture.num_rows < global_batch_size:
             raise ConfigError(f"train.global_batch_size={global_batch_size} is larger than the "
-                              f"dataset's {dataset.num_rows} rows; lower it or add data "
+                              f"dataset's {self.mixture.num_rows} rows; lower it or add data "
                               f"(data.max_bytes)")
-        self.dataset, self.global_batch_size, self.seed = dataset, global_batch_size, seed
-        # Independent random rows (synthetic) need no permutation, which could not be built.
-        self.shuffle = shuffle and not getattr(dataset, "iid_rows", False)
-        self._epoch, self._index = 0, 0
-        self._perm_epoch, self._perm = None, None
+        self.global_batch_size = global_batch_size
+        self._planner = Planner(self.mixture, seed, shuffle)
+        self._position = initial_position(len(self.mixture.datasets))
+        self._ahead = Prefetcher(self._read, prefetch) if prefetch else None
 
-    def _rows(self, start: int, stop: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(start, stop, dtype=np.int64)
-        if self._perm_epoch != self._epoch:
-            self._perm = seeded_rng(self.seed, self._epoch).permutation(self.dataset.num_rows)
-            self._perm_epoch = self._epoch
-        return self._perm[start:stop]
+    def _read(self, position):
+        src_G, rows_G, after = self._planner.plan(position, self.global_batch_size)
+        return self.mixture.get(src_G[self._local], rows_G[self._local]), after
 
     def next(self) -> dict[str, np.ndarray]:
         """This process's share of the next global batch; advances the state."""
-        if self._index + self.global_batch_size > self.dataset.num_rows:
-            self._epoch, self._index = self._epoch + 1, 0
-        rows_G = self._rows(self._index, self._index + self.global_batch_size)
-        self._index += self.global_batch_size
-        return self.dataset.get(rows_G[self._local])
+        reader = self._ahead.next if self._ahead else self._read
+        batch, self._position = reader(self._position)
+        return batch
 
     __next__ = next
 
     def __iter__(self):
         return self
 
-    def state(self) -> dict[str, int]:
+    def state(self) -> dict:
         """Position after the batches already returned; pass to `restore` to resume."""
-        return {"epoch": self._epoch, "index": self._index}
+        return {"rows": self._position["rows"],
+                "sources": [dict(p) for p in self._position["sources"]]}
 
     def restore(self, state: dict) -> None:
-        if not isinstance(state, dict) or set(state) != {"epoch", "index"}:
-            raise ValueError(f"data iterator state must be a dict with keys 'epoch' and "
-                             f"'index', got {state!r}")
-        values = {}
-        for key, value in state.items():
-            arr = np.asarray(value)
-            if arr.ndim != 0 or arr.dtype.kind not in "iu" or isinstance(value, bool):
-                raise ValueError(f"data iterator state[{key!r}] must be an integer, got {value!r}")
-            values[key] = int(arr)
-        if values["epoch"] < 0 or not 0 <= values["index"] <= self.dataset.num_rows:
-            raise ValueError(f"data iterator state {state!r} is out of range for a dataset of "
-                             f"{self.dataset.num_rows} rows")
-        self._epoch, self._index = values["epoch"], values["index"]
+        self._position = check_position(state, self.mixture)
+
+    def close(self) -> None:
+        if self._ahead:
+            self._ahead.close()
 
 
-def eval_batches(dataset: RowDataset, global_batch_size: int, num_batches: int,
+def eval_batches(dataset: RowDataset | Mixture, global_batch_size: int, num_batches: int,
                  process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
-    """The first `num_batches` global batches in row order (wrapping around a small set):
-    the same rows every time, so eval loss is comparable across steps and runs."""
+    """The first `num_batches` global batches in row order (wrapping around a small set; a
+    mixture draws sources by weight): the same rows every time, so eval loss is comparable
+    across steps and runs."""
     local = _local_slice(global_batch_size, process_index, process_count)
-    if dataset.num_rows < 1:
-        raise ConfigError("the eval dataset has no rows")
-    rows_NxG = (np.arange(num_batches * global_batch_size, dtype=np.int64)
-                % dataset.num_rows).reshape(num_batches, global_batch_size)
-    return [dataset.get(rows_G[local]) for rows_G in rows_NxG]
+    mixture = as_mixture(dataset)
+    src_NG, rows_NG, _ = Planner(mixture, seed=0, shuffle=False).plan(
+        initial_position(len(mixture.datasets)), num_batches * global_batch_size)
+    src_NxG = src_NG.reshape(num_batches, global_batch_size)
+    rows_NxG = rows_NG.reshape(num_batches, global_batch_size)
+    return [mixture.get(s_G[local], r_G[local]) for s_G, r_G in zip(src_NxG, rows_NxG)]

@@ -71,7 +71,7 @@ class PackedDataset:
 
 def pack_documents(documents: Sequence[str | bytes], tokenizer, seq_len: int) -> PackedDataset:
     """Tokenize each document, append eos, and concatenate into one compact stream."""
-    token_docs = [tokenizer.encode(doc) for doc in documents]
+    token_docs = tokenizer.encode_batch(documents) if len(documents) else []
     lengths_D = np.array([len(t) + 1 for t in token_docs], dtype=np.int64)
     doc_starts_D = np.concatenate([[0], np.cumsum(lengths_D)[:-1]]).astype(np.int64)
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32

@@ -107,8 +107,10 @@ class Llama(nnx.Module):
             return block(h, positions_BxS, segment_ids_BxS)
 
         if self.cfg.remat != "none":
-            apply = nnx.remat(apply, policy=REMAT_POLICIES[self.cfg.remat],
-                              prevent_cse=not self.cfg.scan_layers)
+            # Inside a rolled scan loop XLA cannot CSE the recomputation away, so the barrier is
+            # not needed; unrolled (a Python loop, or scan_unroll > 1) it is, or remat is a no-op.
+            rolled = self.cfg.scan_layers and self.cfg.scan_unroll == 1
+            apply = nnx.remat(apply, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not rolled)
         if not self.cfg.scan_layers:
             for block in self.layers:
                 h_BxSxD = apply(block, h_BxSxD)
