@@ -186,3 +186,19 @@ def check_sufficiently_sharded(abstract_params, logical_specs, mesh: Mesh, max_f
         f"{actual / ideal:.2f}x the ideal {ideal:,.0f} over {'*'.join(PARAM_SHARDING_AXES)}={ways} "
         f"(allowed: 1 + mesh.max_unsharded_fraction={max_fraction}); least sharded: {names}. "
         f"Map these logical axes to mesh axes in mesh.rules, or raise the allowance")
+
+
+def local_batch_rows(sharding: NamedSharding, global_batch: int) -> slice:
+    """The rows of a global batch that this process's devices hold under `sharding`: what the
+    process must read. With tensor/stage axes spanning processes, several processes read the
+    same rows; they must be one contiguous block either way."""
+    index_map = sharding.addressable_devices_indices_map((global_batch, 1))
+    spans = sorted({(ix[0].start or 0, global_batch if ix[0].stop is None else ix[0].stop)
+                    for ix in index_map.values()})
+    start, stop = spans[0][0], spans[0][1]
+    for a, b in spans[1:]:
+        if a > stop:
+            raise ValueError(f"this process holds non-contiguous batch rows {spans}; order the "
+                             f"mesh so each process's devices cover one block of the batch")
+        stop = max(stop, b)
+    return slice(start, stop)

@@ -78,7 +78,7 @@ def run(cfg: Config) -> dict:
     from jaxlm import metrics as M
     from jaxlm.checkpoint import Checkpointer
     from jaxlm.data import DataIterator, build_datasets, eval_batches
-    from jaxlm.sharding import make_mesh
+    from jaxlm.sharding import local_batch_rows, make_mesh
     from jaxlm.step import abstract_batch, build_step_fns
 
     # ---- mesh and run directory
@@ -97,16 +97,16 @@ def run(cfg: Config) -> dict:
         f"{jax.process_count()} process(es); mesh "
         + (" x ".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "1 device"))
 
-    # ---- data
+    # ---- step functions, then data: each process reads the batch rows its devices hold
+    fns = build_step_fns(cfg, mesh)
+    B, S = cfg.train.global_batch_size, cfg.data.seq_len
+    rows = local_batch_rows(fns.batch_sharding, B)
     data = build_datasets(cfg.data, cfg.model.vocab_size)
-    train_iter = DataIterator(data.train, cfg.train.global_batch_size, cfg.data.seed,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count(), prefetch=cfg.data.prefetch)
-    evals = eval_batches(data.eval, cfg.train.global_batch_size, cfg.train.eval_batches,
-                         jax.process_index(), jax.process_count())
+    train_iter = DataIterator(data.train, B, cfg.data.seed, prefetch=cfg.data.prefetch,
+                              local_rows=rows)
+    evals = eval_batches(data.eval, B, cfg.train.eval_batches, local_rows=rows)
 
     # ---- state: fresh, or resumed from the latest checkpoint
-    fns = build_step_fns(cfg, mesh)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint) if cfg.checkpoint.enabled else None
     latest = ckpt.latest_step() if ckpt and cfg.checkpoint.resume else None
     if latest is not None:
@@ -121,7 +121,7 @@ def run(cfg: Config) -> dict:
     say(f"model: {fns.param_count / 1e6:.2f}M parameters; run dir {run_dir}")
 
     def to_global(batch_np):
-        return {k: jax.make_array_from_process_local_data(fns.batch_sharding, v)
+        return {k: jax.make_array_from_process_local_data(fns.batch_sharding, v, (B, S))
                 for k, v in batch_np.items()}
 
     eval_arrays = [to_global(b) for b in evals]

@@ -187,3 +187,14 @@ def test_guard_refuses_a_mostly_replicated_model():
                                           r"least sharded: embed .* layers\.mlp\.w_down .*logical "
                                           r"\('layers', 'mlp', 'embed'\)"):
         build_step_fns(cfg, mesh_for(cfg))
+
+
+def test_each_process_reads_the_rows_its_devices_hold():
+    from jax.sharding import NamedSharding
+    from jaxlm.sharding import local_batch_rows
+    cfg = preset("fsdp_tp")
+    mesh = mesh_for(cfg)
+    sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
+    assert local_batch_rows(sharding, 8) == slice(0, 8)   # one process holds every row
+    replicated = NamedSharding(mesh, P())
+    assert local_batch_rows(replicated, 8) == slice(0, 8)

@@ -76,8 +76,10 @@ class DataIterator:
 
     def __init__(self, dataset: RowDataset | Mixture, global_batch_size: int, seed: int,
                  shuffle: bool = True, process_index: int = 0, process_count: int = 1,
-                 prefetch: int = 0):
-        self._local = _local_slice(global_batch_size, process_index, process_count)
+                 prefetch: int = 0, local_rows: slice | None = None):
+        # local_rows (the rows this process's devices hold, from the batch sharding) overrides
+        # the contiguous per-process split
+        self._local = local_rows or _local_slice(global_batch_size, process_index, process_count)
         self.mixture = as_mixture(dataset)
         if self.mixture.num_rows < global_batch_size:
             raise ConfigError(f"train.global_batch_size={global_batch_size} is larger than the "
@@ -117,11 +119,12 @@ class DataIterator:
 
 
 def eval_batches(dataset: RowDataset | Mixture, global_batch_size: int, num_batches: int,
-                 process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+                 process_index: int = 0, process_count: int = 1,
+                 local_rows: slice | None = None) -> list[dict[str, np.ndarray]]:
     """The first `num_batches` global batches in row order (wrapping around a small set; a
     mixture draws sources by weight): the same rows every time, so eval loss is comparable
     across steps and runs."""
-    local = _local_slice(global_batch_size, process_index, process_count)
+    local = local_rows or _local_slice(global_batch_size, process_index, process_count)
     mixture = as_mixture(dataset)
     src_NG, rows_NG, _ = Planner(mixture, seed=0, shuffle=False).plan(
         initial_position(len(mixture.datasets)), num_batches * global_batch_size)
