@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -179,6 +178,7 @@ def run(cfg: Config) -> dict:
                     "grad_norm": float(host["grad_norm"]), "tokens_per_sec": tps,
                     "step_time_s": dt, "mfu": M.mfu(tps, flops_tok, peak, jax.device_count()),
                     "data_wait_s": data_wait / window_steps}
+            last.update({k: float(v) for k, v in host.items() if k.startswith("moe_")})
             mem_b = M.peak_memory_bytes()
             last["peak_mem_gib"] = mem_b / 2**30 if mem_b else None
             if not np.isfinite(last["loss"]):

@@ -152,7 +152,6 @@ def test_remat_really_saves_activation_memory():
     scheduler hoists an unrolled stack's recomputation, so the unrolled layouts are measured on
     the GPU by benchmarks/memory_fit.py instead)."""
     layout = {"scan_layers": True, "scan_unroll": 1}
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from helpers import tiny_config
     from jaxlm.config import MESH_AXES
