@@ -12,15 +12,16 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """Bad user input: the message names the key or file and what was expected."""
+from jaxlm.config_schema import (  # noqa: F401  (re-exported: the public config API)
+    ConfigError, ModelConfig, MESH_AXES, DEFAULT_RULES, DcnConfig,
+    MeshConfig, PipelineConfig, DataConfig, MIXTURE_KEYS, OptimConfig,
+    TrainConfig, CheckpointConfig, LogConfig, RuntimeConfig, DistributedConfig,
+    Config)
 
 
 class _Loader(yaml.SafeLoader):
@@ -35,162 +36,6 @@ _Loader.add_implicit_resolver(
 
 def _yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
-
-
-def _choices(*values):
-    return {"choices": values}
-
-
-def _range(lo=None, hi=None):
-    return {"min": lo, "max": hi}
-
-
-@dataclass
-class ModelConfig:
-    family: str = field(default="llama", metadata=_choices("llama"))
-    vocab_size: int = field(default=512, metadata=_range(1))
-    d_model: int = field(default=256, metadata=_range(1))
-    num_layers: int = field(default=4, metadata=_range(1))
-    num_heads: int = field(default=4, metadata=_range(1))
-    num_kv_heads: int = field(default=4, metadata=_range(1))
-    head_dim: int = field(default=0, metadata=_range(0))  # 0: d_model // num_heads
-    ffn_dim: int = field(default=768, metadata=_range(1))
-    rope_theta: float = field(default=10000.0, metadata=_range(1.0))
-    norm_eps: float = field(default=1e-6, metadata=_range(0.0))
-    tie_embeddings: bool = False
-    init_std: float = field(default=0.02, metadata=_range(0.0))
-    param_dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16"))
-    dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16"))
-    attention: str = field(default="xla", metadata=_choices("xla", "cudnn", "auto"))
-    scan_layers: bool = True
-    # with scan_layers: layers per scan iteration (num_layers = fully unrolled; parameters stay
-    # stacked either way, so checkpoints and the 'layers' axis do not change)
-    scan_unroll: int = field(default=1, metadata=_range(1))
-    remat: str = field(default="none", metadata=_choices("none", "full", "save_dots"))
-
-    @property
-    def resolved_head_dim(self) -> int:
-        return self.head_dim or self.d_model // self.num_heads
-
-
-MESH_AXES = ("data", "stage", "fsdp", "sequence", "expert", "tensor")
-
-# Logical name -> mesh axes. First match wins; an axis already used by an earlier dimension of the
-# same array, or of size 1, is skipped. Params use bare names, activations the `act_` names:
-# `act_res_seq` is the sequence dim of the residual stream and norms (between tensor-parallel
-# regions: Megatron sequence parallelism maps it to `tensor` too), `act_seq` the sequence dim
-# inside attention/MLP (context parallelism over `sequence`).
-DEFAULT_RULES = [
-    ["batch", ["data", "fsdp", "expert"]],
-    ["act_batch", ["data", "fsdp", "expert"]],
-    ["act_res_seq", "sequence"],
-    ["act_seq", "sequence"],
-    ["act_embed", None],
-    ["act_heads", "tensor"],
-    ["act_kv_heads", "tensor"],
-    ["act_mlp", "tensor"],
-    ["act_vocab", "tensor"],
-    ["layers", "stage"],
-    ["embed", "fsdp"],
-    ["vocab", "tensor"],
-    ["heads", "tensor"],
-    ["kv_heads", "tensor"],
-    ["mlp", "tensor"],
-    ["head_dim", None],
-    ["norm", None],
-]
-
-
-@dataclass
-class DcnConfig:
-    """How much of each mesh axis spans slices/hosts over the slower data-centre network (DCN).
-    The rest of the axis stays inside a slice (ICI/NVLink), so bandwidth-hungry axes (tensor,
-    fsdp) should stay 1 here and data parallelism go across."""
-    data: int = field(default=1, metadata=_range(1))
-    stage: int = field(default=1, metadata=_range(1))
-    fsdp: int = field(default=1, metadata=_range(1))
-    sequence: int = field(default=1, metadata=_range(1))
-    expert: int = field(default=1, metadata=_range(1))
-    tensor: int = field(default=1, metadata=_range(1))
-
-    def num_slices(self) -> int:
-        return math.prod(getattr(self, a) for a in MESH_AXES)
-
-
-@dataclass
-class MeshConfig:
-    """Sizes of the device mesh axes (-1 on one axis: fill with the remaining devices)."""
-    data: int = field(default=-1, metadata=_range(-1))
-    stage: int = field(default=1, metadata=_range(-1))
-    fsdp: int = field(default=1, metadata=_range(-1))
-    sequence: int = field(default=1, metadata=_range(-1))
-    expert: int = field(default=1, metadata=_range(-1))
-    tensor: int = field(default=1, metadata=_range(-1))
-    rules: list = field(default_factory=lambda: [list(r) for r in DEFAULT_RULES])
-    dcn: DcnConfig = field(default_factory=DcnConfig)
-    zero1: bool = False  # shard optimizer state over `data` too (params stay replicated there)
-    # refuse meshes whose per-device parameter bytes exceed the ideal (total / sharding axes) by
-    # more than this fraction: a rules table that silently replicates a big tensor is a bug
-    max_unsharded_fraction: float = field(default=0.05, metadata=_range(0.0))
-
-    def axis_sizes(self) -> dict[str, int]:
-        return {a: getattr(self, a) for a in MESH_AXES}
-
-
-@dataclass
-class DataConfig:
-    # files: `path` is a folder, file or glob of .txt/.jsonl/.parquet; tokens: `path` is a flat
-    # .bin (token_dtype) or .npy of token ids; mixture: rows drawn by weight from `mixture` entries
-    source: str = field(default="stdlib", metadata=_choices(
-        "stdlib", "synthetic", "files", "tfds", "tokens", "mixture"))
-    seq_len: int = field(default=256, metadata=_range(2))
-    max_bytes: int = field(default=8_000_000, metadata=_range(1024))  # stdlib only
-    eval_fraction: float = field(default=0.02, metadata=_range(0.0, 0.5))
-    seed: int = 0
-    path: str | None = None
-    text_field: str = "text"  # jsonl/parquet field or tfds feature ("a/b" for nested features)
-    tfds_name: str | None = None  # a registered or prepared dataset, e.g. "my_ds/config:1.0.0"
-    tfds_split: str = "train"
-    tfds_eval_split: str | None = None  # None: hold out eval_fraction of tfds_split's documents
-    tfds_data_dir: str | None = None  # None: tfds's default ($TFDS_DATA_DIR, ~/tensorflow_datasets)
-    token_dtype: str = field(default="uint16", metadata=_choices("uint16", "uint32"))  # .bin files
-    tokenizer: str = field(default="byte", metadata=_choices("byte", "sentencepiece", "huggingface"))
-    tokenizer_path: str | None = None  # sentencepiece .model or huggingface tokenizer.json
-    cache_dir: str = "~/.cache/jaxlm/data"  # local corpora as tfds datasets, tokenized arrays
-    mixture: list = field(default_factory=list)  # [{source: files, path: ..., weight: 0.7}, ...]
-    prefetch: int = field(default=2, metadata=_range(0))  # batches read ahead on a thread
-
-    def sources(self) -> list[tuple[DataConfig, float]]:
-        """(config, weight) of each source: this config alone, or each mixture entry merged onto
-        it (an entry sets source keys; seq_len, seed and the tokenizer are shared)."""
-        if self.source != "mixture":
-            return [(self, 1.0)]
-        hints = typing.get_type_hints(DataConfig)
-        out = []
-        for i, entry in enumerate(self.mixture):
-            where = f"data.mixture[{i}]"
-            if not isinstance(entry, dict) or "source" not in entry:
-                raise ConfigError(f"{where}: expected a mapping with at least 'source' and "
-                                  f"'weight', got {entry!r}")
-            values = {}
-            for key, value in entry.items():
-                if key not in MIXTURE_KEYS:
-                    close = difflib.get_close_matches(str(key), MIXTURE_KEYS, n=1)
-                    hint = f" (did you mean '{close[0]}'?)" if close else ""
-                    raise ConfigError(f"{where}: key '{key}' cannot be set per source{hint}; "
-                                      f"allowed: {', '.join(MIXTURE_KEYS)}")
-                values[key] = _coerce(value, float if key == "weight" else hints[key],
-                                      f"{where}.{key}", "config")
-            weight = values.pop("weight", None)
-            if weight is None or not math.isfinite(weight) or weight <= 0:
-                raise ConfigError(f"{where}.weight: expected a number > 0, got {weight!r}")
-            out.append((dataclasses.replace(self, mixture=[], **values), weight))
-        return out
-
-
-# Keys a mixture entry may set; the rest (seq_len, seed, tokenizer, cache...) are shared.
-MIXTURE_KEYS = ("source", "weight", "path", "text_field", "tfds_name", "tfds_split",
-                "tfds_eval_split", "tfds_data_dir", "token_dtype", "max_bytes", "eval_fraction")
 
 
 def _check_data(d: DataConfig):
@@ -211,83 +56,6 @@ def _check_data(d: DataConfig):
         need = {"files": "path", "tokens": "path", "tfds": "tfds_name"}.get(src.source)
         if need and not getattr(src, need):
             raise ConfigError(f"{where}.source={src.source} needs {where}.{need}")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = field(default=3e-4, metadata=_range(0.0))
-    schedule: str = field(default="cosine", metadata=_choices("cosine", "linear", "constant"))
-    warmup_steps: int = field(default=100, metadata=_range(0))
-    min_lr_ratio: float = field(default=0.1, metadata=_range(0.0, 1.0))
-    b1: float = field(default=0.9, metadata=_range(0.0, 1.0))
-    b2: float = field(default=0.95, metadata=_range(0.0, 1.0))
-    eps: float = field(default=1e-8, metadata=_range(0.0))
-    weight_decay: float = field(default=0.1, metadata=_range(0.0))
-    clip_norm: float = field(default=1.0, metadata=_range(0.0))  # 0 disables clipping
-
-
-@dataclass
-class TrainConfig:
-    steps: int = field(default=1000, metadata=_range(1))
-    global_batch_size: int = field(default=16, metadata=_range(1))
-    microbatches: int = field(default=1, metadata=_range(1))  # gradient accumulation
-    seed: int = 0
-    eval_every: int = field(default=200, metadata=_range(0))  # 0: only at the end
-    eval_batches: int = field(default=4, metadata=_range(1))
-    run_dir: str = "runs/default"
-
-
-@dataclass
-class CheckpointConfig:
-    enabled: bool = True
-    every_steps: int = field(default=500, metadata=_range(1))
-    keep: int = field(default=3, metadata=_range(1))
-    async_save: bool = True
-    resume: bool = True
-
-
-@dataclass
-class LogConfig:
-    every_steps: int = field(default=10, metadata=_range(1))
-    jsonl: bool = True
-    tensorboard: bool = True
-    progress: bool = True
-    peak_tflops: float | None = field(default=None, metadata=_range(0.0))  # per device; None: table
-
-
-@dataclass
-class RuntimeConfig:
-    cpu_devices: int = field(default=0, metadata=_range(0))  # simulated CPU devices; 0: leave as is
-    compilation_cache: str | None = None
-
-
-@dataclass
-class DistributedConfig:
-    """Multi-process runs through jax.distributed (see jaxlm/distributed.py). Unset values come
-    from JAXLM_COORDINATOR/JAXLM_NUM_PROCESSES/JAXLM_PROCESS_ID, then from SLURM or a Kubernetes
-    Indexed Job; with none of those the run is one process."""
-    # auto: as above; jax: JAX's own detection too (Cloud TPU VMs, Open MPI); off: one process
-    detect: str = field(default="auto", metadata=_choices("auto", "jax", "off"))
-    coordinator: str | None = None  # host:port of process 0
-    coordinator_port: int = field(default=0, metadata=_range(0, 65535))  # 0: SLURM job id / 1234
-    num_processes: int = field(default=0, metadata=_range(0))  # 0: from the environment
-    process_id: int = field(default=-1, metadata=_range(-1))  # -1: from the environment
-    init_timeout_s: int = field(default=300, metadata=_range(1))  # all processes must join by then
-    heartbeat_timeout_s: int = field(default=100, metadata=_range(1))  # a silent peer is dead after
-    shutdown_timeout_s: int = field(default=300, metadata=_range(1))  # wait for peers at exit
-
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # ---------------------------------------------------------------- loading
@@ -433,6 +201,19 @@ def validate(cfg: Config) -> None:
     if not m.head_dim and m.d_model % m.num_heads:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads="
                           f"{m.num_heads}; set model.head_dim explicitly")
+    if m.num_experts:
+        if m.experts_per_token > m.num_experts:
+            raise ConfigError(f"model.experts_per_token={m.experts_per_token} exceeds "
+                              f"model.num_experts={m.num_experts}")
+        if m.num_layers % m.moe_every:
+            raise ConfigError(f"model.moe_every={m.moe_every} does not divide "
+                              f"model.num_layers={m.num_layers}")
+        if m.dispatch == "capacity" and m.capacity_factor <= 0:
+            raise ConfigError("model.capacity_factor must be > 0 with model.dispatch=capacity")
+        if (m.num_layers // m.moe_every) % m.scan_unroll:
+            raise ConfigError(f"model.scan_unroll={m.scan_unroll} does not divide the "
+                              f"{m.num_layers // m.moe_every} scanned groups of model.moe_every="
+                              f"{m.moe_every} layers")
     if m.num_layers % m.scan_unroll:
         raise ConfigError(f"model.scan_unroll={m.scan_unroll} does not divide "
                           f"model.num_layers={m.num_layers}")
@@ -444,6 +225,7 @@ def validate(cfg: Config) -> None:
     if t.global_batch_size % t.microbatches:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                           f"train.microbatches={t.microbatches}")
+    _check_pipeline(cfg)
     fills = [a for a, n in cfg.mesh.axis_sizes().items() if n == -1]
     if len(fills) > 1:
         raise ConfigError(f"mesh: only one axis may be -1 (fill), got {', '.join(fills)}")
@@ -453,6 +235,21 @@ def validate(cfg: Config) -> None:
                           f"or -1 (fill)")
     _check_rules(cfg.mesh.rules)
     _check_data(cfg.data)
+
+
+def _check_pipeline(cfg: Config):
+    p, m = cfg.pipeline, cfg.model
+    if p.virtual_stages > 1 and p.schedule != "circular":
+        raise ConfigError(f"pipeline.virtual_stages={p.virtual_stages} needs "
+                          f"pipeline.schedule=circular (got {p.schedule})")
+    per_step = cfg.train.global_batch_size // cfg.train.microbatches
+    if per_step % p.microbatches:
+        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} / "
+                          f"train.microbatches={cfg.train.microbatches} = {per_step} rows, not "
+                          f"divisible by pipeline.microbatches={p.microbatches}")
+    if cfg.mesh.stage not in (1, -1) and not m.scan_layers:
+        raise ConfigError(f"mesh.stage={cfg.mesh.stage} needs model.scan_layers=true: the "
+                          f"pipeline splits the scanned (stacked) layer parameters over stages")
 
 
 def _check_fields(obj, prefix):
@@ -515,6 +312,9 @@ def check_against_devices(cfg: Config, num_devices: int) -> dict[str, int]:
             raise ConfigError(f"mesh.dcn.{axis}={n} does not divide mesh.{axis}={sizes[axis]}; "
                               f"mesh.{axis} is the total size, mesh.dcn.{axis} its share across "
                               f"slices")
+    if cfg.model.num_experts and cfg.model.num_experts % sizes["expert"]:
+        raise ConfigError(f"model.num_experts={cfg.model.num_experts} is not divisible by "
+                          f"mesh.expert={sizes['expert']}")
     batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     micro = cfg.train.global_batch_size // cfg.train.microbatches
     if micro % batch_shards:
@@ -522,10 +322,42 @@ def check_against_devices(cfg: Config, num_devices: int) -> dict[str, int]:
             f"train.global_batch_size={cfg.train.global_batch_size} / train.microbatches="
             f"{cfg.train.microbatches} = {micro} rows per microbatch, not divisible by the "
             f"data-parallel size data*fsdp*expert={batch_shards}")
+    _check_pipeline_devices(cfg, sizes)
     if cfg.data.seq_len % sizes["sequence"]:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by "
                           f"mesh.sequence={sizes['sequence']}")
     return sizes
+
+
+def _check_pipeline_devices(cfg: Config, sizes: dict[str, int]):
+    S, p = sizes["stage"], cfg.pipeline
+    if S == 1:
+        return
+    if not cfg.model.scan_layers:
+        raise ConfigError(f"mesh.stage={S} needs model.scan_layers=true: the pipeline splits the "
+                          f"scanned (stacked) layer parameters over stages")
+    if cfg.model.num_experts:  # MoE units return aux losses the schedules do not carry yet
+        raise ConfigError(f"mesh.stage={S} with model.num_experts={cfg.model.num_experts}: "
+                          f"pipeline parallelism does not support MoE models yet")
+    V = p.virtual_stages if p.schedule == "circular" else 1
+    if cfg.model.num_layers % (S * V):
+        how = f"mesh.stage={S}" + (f" x pipeline.virtual_stages={V}" if V > 1 else "")
+        raise ConfigError(f"model.num_layers={cfg.model.num_layers} is not divisible by {how} "
+                          f"= {S * V} layer groups")
+    if p.schedule == "circular" and p.microbatches % S:
+        raise ConfigError(f"pipeline.schedule=circular needs pipeline.microbatches="
+                          f"{p.microbatches} to be a multiple of mesh.stage={S}")
+    if p.schedule == "1f1b" and sizes["tensor"] > 1:
+        # XLA's SPMD partitioner (jaxlib 0.10.2, CPU) aborts on the per-tick jax.vjp with an
+        # automatic tensor axis inside the manual stage axis: refuse rather than crash
+        raise ConfigError(f"pipeline.schedule=1f1b does not support mesh.tensor={sizes['tensor']} "
+                          f"yet; use pipeline.schedule=gpipe or circular with tensor parallelism")
+    rows = cfg.train.global_batch_size // cfg.train.microbatches // p.microbatches
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    if rows % shards:
+        raise ConfigError(f"{rows} rows per pipeline microbatch (train.global_batch_size / "
+                          f"train.microbatches / pipeline.microbatches) is not divisible by the "
+                          f"data-parallel size data*fsdp*expert={shards}")
 
 
 # ---------------------------------------------------------------- reporting

@@ -34,11 +34,17 @@ PEAK_FLOPS = {
 def matmul_params(m: ModelConfig) -> int:
     """Parameters that take part in a matmul per token: attention and MLP projections of every
     layer, plus the output head (tied or not, the head's matmul runs). The embedding lookup is
-    a gather, not a matmul, and norms are negligible."""
+    a gather, not a matmul, and norms are negligible. An MoE layer counts only what a token
+    activates: the router, its top-k experts and the shared experts (never all E experts)."""
     hd = m.resolved_head_dim
     attn = m.d_model * hd * (2 * m.num_heads + 2 * m.num_kv_heads)
     mlp = 3 * m.d_model * m.ffn_dim
-    return m.num_layers * (attn + mlp) + m.d_model * m.vocab_size
+    dense = m.num_layers * (attn + mlp) + m.d_model * m.vocab_size
+    if not m.num_experts:
+        return dense
+    active = m.experts_per_token + m.num_shared_experts
+    moe_mlp = m.d_model * m.num_experts + 3 * m.d_model * (m.expert_ffn_dim or m.ffn_dim) * active
+    return dense + (m.num_layers // m.moe_every) * (moe_mlp - mlp)
 
 
 def flops_per_token(m: ModelConfig, seq_len: int, causal: bool = True) -> float:
@@ -117,7 +123,8 @@ def format_line(step: int, m: dict) -> str:
     fmt = [("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"), ("eval_ppl", "ppl {:.2f}"),
            ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"), ("tokens_per_sec", "{:,.0f} tok/s"),
            ("step_time_s", "{:.3f} s/step"), ("data_wait_s", "data {:.3f} s/step"),
-           ("mfu", "MFU {:.1%}"),
+           ("mfu", "MFU {:.1%}"), ("moe_lb_loss", "lb {:.3f}"),
+           ("moe_dropped_frac", "dropped {:.2%}"),
            ("peak_mem_gib", "mem {:.2f} GiB")]
     for key, f in fmt:
         if m.get(key) is not None:

@@ -15,8 +15,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxlm import pipeline
 from jaxlm.config import Config
-from jaxlm.models import build_model
+from jaxlm.models import build_model, moe
 from jaxlm.optim import learning_rate_schedule, make_optimizer
 from jaxlm.sharding import (add_axis, check_divisible, check_sufficiently_sharded, constrain,
                             logical_to_spec, tree_shardings, use_rules)
@@ -38,15 +39,20 @@ class StepFns:
     param_count: int
 
 
-def token_nll(graphdef, params, batch, use_segments: bool):
-    """Summed next-token negative log-likelihood over unmasked positions, and their count."""
+def token_nll(graphdef, params, batch, use_segments: bool, with_aux: bool = False):
+    """Summed next-token negative log-likelihood over unmasked positions, and their count; with
+    `with_aux` also the model's MoE aux dict ({} for a dense model)."""
     model = nnx.merge(graphdef, params)
-    logits_BxSxV = model(batch["inputs"], batch["positions"],
-                         batch["segment_ids"] if use_segments else None)
+    if pipeline.wants_1f1b():  # the schedule needs the loss inside the pipeline
+        out = pipeline.token_nll_1f1b(model, batch, use_segments)
+        return (*out, {}) if with_aux else out
+    logits_BxSxV, aux = model(batch["inputs"], batch["positions"],
+                              batch["segment_ids"] if use_segments else None, return_aux=True)
     logp_BxSxV = jax.nn.log_softmax(logits_BxSxV.astype(jnp.float32), axis=-1)
     nll_BxS = -jnp.take_along_axis(logp_BxSxV, batch["targets"][..., None], axis=-1)[..., 0]
     mask_BxS = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(nll_BxS * mask_BxS), jnp.sum(mask_BxS)
+    out = (jnp.sum(nll_BxS * mask_BxS), jnp.sum(mask_BxS))
+    return (*out, aux) if with_aux else out
 
 
 def build_step_fns(cfg: Config, mesh: Mesh) -> StepFns:
@@ -95,18 +101,23 @@ def build_step_fns(cfg: Config, mesh: Mesh) -> StepFns:
     micro = cfg.train.microbatches
 
     def train_step(state, batch):
-        with use_rules(mesh, rules):
+        with use_rules(mesh, rules), pipeline.use_pipeline(mesh, cfg.pipeline):
             params = state["params"]
             total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
             def grads_of(mb):
-                def loss(p):
-                    nll, _ = token_nll(graphdef, p, mb, use_segments)
-                    return nll / total_tokens
-                return jax.value_and_grad(loss)(params)
+                def loss(p):  # -> (objective, (mean token NLL, MoE stats))
+                    nll, _, aux = token_nll(graphdef, p, mb, use_segments, with_aux=True)
+                    if not aux:
+                        return nll / total_tokens, (nll / total_tokens, {})
+                    extra, stats = moe.aux_loss(aux, cfg.model)  # per microbatch: average them
+                    return (nll / total_tokens + extra / micro,
+                            (nll / total_tokens, jax.tree.map(lambda s: s / micro, stats)))
+                (_, (l, stats)), g = jax.value_and_grad(loss, has_aux=True)(params)
+                return l, stats, g
 
             if micro == 1:
-                loss, grads = grads_of(batch)
+                loss, moe_stats, grads = grads_of(batch)
             else:
                 # Strided split [B] -> [B/M, M] keeps every microbatch spread over all data shards.
                 def split(x):
@@ -115,16 +126,17 @@ def build_step_fns(cfg: Config, mesh: Mesh) -> StepFns:
                 mbs = jax.tree.map(split, batch)
 
                 def body(carry, mb):
-                    l, g = grads_of(mb)
-                    return jax.tree.map(jnp.add, carry, (l, g)), None
-                zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-                (loss, grads), _ = jax.lax.scan(body, zeros, mbs)
+                    return jax.tree.map(jnp.add, carry, grads_of(mb)), None
+                zero = jnp.zeros((), jnp.float32)
+                stat_keys = moe.STAT_KEYS if cfg.model.num_experts else ()
+                zeros = (zero, {k: zero for k in stat_keys}, jax.tree.map(jnp.zeros_like, params))
+                (loss, moe_stats, grads), _ = jax.lax.scan(body, zeros, mbs)
 
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             new_params = optax.apply_updates(params, updates)
             rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
             metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                       "lr": schedule(state["step"]), "tokens": total_tokens}
+                       "lr": schedule(state["step"]), "tokens": total_tokens, **moe_stats}
             new_state = {"params": new_params, "opt_state": opt_state,
                          "step": state["step"] + 1, "rng": jax.random.key_data(rng)}
             return new_state, metrics
@@ -133,7 +145,7 @@ def build_step_fns(cfg: Config, mesh: Mesh) -> StepFns:
                         out_shardings=(state_sh, replicated), donate_argnums=0)
 
     def eval_step(params, batch):
-        with use_rules(mesh, rules):
+        with use_rules(mesh, rules), pipeline.use_pipeline(mesh, cfg.pipeline):
             return token_nll(graphdef, params, batch, use_segments)
 
     eval_jit = jax.jit(eval_step, in_shardings=(param_sh, batch_sh), out_shardings=replicated)

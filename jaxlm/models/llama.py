@@ -7,14 +7,15 @@ list of blocks. `remat` picks what the backward pass recomputes.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm import pipeline
 from jaxlm.config import ModelConfig
 from jaxlm.models.attention import Attention
+from jaxlm.models import moe
 from jaxlm.models.layers import MLP, RMSNorm, param, scaled_out_std
 from jaxlm.sharding import constrain
 
@@ -73,22 +74,36 @@ class Llama(nnx.Module):
         pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         block_cfg = BlockConfig.from_model(cfg)
         self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pdt)
+
+        def make_unit(rngs):  # a Block, or with MoE a unit of moe_every layers (models/moe.py)
+            if cfg.num_experts:
+                return moe.make_unit(lambda r: Block(block_cfg, r), block_cfg, cfg, rngs)
+            return Block(block_cfg, rngs)
         if cfg.scan_layers:
-            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.split_rngs(splits=moe.num_units(cfg))
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_stack(rngs):
-                return Block(block_cfg, rngs)
+                return make_unit(rngs)
             self.layers = make_stack(rngs)
         else:
-            self.layers = nnx.List([Block(block_cfg, rngs) for _ in range(cfg.num_layers)])
+            self.layers = nnx.List([make_unit(rngs) for _ in range(moe.num_units(cfg))])
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         if not cfg.tie_embeddings:
             self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                               cfg.init_std, pdt)
         self.dtype = dt
 
-    def __call__(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None):
-        """Logits [B, S, V] in the compute dtype (the loss upcasts)."""
+    def __call__(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None, return_aux=False):
+        """Logits [B, S, V] in the compute dtype (the loss upcasts); with `return_aux`, also the
+        MoE aux losses/stats summed over MoE layers ({} for a dense model)."""
+        h_BxSxD, positions_BxS = self.embed_tokens(tokens_BxS, positions_BxS)
+        h_BxSxD, aux = moe.split_aux(self._run_layers(h_BxSxD, positions_BxS, segment_ids_BxS))
+        logits_BxSxV = self.logits(h_BxSxD)
+        return (logits_BxSxV, aux) if return_aux else logits_BxSxV
+
+    def embed_tokens(self, tokens_BxS, positions_BxS=None):
+        """Residual stream [B, S, D] and positions; apart from __call__ because the 1F1B pipeline
+        (jaxlm/pipeline.py) runs the layers and the head itself."""
         B, S = tokens_BxS.shape
         if positions_BxS is None:
             positions_BxS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
@@ -96,29 +111,45 @@ class Llama(nnx.Module):
         # table sharded on embed would force the batch-sharded gradient to be resharded.
         table_VxD = constrain(self.embed[...], ("vocab", None))
         h_BxSxD = constrain(jnp.take(table_VxD, tokens_BxS, axis=0).astype(self.dtype), ACT)
-        h_BxSxD = self._run_layers(h_BxSxD, positions_BxS, segment_ids_BxS)
+        return h_BxSxD, positions_BxS
+
+    def logits(self, h_BxSxD):
         h_BxSxD = self.final_norm(h_BxSxD)
         w_DxV = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
         logits_BxSxV = jnp.einsum("bsd,dv->bsv", h_BxSxD, w_DxV.astype(self.dtype))
         return constrain(logits_BxSxV, ("act_batch", "act_seq", "act_vocab"))
 
     def _run_layers(self, h_BxSxD, positions_BxS, segment_ids_BxS):
-        def apply(block, h):
-            return block(h, positions_BxS, segment_ids_BxS)
-
-        if self.cfg.remat != "none":
-            # Inside a rolled scan loop XLA cannot CSE the recomputation away, so the barrier is
-            # not needed; unrolled (a Python loop, or scan_unroll > 1) it is, or remat is a no-op.
-            rolled = self.cfg.scan_layers and self.cfg.scan_unroll == 1
-            apply = nnx.remat(apply, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not rolled)
         if not self.cfg.scan_layers:
+            apply = self._remat(lambda block, h, pos, seg: block(h, pos, seg))
+            aux = moe.zero_aux(self.cfg)
             for block in self.layers:
-                h_BxSxD = apply(block, h_BxSxD)
-            return h_BxSxD
+                h_BxSxD, a = moe.split_aux(apply(block, h_BxSxD, positions_BxS, segment_ids_BxS))
+                aux = moe.add_aux(aux, a)
+            return (h_BxSxD, aux) if aux else h_BxSxD
+        layer, stacked = self.layer_fn()
+        if pipeline.active_plan() is not None:  # mesh.stage > 1: the stack runs as a pipeline
+            return pipeline.run_stack(layer, stacked, h_BxSxD, positions_BxS, segment_ids_BxS)
+
+        def body(carry, layer_state):  # MoE units also return aux losses: summed in the carry
+            h, a = moe.split_aux(layer(layer_state, carry[0], positions_BxS, segment_ids_BxS))
+            return (h, moe.add_aux(carry[1], a)), None
+
+        (h_BxSxD, aux), _ = jax.lax.scan(body, (h_BxSxD, moe.zero_aux(self.cfg)), stacked,
+                                         unroll=self.cfg.scan_unroll)
+        return (h_BxSxD, aux) if aux else h_BxSxD
+
+    def layer_fn(self):
+        """(layer(layer_state, h, positions, segment_ids) -> h, stacked layer state): the scanned
+        stack as a pure function, which is what the pipeline schedules need."""
         graphdef, stacked = nnx.split(self.layers)
+        apply = self._remat(lambda block, h, pos, seg: block(h, pos, seg))
+        return (lambda state, h, pos, seg: apply(nnx.merge(graphdef, state), h, pos, seg)), stacked
 
-        def body(h, layer_state):
-            return apply(nnx.merge(graphdef, layer_state), h), None
-
-        h_BxSxD, _ = jax.lax.scan(body, h_BxSxD, stacked, unroll=self.cfg.scan_unroll)
-        return h_BxSxD
+    def _remat(self, apply):
+        if self.cfg.remat == "none":
+            return apply
+        # Inside a rolled scan loop XLA cannot CSE the recomputation away, so the barrier is
+        # not needed; unrolled (a Python loop, or scan_unroll > 1) it is, or remat is a no-op.
+        rolled = self.cfg.scan_layers and self.cfg.scan_unroll == 1
+        return nnx.remat(apply, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not rolled)

@@ -1,0 +1,104 @@
+"""Pipeline schedules side by side: tokens/s of jaxlm's real train step and the schedule's bubble.
+
+All devices go to `stage` (or --stages, the rest to `data`); each schedule runs the same model and
+batch. The bubble is counted from the schedule table (idle stage-ticks / all stage-ticks); the
+temp bytes are the compiler's per-device estimate, the activation memory the schedules differ in.
+Runs unchanged on any number of GPUs, or on simulated CPU devices:
+  PYTHONPATH=. python3 benchmarks/pipeline.py                                  # GPUs, 1B preset
+  PYTHONPATH=. python3 benchmarks/pipeline.py --cpu-devices 8 --config configs/tiny.yaml \
+      model.num_layers=8 train.global_batch_size=32                          # CPU simulation
+Extra key=value arguments are config overrides. Prints a Markdown table; with $OUT set, appends
+JSON rows to $OUT/pipeline.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SCHEDULES = {"gpipe": [], "circular": ["pipeline.virtual_stages=2"], "1f1b": []}
+
+
+def measure(files, overrides, steps):
+    import jax
+    import numpy as np
+    from jaxlm import pipeline
+    from jaxlm.config import check_against_devices, load_config
+    from jaxlm.data import SyntheticDataset
+    from jaxlm.sharding import make_mesh
+    from jaxlm.step import build_step_fns
+
+    cfg = load_config(files, overrides)
+    sizes = check_against_devices(cfg, jax.device_count())
+    fns = build_step_fns(cfg, make_mesh(sizes))
+    state = fns.init(cfg.train.seed)
+    data = SyntheticDataset(cfg.model.vocab_size, cfg.data.seq_len, seed=0)
+    B = cfg.train.global_batch_size
+    batches = [jax.device_put(data.get(np.arange(i * B, (i + 1) * B)), fns.batch_sharding)
+               for i in range(2)]
+    t0 = time.perf_counter()
+    step = fns.train_step.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - t0
+    temp = step.memory_analysis().temp_size_in_bytes
+    for i in range(2):  # warm-up
+        state, m = step(state, batches[i % 2])
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        state, m = step(state, batches[i % 2])
+    jax.block_until_ready(m)
+    dt = (time.perf_counter() - t0) / steps
+    p = cfg.pipeline
+    V = p.virtual_stages if p.schedule == "circular" else 1
+    table = pipeline.schedule_table(p.schedule, sizes["stage"], p.microbatches, V)
+    return {"schedule": p.schedule, "stages": sizes["stage"], "data": sizes["data"],
+            "microbatches": p.microbatches, "virtual_stages": V, "step_s": dt,
+            "tokens_per_sec": B * cfg.data.seq_len / dt, "compile_s": compile_s,
+            "bubble": pipeline.bubble_fraction(table), "temp_mib": temp / 2**20,
+            "loss": float(m["loss"])}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", action="append", default=None)
+    ap.add_argument("--stages", type=int, default=0, help="0: all devices")
+    ap.add_argument("--microbatches", default="8")
+    ap.add_argument("--schedules", default=",".join(SCHEDULES))
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--cpu-devices", type=int, default=0, help="simulate this many CPU devices")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    import jax
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    S = args.stages or jax.device_count()
+    files = args.config or ["configs/llama-1b.yaml"]
+    rows = []
+    for name in args.schedules.split(","):
+        for M in map(int, args.microbatches.split(",")):
+            over = [*args.overrides, f"mesh.stage={S}", "mesh.data=-1", "mesh.fsdp=1",
+                    "mesh.max_unsharded_fraction=100", f"pipeline.schedule={name}",
+                    f"pipeline.microbatches={M}", *SCHEDULES[name]]
+            rows.append(measure(files, over, args.steps))
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{jax.device_count()} x {jax.devices()[0].device_kind}\n")
+    print("| schedule | stages x data | microbatches | tokens/s | step s | bubble | temp MiB "
+          "| compile s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        sched = r["schedule"] + (f" (V={r['virtual_stages']})" if r["virtual_stages"] > 1 else "")
+        print(f"| {sched} | {r['stages']} x {r['data']} | {r['microbatches']} | "
+              f"{r['tokens_per_sec']:,.0f} | {r['step_s']:.3f} | {r['bubble']:.3f} | "
+              f"{r['temp_mib']:.1f} | {r['compile_s']:.1f} |")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "pipeline.jsonl"), "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()

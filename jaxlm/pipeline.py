@@ -1,0 +1,342 @@
+"""Pipeline parallelism over the `stage` mesh axis: GPipe, circular (virtual stages) and 1F1B.
+
+The rules table cannot express a pipeline: it splits the stacked layer parameters over `stage`
+('layers' -> 'stage'), but something must move activations between the devices that hold
+consecutive layers. Here that is a `jax.shard_map` that is manual over `stage` only (the other
+mesh axes stay automatic, so FSDP/TP/data sharding inside a stage is still the rules table's job)
+and a `ppermute` ring between neighbouring stages, one hop per tick.
+
+Schedules (S stages, M microbatches, V virtual stages per device):
+- gpipe: all forwards, then (by autodiff of the forward scan) all backwards. Every tick's
+  activations stay alive until its backward, so activation memory grows with M.
+- circular: each device holds V non-contiguous layer groups (device s: groups s, s+S, ...); a
+  microbatch goes round the ring V times. Same autodiff backward; bubble (S-1)/(MV+S-1).
+- 1f1b: a hand-written schedule in one scan, forward of microbatch t-s and backward of
+  microbatch t-(2S-2-s) on stage s at tick t, the loss head on the last stage in between. Each
+  stage keeps only the inputs of the microbatches in flight (a ring of 2S-1 slots) and recomputes
+  its layers in the backward (jax.vjp per tick), so activation memory does not grow with M. It
+  computes loss and gradients together and reaches autodiff through a custom_vjp.
+
+`schedule_table` is the same schedule as plain data (who does what at each tick), for counting
+the bubble; the executors below follow the same index formulas.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jaxlm import sharding
+
+AXIS = "stage"
+
+
+# ---------------------------------------------------------------- the schedule as data
+
+def schedule_table(schedule: str, stages: int, microbatches: int, virtual: int = 1):
+    """table[t][s] = list of (kind, microbatch, virtual stage) that stage s runs at tick t, kind
+    'F' or 'B'. Backward ticks are listed for 1f1b only (the others get theirs from autodiff, a
+    mirror image of the forward with the same bubble)."""
+    S, M, V = stages, microbatches, virtual
+    if schedule == "1f1b":
+        ticks = M + 2 * S - 2
+        return [[[("F", t - s, 0)] * (0 <= t - s < M) + [("B", t - (2 * S - 2 - s), 0)]
+                 * (0 <= t - (2 * S - 2 - s) < M) for s in range(S)] for t in range(ticks)]
+    ticks = M * V + S - 1
+    table = []
+    for t in range(ticks):
+        row = []
+        for s in range(S):
+            u = t - s
+            row.append([("F",) + _circular_index(u, S, V)] if 0 <= u < M * V else [])
+        table.append(row)
+    return table
+
+
+def _circular_index(u, S, V):
+    """(microbatch, virtual stage) that a stage runs `u` ticks after it started: microbatches go in
+    groups of S, each group round the ring V times before the next group enters."""
+    k, r = u // (S * V), u % (S * V)
+    return k * S + r % S, r // S
+
+
+def bubble_fraction(table) -> float:
+    """Idle (stage, tick) slots over all slots, a 1f1b tick counting as one F slot plus one B
+    slot, so all schedules are measured in the same unit (one forward's worth of work)."""
+    slots = idle = 0
+    kinds = {k for row in table for cell in row for k, _, _ in cell}
+    for row in table:
+        for cell in row:
+            for kind in sorted(kinds):
+                slots += 1
+                idle += not any(k == kind for k, _, _ in cell)
+    return idle / slots
+
+
+def bubble_formula(schedule: str, stages: int, microbatches: int, virtual: int = 1) -> float:
+    S, M, V = stages, microbatches, virtual
+    if schedule == "1f1b":
+        return (2 * S - 2) / (M + 2 * S - 2)  # per direction: the forward stream lags B by S-1
+    return (S - 1) / (M * V + S - 1)
+
+
+# ---------------------------------------------------------------- the active pipeline
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    mesh: Mesh
+    schedule: str
+    microbatches: int
+    virtual: int
+
+    @property
+    def stages(self) -> int:
+        return self.mesh.shape[AXIS]
+
+
+class _Context(threading.local):
+    plan: Plan | None = None
+
+
+_ctx = _Context()
+
+
+@contextlib.contextmanager
+def use_pipeline(mesh: Mesh, pipeline_cfg):
+    """While tracing a step: run the layer stack as a pipeline if the mesh has stage > 1."""
+    prev = _ctx.plan
+    if mesh.shape[AXIS] > 1:
+        _ctx.plan = Plan(mesh, pipeline_cfg.schedule, pipeline_cfg.microbatches,
+                         pipeline_cfg.virtual_stages if pipeline_cfg.schedule == "circular" else 1)
+    try:
+        yield
+    finally:
+        _ctx.plan = prev
+
+
+def active_plan() -> Plan | None:
+    return _ctx.plan
+
+
+# ---------------------------------------------------------------- helpers
+
+def _split_microbatches(x, M):
+    """[B, ...] -> [M, B/M, ...], strided so each microbatch stays spread over the data shards."""
+    return x.reshape(x.shape[0] // M, M, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _merge_microbatches(x):
+    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _layout(stacked, S, V):
+    """[L, ...] -> [S, V, L/(SV), ...] with device s holding layer groups s, s+S, ... (circular);
+    for V=1 a pure reshape of the contiguous split the rules table already made."""
+    def one(x):
+        L = x.shape[0]
+        x = x.reshape(V, S, L // (S * V), *x.shape[1:])
+        return x.swapaxes(0, 1)
+    return jax.tree.map(one, stacked)
+
+
+def _ring(x, S, step=1):
+    return jax.lax.ppermute(x, AXIS, [(i, (i + step) % S) for i in range(S)])
+
+
+def _index(tree, i):
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+
+
+def _select(pred, a, b):
+    return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def _group_fn(layer_fn):
+    """Runs one layer group (a stack of L/(SV) layers) on one microbatch."""
+    def run(group_state, h, aux):
+        def body(h, layer_state):
+            return layer_fn(layer_state, h, *aux), None
+        return jax.lax.scan(body, h, group_state)[0]
+    return run
+
+
+def _shard_map(plan, fn, in_specs, out_specs):
+    """Manual over `stage` only. Activation constraints inside must name the mesh as seen there
+    (stage Manual), not the outer one, so the active rules are re-entered on that mesh."""
+    rules = sharding._ctx.rules
+
+    def body(*args):
+        if rules is None:
+            return fn(*args)
+        with sharding.use_rules(jax.sharding.get_abstract_mesh(), rules):
+            return fn(*args)
+
+    return jax.shard_map(body, mesh=plan.mesh, in_specs=in_specs, out_specs=out_specs,
+                         axis_names=frozenset({AXIS}), check_vma=False)
+
+
+# ---------------------------------------------------------------- GPipe / circular
+
+def run_stack(layer_fn: Callable, stacked, h_BxSxD, *aux_BxS):
+    """The layer stack on the active plan: layer_fn(layer_state, h, *aux) -> h, applied in order
+    over the leading (layer) dim of `stacked`. aux (positions, segment ids; None allowed) are
+    per-row inputs every layer reads; they are split into microbatches like h."""
+    plan = active_plan()
+    S, M, V = plan.stages, plan.microbatches, plan.virtual
+    xs = _split_microbatches(h_BxSxD, M)
+    aux = jax.tree.map(lambda a: _split_microbatches(a, M), aux_BxS)
+    laid = _layout(stacked, S, V)
+    group = _group_fn(layer_fn)
+
+    def per_stage(laid_1, xs_MxBxSxD, aux_M):
+        params_V = jax.tree.map(lambda a: a[0], laid_1)  # this device's V layer groups
+        s = jax.lax.axis_index(AXIS)
+
+        def tick(carry, t):
+            buf, out = carry
+            u = t - s
+            on = (u >= 0) & (u < M * V)
+            uc = jnp.clip(u, 0, M * V - 1)
+            i = (uc // (S * V)) * S + uc % S
+            v = (uc % (S * V)) // S
+            x = jnp.where((s == 0) & (v == 0), _index(xs_MxBxSxD, i), buf)
+            y = group(_index(params_V, v), x, _index(aux_M, i))
+            y = jnp.where(on, y, buf)
+            done = on & (s == S - 1) & (v == V - 1)
+            out = jnp.where(done, jax.lax.dynamic_update_index_in_dim(out, y, i, 0), out)
+            return (_ring(y, S), out), None
+
+        init = (jnp.zeros_like(xs_MxBxSxD[0]), jnp.zeros_like(xs_MxBxSxD))
+        (_, out), _ = jax.lax.scan(tick, init, jnp.arange(M * V + S - 1))
+        return out[None]  # [1, M, ...]: only the last stage's is filled
+
+    spec_l = jax.tree.map(lambda _: P(AXIS), laid)
+    out_SxMx = _shard_map(plan, per_stage, (spec_l, P(), jax.tree.map(lambda _: P(), aux)),
+                          P(AXIS))(laid, xs, aux)
+    return _merge_microbatches(out_SxMx[S - 1])
+
+
+# ---------------------------------------------------------------- 1F1B
+
+def one_f_one_b_loss(layer_fn, tail_fn, stacked, tail_params, h_BxSxD, aux_BxS, tail_aux_BxS):
+    """Sum over rows of tail_fn(tail_params, h_out_mb, *tail_aux_mb) (e.g. the head and the
+    summed token NLL) where h_out = the layer stack applied to h_BxSxD, on the 1F1B schedule.
+    Differentiable in stacked, tail_params and h_BxSxD; the gradients are computed in the
+    forward (that is the schedule) and only scaled by the cotangent in the backward."""
+    plan = active_plan()
+
+    def plain(stacked, tail_params, h):  # no gradients wanted (eval): a GPipe forward
+        h_out = run_stack(layer_fn, stacked, h, *aux_BxS)
+        return tail_fn(tail_params, h_out, *tail_aux_BxS)
+
+    @jax.custom_vjp
+    def loss_fn(stacked, tail_params, h):
+        return plain(stacked, tail_params, h)
+
+    def fwd(stacked, tail_params, h):
+        loss, grads = _one_f_one_b(plan, layer_fn, tail_fn, stacked, tail_params, h, aux_BxS,
+                                   tail_aux_BxS)
+        return loss, grads
+
+    def bwd(grads, ct):
+        return jax.tree.map(lambda g: (g * ct).astype(g.dtype), grads)
+
+    loss_fn.defvjp(fwd, bwd)
+    return loss_fn(stacked, tail_params, h_BxSxD)
+
+
+def _one_f_one_b(plan, layer_fn, tail_fn, stacked, tail_params, h_BxSxD, aux_BxS, tail_aux_BxS):
+    S, M = plan.stages, plan.microbatches
+    K = 2 * S - 1  # inputs in flight on stage 0: forwarded at tick i, backwarded at i + 2S - 2
+    xs = _split_microbatches(h_BxSxD, M)
+    aux = jax.tree.map(lambda a: _split_microbatches(a, M), aux_BxS)
+    tail_aux = jax.tree.map(lambda a: _split_microbatches(a, M), tail_aux_BxS)
+    laid = _layout(stacked, S, 1)
+    group = _group_fn(layer_fn)
+
+    def per_stage(laid_1, tail_p, xs_MxBxSxD, aux_M, tail_aux_M):
+        params = jax.tree.map(lambda a: a[0, 0], laid_1)
+        s = jax.lax.axis_index(AXIS)
+        last = s == S - 1
+        zeros = lambda t: jax.tree.map(jnp.zeros_like, t)  # noqa: E731
+
+        def tick(carry, t):
+            fwd_buf, bwd_buf, stash, dxs, g_params, g_tail, loss = carry
+            f, b = t - s, t - (2 * S - 2 - s)
+            f_on, b_on = (f >= 0) & (f < M), (b >= 0) & (b < M)
+            fc, bc = jnp.clip(f, 0, M - 1), jnp.clip(b, 0, M - 1)
+            # forward of microbatch f
+            x = jnp.where(s == 0, _index(xs_MxBxSxD, fc), fwd_buf)
+            stash = jnp.where(f_on, jax.lax.dynamic_update_index_in_dim(stash, x, fc % K, 0),
+                              stash)
+            y = group(params, x, _index(aux_M, fc))
+            # the last stage turns its output straight into a loss and a cotangent
+            l, tail_vjp = jax.vjp(lambda tp, yy: tail_fn(tp, yy, *_index(tail_aux_M, fc)),
+                                  tail_p, y)
+            dtail, dy = tail_vjp(jnp.ones_like(l))
+            keep = f_on & last
+            loss = loss + jnp.where(keep, l, 0)
+            g_tail = _select(keep, jax.tree.map(jnp.add, g_tail, dtail), g_tail)
+            # backward of microbatch b (= f on the last stage), recomputing this stage's layers
+            x_b = jax.lax.dynamic_index_in_dim(stash, bc % K, keepdims=False)
+            _, stage_vjp = jax.vjp(lambda p, xx: group(p, xx, _index(aux_M, bc)), params, x_b)
+            dparams, dx = stage_vjp(jnp.where(last, dy, bwd_buf))
+            g_params = _select(b_on, jax.tree.map(jnp.add, g_params, dparams), g_params)
+            dxs = jnp.where(b_on & (s == 0), jax.lax.dynamic_update_index_in_dim(dxs, dx, bc, 0),
+                            dxs)
+            return (_ring(y, S), _ring(dx, S, -1), stash, dxs, g_params, g_tail, loss), None
+
+        x0 = jnp.zeros_like(xs_MxBxSxD[0])
+        init = (x0, x0, jnp.zeros((K,) + x0.shape, x0.dtype), jnp.zeros_like(xs_MxBxSxD),
+                zeros(params), zeros(tail_p), jnp.zeros((), jnp.float32))
+        (_, _, _, dxs, g_params, g_tail, loss), _ = jax.lax.scan(
+            tick, init, jnp.arange(M + 2 * S - 2))
+        # loss, tail grads and input grads live on one stage each: sum them onto all
+        loss, g_tail, dxs = jax.lax.psum((loss, g_tail, dxs), AXIS)
+        g_params = jax.tree.map(lambda a: a[None, None], g_params)
+        return loss, g_params, g_tail, dxs
+
+    rep = lambda t: jax.tree.map(lambda _: P(), t)  # noqa: E731
+    spec_l = jax.tree.map(lambda _: P(AXIS), laid)
+    loss, g_laid, g_tail, dxs = _shard_map(
+        plan, per_stage, (spec_l, rep(tail_params), P(), rep(aux), rep(tail_aux)),
+        (P(), spec_l, rep(tail_params), P()))(laid, tail_params, xs, aux, tail_aux)
+    g_stacked = jax.tree.map(lambda g, a: g.swapaxes(0, 1).reshape(a.shape), g_laid, stacked)
+    return loss, (g_stacked, g_tail, _merge_microbatches(dxs).astype(h_BxSxD.dtype))
+
+
+# ---------------------------------------------------------------- the model's loss on 1F1B
+
+def wants_1f1b() -> bool:
+    plan = active_plan()
+    return plan is not None and plan.schedule == "1f1b"
+
+
+def token_nll_1f1b(model, batch, use_segments: bool):
+    """step.token_nll for a Llama-like model (embed_tokens, layer_fn, logits) on the 1F1B
+    schedule: embedding outside the pipeline (its gradient arrives as the input cotangent), the
+    layer stack on the stages, final norm + head + NLL on the last stage per microbatch."""
+    from flax import nnx  # the schedules above need no Flax; only this adapter does
+
+    h_BxSxD, positions_BxS = model.embed_tokens(batch["inputs"], batch["positions"])
+    segment_ids_BxS = batch["segment_ids"] if use_segments else None
+    layer, stacked = model.layer_fn()
+    graphdef, layer_state, rest = nnx.split(model, nnx.PathContains("layers"), ...)
+    # the head never reads the layers: shapes stand in for them inside the pipeline
+    layer_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), layer_state)
+
+    def tail(rest_state, h_BxSxD, targets_BxS, mask_BxS):
+        logits_BxSxV = nnx.merge(graphdef, layer_shapes, rest_state).logits(h_BxSxD)
+        logp_BxSxV = jax.nn.log_softmax(logits_BxSxV.astype(jnp.float32), axis=-1)
+        nll_BxS = -jnp.take_along_axis(logp_BxSxV, targets_BxS[..., None], axis=-1)[..., 0]
+        return jnp.sum(nll_BxS * mask_BxS)
+
+    mask_BxS = batch["loss_mask"].astype(jnp.float32)
+    nll = one_f_one_b_loss(layer, tail, stacked, rest, h_BxSxD,
+                           (positions_BxS, segment_ids_BxS), (batch["targets"], mask_BxS))
+    return nll, jnp.sum(mask_BxS)

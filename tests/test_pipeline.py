@@ -1,0 +1,151 @@
+"""Pipeline parallelism (jaxlm/pipeline.py) never changes the math and keeps its promises: each
+schedule trains like one device, the schedule tables have exactly the bubble of the formulas,
+1F1B's activation memory does not grow with the number of microbatches (GPipe's does), and bad
+pipeline configs fail in one clear line."""
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import pipeline
+from jaxlm.config import MESH_AXES, ConfigError, check_against_devices
+from jaxlm.sharding import make_mesh
+from helpers import packed_batches, tiny_config
+from test_sharding import assert_same_training, mesh_for, train
+
+# 8 layers so stage=8 divides; embedding/head replicate over `stage` by design (guard relaxed)
+BASE = ["model.num_layers=8", "mesh.max_unsharded_fraction=8.0"]
+CASES = {
+    "stage2_gpipe": ["mesh.data=4", "mesh.stage=2", "pipeline.microbatches=2"],
+    "stage4_circular": ["mesh.data=2", "mesh.stage=4", "pipeline.schedule=circular",
+                        "pipeline.microbatches=4", "pipeline.virtual_stages=2"],
+    "stage8_1f1b": ["mesh.data=1", "mesh.stage=8", "pipeline.schedule=1f1b",
+                    "pipeline.microbatches=2"],
+    "stage2_data2_tensor2_gpipe": ["mesh.data=2", "mesh.stage=2", "mesh.tensor=2",
+                                   "pipeline.microbatches=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    cfg = tiny_config(*BASE)
+    batches = packed_batches(cfg, 3)
+    return batches, train(cfg, mesh_for(cfg, 1), batches)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pipeline_matches_single_device(reference, name):
+    """Same init, gradients, 3 losses and updated params as the 1-device non-pipelined run."""
+    batches, ref = reference
+    cfg = tiny_config(*BASE, *CASES[name])
+    assert_same_training(ref, train(cfg, mesh_for(cfg), batches))
+
+
+@pytest.mark.parametrize("schedule,virtual", [("gpipe", 1), ("circular", 2), ("circular", 4),
+                                              ("1f1b", 1)])
+@pytest.mark.parametrize("stages,microbatches", [(2, 4), (4, 4), (4, 8), (8, 16)])
+def test_schedule_is_complete_ordered_and_has_the_formula_bubble(schedule, virtual, stages,
+                                                                 microbatches):
+    S, M, V = stages, microbatches, virtual
+    table = pipeline.schedule_table(schedule, S, M, V)
+    done = {}  # (kind, microbatch, virtual stage, stage) -> tick
+    for t, row in enumerate(table):
+        for s, cell in enumerate(row):
+            assert len({k for k, _, _ in cell}) == len(cell)  # at most one F and one B a tick
+            for kind, i, v in cell:
+                assert (kind, i, v, s) not in done
+                done[(kind, i, v, s)] = t
+    for i in range(M):
+        for v in range(V):
+            for s in range(S):  # every unit of work once, after its input was produced
+                t = done[("F", i, v, s)]
+                prev = (("F", i, v, s - 1) if s else ("F", i, v - 1, S - 1) if v else None)
+                assert prev is None or done[prev] < t
+                if schedule == "1f1b":
+                    after = done[("B", i, v, s + 1)] if s < S - 1 else done[("F", i, v, s)] - 1
+                    assert done[("B", i, v, s)] > after
+    assert pipeline.bubble_fraction(table) == pytest.approx(
+        pipeline.bubble_formula(schedule, S, M, V), abs=1e-12)
+    if schedule == "gpipe":
+        assert pipeline.bubble_fraction(table) == pytest.approx((S - 1) / (M + S - 1))
+    if schedule == "circular":
+        gpipe = pipeline.bubble_fraction(pipeline.schedule_table("gpipe", S, M))
+        assert pipeline.bubble_fraction(table) < gpipe
+
+
+def _wide_layer(w, h_BxSxD, _):
+    return h_BxSxD + jnp.tanh(h_BxSxD @ w["a"]) @ w["b"]
+
+
+def _square_tail(w_DxO, h_BxSxD, y_BxSxO):
+    return jnp.sum((h_BxSxD @ w_DxO - y_BxSxO) ** 2)
+
+
+def test_1f1b_activation_memory_does_not_grow_with_microbatches():
+    """Compiled temp bytes per device of loss+grads at fixed microbatch size, M = 4, 8, 16, on a
+    stack of layers whose hidden activation F is 32x the residual D. GPipe keeps every
+    microbatch's hidden activations until the backward: it grows by >= L/S hidden buffers per
+    microbatch. 1F1B grows only by the input-gradient rows (the batch itself: 1 residual buffer
+    per microbatch, < 2 with slack), and gives the same gradients as plain autodiff."""
+    S, L, Bm, T, D, F = 2, 4, 4, 8, 16, 512
+    mesh = make_mesh({**{a: 1 for a in MESH_AXES}, "stage": S}, jax.devices()[:S])
+    k = jax.random.split(jax.random.key(0), 4)
+    w = {"a": jax.random.normal(k[0], (L, D, F)) * .1, "b": jax.random.normal(k[1], (L, F, D)) * .1}
+    w_out = jax.random.normal(k[2], (D, 3))
+    residual_bytes, hidden_bytes = Bm * T * D * 4, Bm * T * F * 4
+    temp = {}
+    for schedule in ("gpipe", "1f1b"):
+        for M in (4, 8, 16):
+            x = jax.random.normal(k[3], (M * Bm, T, D))
+            y, pos = jnp.ones((M * Bm, T, 3)), jnp.zeros((M * Bm, T), jnp.int32)
+            cfg = types.SimpleNamespace(schedule=schedule, microbatches=M, virtual_stages=1)
+
+            def loss(w, w_out, x):
+                with pipeline.use_pipeline(mesh, cfg):
+                    if schedule == "1f1b":
+                        return pipeline.one_f_one_b_loss(_wide_layer, _square_tail, w, w_out, x,
+                                                         (pos,), (y,))
+                    return _square_tail(w_out, pipeline.run_stack(_wide_layer, w, x, pos), y)
+
+            compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(w, w_out, x).compile()
+            temp[schedule, M] = compiled.memory_analysis().temp_size_in_bytes
+            if M == 4:
+                def plain(w, w_out, x):
+                    h = jax.lax.scan(lambda h, wl: (_wide_layer(wl, h, None), None), x, w)[0]
+                    return _square_tail(w_out, h, y)
+                want = jax.grad(plain, argnums=(0, 1, 2))(w, w_out, x)
+                jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+                             want, compiled(w, w_out, x))
+    for schedule, per_microbatch_ok in (("1f1b", lambda g: g < 2 * residual_bytes),
+                                        ("gpipe", lambda g: g >= L // S * hidden_bytes)):
+        growth = [(temp[schedule, b] - temp[schedule, a]) / (b - a) for a, b in ((4, 8), (8, 16))]
+        assert all(per_microbatch_ok(g) for g in growth), (schedule, temp)
+    assert temp["1f1b", 16] < temp["gpipe", 4]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["mesh.stage=4", "model.num_layers=6"],
+     r"model.num_layers=6 is not divisible by mesh.stage=4 = 4 layer groups"),
+    (["mesh.stage=2", "pipeline.schedule=circular", "pipeline.virtual_stages=2",
+      "pipeline.microbatches=2", "model.num_layers=6"],
+     r"model.num_layers=6 is not divisible by mesh.stage=2 x pipeline.virtual_stages=2 = 4"),
+    (["pipeline.microbatches=3"],
+     r"train.global_batch_size=8 / train.microbatches=1 = 8 rows, not divisible by "
+     r"pipeline.microbatches=3"),
+    (["mesh.stage=2", "model.scan_layers=false"],
+     r"mesh.stage=2 needs model.scan_layers=true"),
+    (["pipeline.virtual_stages=2"], r"pipeline.virtual_stages=2 needs pipeline.schedule=circular"),
+    (["mesh.stage=4", "pipeline.schedule=circular", "pipeline.virtual_stages=2",
+      "pipeline.microbatches=2"],
+     r"pipeline.schedule=circular needs pipeline.microbatches=2 to be a multiple of mesh.stage=4"),
+    (["mesh.data=4", "mesh.stage=2", "pipeline.microbatches=4"],
+     r"2 rows per pipeline microbatch .* not divisible by the data-parallel size "
+     r"data\*fsdp\*expert=4"),
+    (["mesh.data=2", "mesh.stage=2", "mesh.tensor=2", "pipeline.schedule=1f1b"],
+     r"pipeline.schedule=1f1b does not support mesh.tensor=2 yet"),
+])
+def test_bad_pipeline_config_is_one_clear_error(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        check_against_devices(tiny_config(*BASE, *overrides), 8)
