@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,41 +24,22 @@ SCHEDULES = {"gpipe": [], "circular": ["pipeline.virtual_stages=2"], "1f1b": []}
 
 def measure(files, overrides, steps):
     import jax
-    import numpy as np
     from jaxlm import pipeline
     from jaxlm.config import check_against_devices, load_config
-    from jaxlm.data import SyntheticDataset
     from jaxlm.sharding import make_mesh
-    from jaxlm.step import build_step_fns
+    from jaxlm.steptime import time_train_step
 
     cfg = load_config(files, overrides)
     sizes = check_against_devices(cfg, jax.device_count())
-    fns = build_step_fns(cfg, make_mesh(sizes))
-    state = fns.init(cfg.train.seed)
-    data = SyntheticDataset(cfg.model.vocab_size, cfg.data.seq_len, seed=0)
-    B = cfg.train.global_batch_size
-    batches = [jax.device_put(data.get(np.arange(i * B, (i + 1) * B)), fns.batch_sharding)
-               for i in range(2)]
-    t0 = time.perf_counter()
-    step = fns.train_step.lower(state, batches[0]).compile()
-    compile_s = time.perf_counter() - t0
-    temp = step.memory_analysis().temp_size_in_bytes
-    for i in range(2):  # warm-up
-        state, m = step(state, batches[i % 2])
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        state, m = step(state, batches[i % 2])
-    jax.block_until_ready(m)
-    dt = (time.perf_counter() - t0) / steps
+    t = time_train_step(cfg, make_mesh(sizes), steps=steps, warmup=2)
     p = cfg.pipeline
     V = p.virtual_stages if p.schedule == "circular" else 1
     table = pipeline.schedule_table(p.schedule, sizes["stage"], p.microbatches, V)
     return {"schedule": p.schedule, "stages": sizes["stage"], "data": sizes["data"],
-            "microbatches": p.microbatches, "virtual_stages": V, "step_s": dt,
-            "tokens_per_sec": B * cfg.data.seq_len / dt, "compile_s": compile_s,
-            "bubble": pipeline.bubble_fraction(table), "temp_mib": temp / 2**20,
-            "loss": float(m["loss"])}
+            "microbatches": p.microbatches, "virtual_stages": V, "step_s": t.step_s,
+            "tokens_per_sec": t.tokens_per_sec, "compile_s": t.compile_s,
+            "bubble": pipeline.bubble_fraction(table), "temp_mib": t.temp_bytes / 2**20,
+            "loss": float(t.metrics["loss"])}
 
 
 def main():

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,38 +34,20 @@ def preset_args(name, n):
 
 def measure(config_files, overrides, n, steps):
     import jax
-    import numpy as np
     from jaxlm.config import check_against_devices, load_config
-    from jaxlm.data import SyntheticDataset
     from jaxlm.metrics import flops_per_token, mfu, peak_flops, peak_memory_bytes
     from jaxlm.sharding import make_mesh
-    from jaxlm.step import build_step_fns
+    from jaxlm.steptime import time_train_step
 
     cfg = load_config(config_files, overrides)
     mesh = make_mesh(check_against_devices(cfg, n), jax.devices()[:n])
-    fns = build_step_fns(cfg, mesh)
-    state = fns.init(cfg.train.seed)
-    data = SyntheticDataset(cfg.model.vocab_size, cfg.data.seq_len, seed=0)
-    B = cfg.train.global_batch_size
-    batches = [jax.device_put(data.get(np.arange(i * B, (i + 1) * B)), fns.batch_sharding)
-               for i in range(2)]
-    t0 = time.perf_counter()
-    step = fns.train_step.lower(state, batches[0]).compile()
-    compile_s = time.perf_counter() - t0
-    for i in range(3):  # warm-up
-        state, m = step(state, batches[i % 2])
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        state, m = step(state, batches[i % 2])
-    jax.block_until_ready(m)
-    dt = (time.perf_counter() - t0) / steps
-    tps = B * cfg.data.seq_len / dt
+    t = time_train_step(cfg, mesh, steps=steps)
     f = flops_per_token(cfg.model, cfg.data.seq_len)
     mem = peak_memory_bytes()
-    return {"devices": n, "step_s": dt, "tokens_per_sec": tps, "tokens_per_sec_per_device": tps / n,
-            "mfu": mfu(tps, f, peak_flops(jax.devices()[0].device_kind), n),
-            "compile_s": compile_s, "peak_mem_gib": mem / 2**30 if mem else None}
+    return {"devices": n, "step_s": t.step_s, "tokens_per_sec": t.tokens_per_sec,
+            "tokens_per_sec_per_device": t.tokens_per_sec / n,
+            "mfu": mfu(t.tokens_per_sec, f, peak_flops(jax.devices()[0].device_kind), n),
+            "compile_s": t.compile_s, "peak_mem_gib": mem / 2**30 if mem else None}
 
 
 def main():

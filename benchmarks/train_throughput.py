@@ -32,12 +32,10 @@ SHAPES = {  # jaxlm overrides, ref_models.py overrides, MaxText overrides
 
 def run_jaxlm(overrides):
     import jax
-    import numpy as np
-    from jaxlm.config import load_config
-    from jaxlm.data import SyntheticDataset
+    from jaxlm.config import check_against_devices, load_config
     from jaxlm.metrics import flops_per_token
     from jaxlm.sharding import make_mesh
-    from jaxlm.step import build_step_fns
+    from jaxlm.steptime import time_train_step
     from jaxlm.train import configure_runtime, run
     cfg = load_config(["configs/llama-1b.yaml"],
                       ["train.steps=40", "log.every_steps=20", "log.progress=false",
@@ -47,21 +45,8 @@ def run_jaxlm(overrides):
     last = run(cfg)  # the last window (steps 21-40) excludes compile and warm-up
     del last["state"]
     # the same step in a bare loop: what jaxlm.train adds on top is host overhead
-    mesh = make_mesh({"data": 1, "stage": 1, "fsdp": 1, "sequence": 1, "expert": 1, "tensor": 1})
-    fns = build_step_fns(cfg, mesh)
-    state = fns.init(0)
-    B = cfg.train.global_batch_size
-    data = SyntheticDataset(cfg.model.vocab_size, cfg.data.seq_len)
-    batches = [jax.device_put(data.get(np.arange(i * B, (i + 1) * B)), fns.batch_sharding)
-               for i in range(2)]
-    for i in range(3):
-        state, m = fns.train_step(state, batches[i % 2])
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for i in range(20):
-        state, m = fns.train_step(state, batches[i % 2])
-    jax.block_until_ready(m)
-    bare = (time.perf_counter() - t0) / 20
+    mesh = make_mesh(check_against_devices(cfg, jax.device_count()))  # run()'s mesh
+    bare = time_train_step(cfg, mesh, steps=20).step_s
     return {"name": "jaxlm " + " ".join(overrides), "tokens_per_sec": last["tokens_per_sec"],
             "step_ms": last["step_time_s"] * 1e3, "mfu": last["mfu"],
             "compile_s": last["compile_time_s"], "peak_mem_gib": last["peak_mem_gib"],
