@@ -1,8 +1,15 @@
-"""Small shared builders for the tests: a tiny config and fixed packed batches."""
+"""Small shared builders for the tests: a tiny config, fixed packed batches, and a short training
+run on a mesh (what every "this mesh trains like one device" test compares)."""
+import dataclasses
+from typing import NamedTuple
+
+import jax
 import numpy as np
 
-from jaxlm.config import load_config
+from jaxlm.config import MESH_AXES, check_against_devices, load_config
 from jaxlm.data import ByteTokenizer, pack_documents
+from jaxlm.sharding import make_mesh, use_rules
+from jaxlm.step import build_step_fns, token_nll
 
 TINY = ["model.vocab_size=300", "model.d_model=32", "model.num_layers=2", "model.num_heads=4",
         "model.num_kv_heads=2", "model.ffn_dim=64", "data.seq_len=32", "data.max_bytes=100000",
@@ -22,3 +29,38 @@ def packed_batches(cfg, n, seed=0):
     ds = pack_documents(docs, ByteTokenizer(), cfg.data.seq_len)
     B = cfg.train.global_batch_size
     return [ds.get(np.arange(i * B, (i + 1) * B)) for i in range(n)]
+
+
+class Run(NamedTuple):
+    """What one short training run on a mesh produced, for comparing meshes with one device."""
+    init_params: dict   # on the host
+    grads: dict         # of the first batch's summed NLL at init, on the host
+    metrics: list       # each step's metrics dict, on the host
+    params: dict        # after the last step, on the host
+    state: dict         # the final train state, still sharded on the mesh
+
+
+def mesh_for(cfg, devices=8):
+    """One device (every axis 1), or the config's mesh over the first `devices` devices."""
+    if devices == 1:
+        return make_mesh({a: 1 for a in MESH_AXES}, jax.devices()[:1])
+    return make_mesh(check_against_devices(cfg, devices), jax.devices()[:devices],
+                     dcn_sizes=dataclasses.asdict(cfg.mesh.dcn))
+
+
+def train_on_mesh(cfg, mesh, batches) -> Run:
+    fns = build_step_fns(cfg, mesh)
+    state = fns.init(cfg.train.seed)
+    init_params = jax.device_get(state["params"])
+    put = lambda b: jax.device_put(b, fns.batch_sharding)  # noqa: E731
+
+    def grad_fn(params, batch):
+        with use_rules(mesh, cfg.mesh.rules):
+            return jax.grad(lambda p: token_nll(fns.graphdef, p, batch, True)[0])(params)
+
+    grads = jax.device_get(jax.jit(grad_fn)(state["params"], put(batches[0])))
+    metrics = []
+    for b in batches:
+        state, m = fns.train_step(state, put(b))
+        metrics.append(jax.device_get(m))
+    return Run(init_params, grads, metrics, jax.device_get(state["params"]), state)

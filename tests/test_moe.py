@@ -14,9 +14,9 @@ from flax import nnx
 from jaxlm.config import MESH_AXES, ConfigError, check_against_devices, load_config
 from jaxlm.metrics import matmul_params
 from jaxlm.models import moe
-from jaxlm.sharding import make_mesh, use_rules
-from jaxlm.step import build_step_fns, token_nll
-from helpers import packed_batches, tiny_config
+from jaxlm.sharding import make_mesh
+from jaxlm.step import build_step_fns
+from helpers import mesh_for, packed_batches, tiny_config, train_on_mesh
 
 
 def moe_config(**kw):
@@ -189,33 +189,14 @@ MOE = ["model.num_experts=8", "model.experts_per_token=2", "model.moe_every=2",
        "model.num_shared_experts=1", "model.expert_ffn_dim=32", "data.seq_len=16"]
 
 
-def train(cfg, devices, batches):
-    sizes = ({a: 1 for a in MESH_AXES} if devices == 1 else check_against_devices(cfg, devices))
-    mesh = make_mesh(sizes, jax.devices()[:devices])
-    fns = build_step_fns(cfg, mesh)
-    state = fns.init(cfg.train.seed)
-    put = lambda b: jax.device_put(b, fns.batch_sharding)  # noqa: E731
-
-    def grad_fn(params, batch):
-        with use_rules(mesh, cfg.mesh.rules):
-            return jax.grad(lambda p: token_nll(fns.graphdef, p, batch, True)[0])(params)
-
-    grads = jax.device_get(jax.jit(grad_fn)(state["params"], put(batches[0])))
-    metrics = []
-    for b in batches:
-        state, m = fns.train_step(state, put(b))
-        metrics.append(jax.device_get(m))
-    return grads, metrics, jax.device_get(state["params"]), state["params"]
-
-
 def assert_same(ref, got):
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=5e-5, atol=5e-6)  # noqa: E731
-    jax.tree.map(close, ref[0], got[0])
-    for m0, m1 in zip(ref[1], got[1]):
+    jax.tree.map(close, ref.grads, got.grads)
+    for m0, m1 in zip(ref.metrics, got.metrics):
         for k in ("loss", "moe_lb_loss", "moe_z_loss", "moe_load_max", "moe_dropped_frac"):
             np.testing.assert_allclose(m0[k], m1[k], rtol=5e-5, atol=1e-7, err_msg=k)
-    jax.tree.map(close, ref[2], got[2])
-    assert ref[1][-1]["loss"] < ref[1][0]["loss"]  # it learned, so updates were compared
+    jax.tree.map(close, ref.params, got.params)
+    assert ref.metrics[-1]["loss"] < ref.metrics[0]["loss"]  # it learned, so updates were compared
 
 
 @pytest.fixture(scope="module")
@@ -230,12 +211,13 @@ def batches():
 ])
 def test_expert_parallel_matches_one_device(batches, dispatch, mesh):
     extra = [f"model.dispatch={dispatch}", "model.capacity_factor=4.0"]  # capacity never exceeded
-    ref = train(tiny_config(*MOE, *extra), 1, batches)
+    ref_cfg = tiny_config(*MOE, *extra)
+    ref = train_on_mesh(ref_cfg, mesh_for(ref_cfg, 1), batches)
     cfg = tiny_config(*MOE, *extra, *mesh)
-    got = train(cfg, 8, batches)
+    got = train_on_mesh(cfg, mesh_for(cfg), batches)
     assert_same(ref, got)
-    assert all(float(m["moe_dropped_frac"]) == 0.0 for m in got[1])
-    w = got[3]["layers"]["moe_block"]["moe"]["w_gate"]  # [groups, E, D, F]
+    assert all(float(m["moe_dropped_frac"]) == 0.0 for m in got.metrics)
+    w = got.state["params"]["layers"]["moe_block"]["moe"]["w_gate"]  # [groups, E, D, F]
     ep = cfg.mesh.expert
     assert w.sharding.shard_shape(w.shape)[1] == 8 // ep  # each device holds E/ep experts
 

@@ -12,8 +12,8 @@ import pytest
 from jaxlm import pipeline
 from jaxlm.config import MESH_AXES, ConfigError, check_against_devices
 from jaxlm.sharding import make_mesh
-from helpers import packed_batches, tiny_config
-from test_sharding import assert_same_training, mesh_for, train
+from helpers import mesh_for, packed_batches, tiny_config, train_on_mesh
+from test_sharding import assert_same_training
 
 # 8 layers so stage=8 divides; embedding/head replicate over `stage` by design (guard relaxed)
 BASE = ["model.num_layers=8", "mesh.max_unsharded_fraction=8.0"]
@@ -32,7 +32,7 @@ CASES = {
 def reference():
     cfg = tiny_config(*BASE)
     batches = packed_batches(cfg, 3)
-    return batches, train(cfg, mesh_for(cfg, 1), batches)
+    return batches, train_on_mesh(cfg, mesh_for(cfg, 1), batches)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -40,7 +40,7 @@ def test_pipeline_matches_single_device(reference, name):
     """Same init, gradients, 3 losses and updated params as the 1-device non-pipelined run."""
     batches, ref = reference
     cfg = tiny_config(*BASE, *CASES[name])
-    assert_same_training(ref, train(cfg, mesh_for(cfg), batches))
+    assert_same_training(ref, train_on_mesh(cfg, mesh_for(cfg), batches))
 
 
 @pytest.mark.parametrize("schedule,virtual", [("gpipe", 1), ("circular", 2), ("circular", 4),

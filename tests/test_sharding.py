@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.config import MESH_AXES, ConfigError, check_against_devices, load_config
-from jaxlm.sharding import bytes_per_device, logical_to_spec, make_mesh, use_rules
-from jaxlm.step import build_step_fns, token_nll
-from helpers import TINY, packed_batches, tiny_config
+from jaxlm.config import MESH_AXES, ConfigError, load_config
+from jaxlm.sharding import bytes_per_device, logical_to_spec, make_mesh
+from jaxlm.step import build_step_fns
+from helpers import TINY, mesh_for, packed_batches, tiny_config, train_on_mesh
 
 PRESETS = ["dp", "fsdp", "fsdp_tp", "tp_sp", "zero1", "multislice"]
 MIXED = {"dp_fsdp_tp": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
@@ -27,33 +27,11 @@ def config_for(name):
     return preset(name) if name in PRESETS else tiny_config(*MIXED[name])
 
 
-def mesh_for(cfg, devices=8):
-    if devices == 1:
-        return make_mesh({a: 1 for a in MESH_AXES}, jax.devices()[:1])
-    return make_mesh(check_against_devices(cfg, devices), jax.devices()[:devices],
-                     dcn_sizes=dataclasses.asdict(cfg.mesh.dcn))
-
-
-def train(cfg, mesh, batches):
-    fns = build_step_fns(cfg, mesh)
-    state = fns.init(cfg.train.seed)
-    init_params = jax.device_get(state["params"])
-    put = lambda b: jax.device_put(b, fns.batch_sharding)  # noqa: E731
-
-    def grad_fn(params, batch):
-        with use_rules(mesh, cfg.mesh.rules):
-            return jax.grad(lambda p: token_nll(fns.graphdef, p, batch, True)[0])(params)
-
-    grads = jax.device_get(jax.jit(grad_fn)(state["params"], put(batches[0])))
-    losses = []
-    for b in batches:
-        state, m = fns.train_step(state, put(b))
-        losses.append(float(m["loss"]))
-    return init_params, grads, losses, jax.device_get(state["params"]), state
-
-
 def assert_same_training(ref, got):
-    (p0, g0, l0, p1, _), (q0, h0, m0, q1, _) = ref, got
+    l0 = [float(m["loss"]) for m in ref.metrics]
+    m0 = [float(m["loss"]) for m in got.metrics]
+    p0, g0, p1 = ref.init_params, ref.grads, ref.params
+    q0, h0, q1 = got.init_params, got.grads, got.params
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)  # noqa: E731
     jax.tree.map(np.testing.assert_array_equal, p0, q0)  # same init, bitwise
     jax.tree.map(close, g0, h0)
@@ -66,14 +44,14 @@ def assert_same_training(ref, got):
 def reference():
     cfg = tiny_config()
     batches = packed_batches(cfg, 3)
-    return batches, train(cfg, mesh_for(cfg, 1), batches)
+    return batches, train_on_mesh(cfg, mesh_for(cfg, 1), batches)
 
 
 @pytest.mark.parametrize("name", PRESETS + list(MIXED))
 def test_mesh_matches_single_device(reference, name):
     batches, ref = reference
     cfg = config_for(name)
-    assert_same_training(ref, train(cfg, mesh_for(cfg), batches))
+    assert_same_training(ref, train_on_mesh(cfg, mesh_for(cfg), batches))
 
 
 def test_tensor8_with_fewer_kv_heads_refused_or_replicated():
@@ -90,8 +68,8 @@ def test_tensor8_with_fewer_kv_heads_refused_or_replicated():
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, rules=rules,
                                                             max_unsharded_fraction=1.0))
     batches = packed_batches(cfg, 2)
-    ref = train(tiny_config(*model), mesh_for(cfg, 1), batches)
-    assert_same_training(ref, train(cfg, mesh_for(cfg), batches))
+    ref = train_on_mesh(tiny_config(*model), mesh_for(cfg, 1), batches)
+    assert_same_training(ref, train_on_mesh(cfg, mesh_for(cfg), batches))
 
 
 # Golden PartitionSpecs of every parameter of the tiny model on 8 devices, per preset.
