@@ -143,7 +143,7 @@ def run(cfg: Config) -> dict:
 
     flops_tok = M.flops_per_token(cfg.model, cfg.data.seq_len)
     peak = M.peak_flops(device.device_kind, cfg.log.peak_tflops)
-    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    tokens_per_step = B * S
     writer = M.MetricsWriter(run_dir, cfg.log.jsonl, cfg.log.tensorboard)
     writer.write(start, {"compile_time_s": compile_s})
     last: dict = {}
