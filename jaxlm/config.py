@@ -347,11 +347,6 @@ def _check_pipeline_devices(cfg: Config, sizes: dict[str, int]):
     if p.schedule == "circular" and p.microbatches % S:
         raise ConfigError(f"pipeline.schedule=circular needs pipeline.microbatches="
                           f"{p.microbatches} to be a multiple of mesh.stage={S}")
-    if p.schedule == "1f1b" and sizes["tensor"] > 1:
-        # XLA's SPMD partitioner (jaxlib 0.10.2, CPU) aborts on the per-tick jax.vjp with an
-        # automatic tensor axis inside the manual stage axis: refuse rather than crash
-        raise ConfigError(f"pipeline.schedule=1f1b does not support mesh.tensor={sizes['tensor']} "
-                          f"yet; use pipeline.schedule=gpipe or circular with tensor parallelism")
     rows = cfg.train.global_batch_size // cfg.train.microbatches // p.microbatches
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     if rows % shards:

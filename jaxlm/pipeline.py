@@ -333,7 +333,12 @@ def token_nll_1f1b(model, batch, use_segments: bool):
     def tail(rest_state, h_BxSxD, targets_BxS, mask_BxS):
         logits_BxSxV = nnx.merge(graphdef, layer_shapes, rest_state).logits(h_BxSxD)
         logp_BxSxV = jax.nn.log_softmax(logits_BxSxV.astype(jnp.float32), axis=-1)
-        nll_BxS = -jnp.take_along_axis(logp_BxSxV, targets_BxS[..., None], axis=-1)[..., 0]
+        # A one-hot contraction, not step.token_nll's take_along_axis: with the vocab split over
+        # an automatic `tensor` axis inside this stage-manual shard_map, XLA's SPMD partitioner
+        # (jaxlib 0.10.2) aborts on that gather ("Check failed: partition_group_list..." in
+        # PartitionGatherTrivialSlicedOperandDimensions). The sum has one non-zero term: exact.
+        onehot_BxSxV = jax.nn.one_hot(targets_BxS, logp_BxSxV.shape[-1], dtype=logp_BxSxV.dtype)
+        nll_BxS = -jnp.sum(logp_BxSxV * onehot_BxSxV, axis=-1)
         return jnp.sum(nll_BxS * mask_BxS)
 
     mask_BxS = batch["loss_mask"].astype(jnp.float32)

@@ -12,35 +12,57 @@ import pytest
 from jaxlm import pipeline
 from jaxlm.config import MESH_AXES, ConfigError, check_against_devices
 from jaxlm.sharding import make_mesh
+from jaxlm.step import build_step_fns
 from helpers import mesh_for, packed_batches, tiny_config, train_on_mesh
 from test_sharding import assert_same_training
 
-# 8 layers so stage=8 divides; embedding/head replicate over `stage` by design (guard relaxed)
-BASE = ["model.num_layers=8", "mesh.max_unsharded_fraction=8.0"]
-CASES = {
-    "stage2_gpipe": ["mesh.data=4", "mesh.stage=2", "pipeline.microbatches=2"],
-    "stage4_circular": ["mesh.data=2", "mesh.stage=4", "pipeline.schedule=circular",
-                        "pipeline.microbatches=4", "pipeline.virtual_stages=2"],
-    "stage8_1f1b": ["mesh.data=1", "mesh.stage=8", "pipeline.schedule=1f1b",
-                    "pipeline.microbatches=2"],
-    "stage2_data2_tensor2_gpipe": ["mesh.data=2", "mesh.stage=2", "mesh.tensor=2",
-                                   "pipeline.microbatches=2"],
-}
+# 16 layers so stage=8 x virtual_stages=2 divides; 16 rows so each mesh gets 4 microbatches of
+# rows that divide its data-parallel size (stage=8: 8, circular wants a multiple of the stages),
+# and 1f1b on stage=2 wraps its ring of 2S-1 = 3 stashed inputs. Embedding and head replicate
+# over `stage` by design (guard relaxed).
+BASE = ["model.num_layers=16", "train.global_batch_size=16", "mesh.max_unsharded_fraction=8.0"]
+M4 = "pipeline.microbatches=4"
+MESHES = {"stage2": ["mesh.data=4", "mesh.stage=2", M4],
+          "stage4": ["mesh.data=2", "mesh.stage=4", M4],
+          "stage8": ["mesh.data=1", "mesh.stage=8", "pipeline.microbatches=8"],
+          "stage2_data2_tensor2": ["mesh.data=2", "mesh.stage=2", "mesh.tensor=2", M4],
+          "stage2_fsdp2_data2": ["mesh.data=2", "mesh.stage=2", "mesh.fsdp=2", M4]}
+SCHEDULES = {"gpipe": [], "circular": ["pipeline.virtual_stages=2"], "1f1b": []}
+# One cell per schedule and per mesh runs by default; the rest of the grid is marked slow (CI
+# runs it all; `-m "not slow"` is the quick loop).
+QUICK = {("stage2", "gpipe"), ("stage4", "circular"), ("stage8", "1f1b"),
+         ("stage2_data2_tensor2", "1f1b"), ("stage2_data2_tensor2", "gpipe"),
+         ("stage2_fsdp2_data2", "circular")}
+GRID = [pytest.param(m, s, id=f"{m}-{s}", marks=() if (m, s) in QUICK else pytest.mark.slow)
+        for m in MESHES for s in SCHEDULES]
 
 
 @pytest.fixture(scope="module")
 def reference():
     cfg = tiny_config(*BASE)
     batches = packed_batches(cfg, 3)
-    return batches, train_on_mesh(cfg, mesh_for(cfg, 1), batches)
+    ref = train_on_mesh(cfg, mesh_for(cfg, 1), batches)
+    return batches, ref, _eval(cfg, mesh_for(cfg, 1), ref.state["params"], batches[0])
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_pipeline_matches_single_device(reference, name):
-    """Same init, gradients, 3 losses and updated params as the 1-device non-pipelined run."""
-    batches, ref = reference
-    cfg = tiny_config(*BASE, *CASES[name])
-    assert_same_training(ref, train_on_mesh(cfg, mesh_for(cfg), batches))
+def _eval(cfg, mesh, params, batch):
+    fns = build_step_fns(cfg, mesh)
+    return jax.device_get(fns.eval_step(params, jax.device_put(batch, fns.batch_sharding)))
+
+
+@pytest.mark.parametrize("name,schedule", GRID)
+def test_pipeline_matches_single_device(reference, name, schedule):
+    """Same init, gradients, 3 losses and updated params as the 1-device non-pipelined run; for
+    1f1b also the same eval NLL after training (its gradient-free forward is another code path;
+    the other schedules' eval is the forward their losses already checked)."""
+    batches, ref, ref_eval = reference
+    cfg = tiny_config(*BASE, *MESHES[name], f"pipeline.schedule={schedule}", *SCHEDULES[schedule])
+    mesh = mesh_for(cfg)
+    got = train_on_mesh(cfg, mesh, batches)
+    assert_same_training(ref, got)
+    if schedule == "1f1b":
+        np.testing.assert_allclose(_eval(cfg, mesh, got.state["params"], batches[0]), ref_eval,
+                                   rtol=2e-5)
 
 
 @pytest.mark.parametrize("schedule,virtual", [("gpipe", 1), ("circular", 2), ("circular", 4),
@@ -132,19 +154,24 @@ def test_1f1b_activation_memory_does_not_grow_with_microbatches():
       "pipeline.microbatches=2", "model.num_layers=6"],
      r"model.num_layers=6 is not divisible by mesh.stage=2 x pipeline.virtual_stages=2 = 4"),
     (["pipeline.microbatches=3"],
-     r"train.global_batch_size=8 / train.microbatches=1 = 8 rows, not divisible by "
+     r"train.global_batch_size=16 / train.microbatches=1 = 16 rows, not divisible by "
      r"pipeline.microbatches=3"),
+    (["train.microbatches=2", "pipeline.microbatches=16"],
+     r"train.global_batch_size=16 / train.microbatches=2 = 8 rows, not divisible by "
+     r"pipeline.microbatches=16"),
     (["mesh.stage=2", "model.scan_layers=false"],
      r"mesh.stage=2 needs model.scan_layers=true"),
+    (["mesh.data=1", "mesh.stage=-1", "model.scan_layers=false"],
+     r"mesh.stage=8 needs model.scan_layers=true"),
     (["pipeline.virtual_stages=2"], r"pipeline.virtual_stages=2 needs pipeline.schedule=circular"),
     (["mesh.stage=4", "pipeline.schedule=circular", "pipeline.virtual_stages=2",
       "pipeline.microbatches=2"],
      r"pipeline.schedule=circular needs pipeline.microbatches=2 to be a multiple of mesh.stage=4"),
-    (["mesh.data=4", "mesh.stage=2", "pipeline.microbatches=4"],
+    (["mesh.data=4", "mesh.stage=2", "pipeline.microbatches=8"],
      r"2 rows per pipeline microbatch .* not divisible by the data-parallel size "
      r"data\*fsdp\*expert=4"),
-    (["mesh.data=2", "mesh.stage=2", "mesh.tensor=2", "pipeline.schedule=1f1b"],
-     r"pipeline.schedule=1f1b does not support mesh.tensor=2 yet"),
+    (["mesh.stage=2", "model.num_experts=4"],
+     r"mesh.stage=2 with model.num_experts=4: pipeline parallelism does not support MoE"),
 ])
 def test_bad_pipeline_config_is_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
