@@ -19,6 +19,14 @@ Schedules (S stages, M microbatches, V virtual stages per device):
 
 `schedule_table` is the same schedule as plain data (who does what at each tick), for counting
 the bubble; the executors below follow the same index formulas.
+
+Known costs, kept for one simple layout: embedding and head stay outside the stage split
+(replicated over `stage`, computed by every stage on the same rows; on 1f1b the head and loss run
+every tick on every stage, masked off except on the last). Circular takes the parameters in the
+contiguous order the rules table splits ('layers' -> stage: device s holds layers s*L/S...), so
+`_layout` moves them to the circular order (an all-to-all over `stage`) every step, and autodiff
+moves their gradients back; storing them circularly would make the parameter order, and so the
+checkpoints, depend on the mesh.
 """
 from __future__ import annotations
 
