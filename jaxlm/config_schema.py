@@ -36,7 +36,7 @@ class ModelConfig:
     init_std: float = field(default=0.02, metadata=_range(0.0))
     param_dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16"))
     dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16"))
-    attention: str = field(default="xla", metadata=_choices("xla", "cudnn", "auto"))
+    attention: str = field(default="xla", metadata=_choices("xla", "cudnn", "pallas", "auto"))
     scan_layers: bool = True
     # with scan_layers: layers per scan iteration (num_layers = fully unrolled; parameters stay
     # stacked either way, so checkpoints and the 'layers' axis do not change)

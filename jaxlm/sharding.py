@@ -99,6 +99,11 @@ def use_rules(mesh: Mesh, rules: Rules):
         _ctx.mesh, _ctx.rules = prev
 
 
+def sharding_ctx():
+    """(mesh, rules) while a step is traced under `use_rules`, else (None, None)."""
+    return _ctx.mesh, _ctx.rules
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint on an activation by logical names (no-op without active rules)."""
     if _ctx.mesh is None:

@@ -87,7 +87,7 @@ LOAD_CASES = [
     Case("mesh-axis-below-fill", ["mesh.data=-2"], ["mesh.data: -2 is below the minimum -1"]),
     Case("mesh-axis-zero", ["mesh.tensor=0"], ["mesh.tensor: 0 is not a valid size", ">= 1"]),
     Case("attention-choice", ["model.attention=flash"],
-         ["model.attention: 'flash' is not one of: xla, cudnn, auto"]),
+         ["model.attention: 'flash' is not one of: xla, cudnn, pallas, auto"]),
     Case("data-source-choice", ["data.source=c4"],
          ["data.source: 'c4' is not one of: stdlib, synthetic"]),
     # ---- files

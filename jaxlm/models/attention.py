@@ -1,8 +1,11 @@
 """Attention: the projection module and the one dispatch function every model calls.
 
 `attend(q, k, v, ...)` picks the implementation: `xla` (plain jnp, the reference every other
-implementation is tested against), `cudnn` (jax.nn.dot_product_attention's fused GPU kernel), or
-`auto` (cudnn on GPU for 16-bit inputs, else xla). The Pallas kernel plugs in here later.
+implementation is tested against), `cudnn` (jax.nn.dot_product_attention's fused GPU kernel; packed
+documents cost it a dense [B, 1, S, S] mask), `pallas` (kernels_pallas flash attention: Mosaic GPU
+on Hopper, segment ids handled inside the kernel; interpret mode on CPU, for tests), or `auto`:
+pallas on Hopper and cudnn on other GPUs for 16-bit inputs, else xla -- the choice the H100
+measurements in benchmarks/RESULTS.md support (no TPU has been measured, so TPU gets xla).
 """
 from __future__ import annotations
 
@@ -11,16 +14,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.models.layers import param, rope
-from jaxlm.sharding import constrain
+from jax.sharding import PartitionSpec as P
 
-IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+from jaxlm.sharding import constrain, logical_to_spec, sharding_ctx
+
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
 
 
 def resolve_impl(impl: str, dtype) -> str:
     if impl != "auto":
         return impl
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 else "xla"
+    if jax.default_backend() != "gpu" or jnp.dtype(dtype).itemsize != 2:
+        return "xla"
+    hopper = getattr(jax.devices()[0], "compute_capability", "") in ("9.0", "9.0a")
+    return "pallas" if hopper else "cudnn"
 
 
 def attend(q_BxSxHxK, k_BxSxGxK, v_BxSxGxK, *, segment_ids_BxS=None, causal=True, impl="xla"):
@@ -36,8 +43,38 @@ def attend(q_BxSxHxK, k_BxSxGxK, v_BxSxGxK, *, segment_ids_BxS=None, causal=True
             mask = (segment_ids_BxS[:, None, :, None] == segment_ids_BxS[:, None, None, :])
         return jax.nn.dot_product_attention(q_BxSxHxK, k_BxSxGxK, v_BxSxGxK, mask=mask,
                                             is_causal=causal, implementation="cudnn")
+    if impl == "pallas":
+        return _attend_pallas(q_BxSxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxS, causal)
     raise ValueError(f"unknown attention implementation {impl!r}; expected one of "
                      f"{', '.join(IMPLEMENTATIONS)}")
+
+
+def _attend_pallas(q_BxSxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids_BxS, causal):
+    """The kernel is one device's program: on a mesh it runs per shard (shard_map), with batch and
+    heads split the way the activation rules already split them."""
+    from kernels_pallas.flash import flash_attention
+
+    def call(q, k, v, *seg):
+        return flash_attention(q, k, v, causal=causal, segment_ids=seg[0] if seg else None)
+
+    args = (q_BxSxHxK, k_BxSxGxK, v_BxSxGxK) + (() if segment_ids_BxS is None else
+                                                 (segment_ids_BxS,))
+    mesh, rules = sharding_ctx()
+    if mesh is None or mesh.size == 1:
+        return call(*args)
+    q_spec = logical_to_spec(("act_batch", "act_seq", "act_heads", None), rules, mesh)
+    kv_spec = logical_to_spec(("act_batch", "act_seq", "act_kv_heads", None), rules, mesh)
+    if q_spec[1] is not None:
+        raise ValueError(f"attention=pallas runs per shard and cannot split the sequence "
+                         f"(act_seq -> {q_spec[1]}); use attention=xla or cudnn with "
+                         f"sequence parallelism")
+    if q_spec[2] != kv_spec[2]:
+        raise ValueError(f"attention=pallas needs kv heads split like q heads (act_heads -> "
+                         f"{q_spec[2]}, act_kv_heads -> {kv_spec[2]}); use fewer tensor shards "
+                         f"than kv heads, or attention=xla")
+    specs = (q_spec, kv_spec, kv_spec) + ((P(q_spec[0], None),) if len(args) == 4 else ())
+    return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=q_spec,
+                         check_vma=False)(*args)
 
 
 def _attend_xla(q_BxSxHxK, k_BxTxGxK, v_BxTxGxK, segment_ids_BxS, causal):

@@ -1,0 +1,154 @@
+"""The one public flash-attention entry point: validation, padding, backend choice, custom_vjp.
+
+Backends (`hopper`: Mosaic GPU for sm90; `blocked`: BlockSpec kernels for Mosaic TPU and, with
+`interpret`, for CPU tests) each provide `forward(q, k, v, segment_ids, problem) -> (out, lse)`
+and `backward(q, k, v, segment_ids, lse, delta, do, problem) -> (dq, dk, dv)`, plus
+`seq_multiple(problem, S)`: what the sequence is padded to. Layouts: q [B, S, H, D], k/v
+[B, S, G, D] (H a multiple of G, KV never repeated), lse and delta [B, H, S] float32, lse in
+natural log. delta = rowsum(out * dout) - dlse, so a gradient flowing into lse is exact too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ("mosaic_gpu", "mosaic_tpu", "interpret")
+PAD_SEGMENT = int(jnp.iinfo(jnp.int32).min)  # reserved: the segment id given to padding tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes and pipelining knobs. None picks the backend's tuned default; backends that
+    have no such knob ignore it (stages and ping_pong are Hopper's)."""
+    block_q: int | None = None
+    block_kv: int | None = None
+    block_q_bwd: int | None = None
+    block_kv_bwd: int | None = None
+    stages: int | None = None        # depth of the shared-memory ring the producer fills
+    ping_pong: bool | None = None    # consumers take turns on the tensor cores (forward)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Everything static a backend needs besides the arrays."""
+    causal: bool
+    sm_scale: float
+    sliding_window: int | None
+    has_segments: bool
+    blocks: BlockSizes
+    interpret: bool = False
+
+
+def default_backend() -> str:
+    platform = jax.default_backend()
+    if platform == "gpu":
+        return "mosaic_gpu"
+    if platform == "tpu":
+        return "mosaic_tpu"
+    return "interpret"
+
+
+def _backend_module(name: str):
+    if name == "mosaic_gpu":
+        from kernels_pallas import hopper
+        return hopper
+    from kernels_pallas import blocked
+    return blocked
+
+
+def _check_inputs(q, k, v, segment_ids, sliding_window, backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"flash_attention: backend={backend!r}; expected one of {BACKENDS}")
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"flash_attention: q, k, v must be [batch, seq, heads, head_dim]; got "
+                         f"shapes {q.shape}, {k.shape}, {v.shape}")
+    B, S, H, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != S or k.shape[3] != D:
+        raise ValueError(f"flash_attention: k and v must be [{B}, {S}, kv_heads, {D}] to match q "
+                         f"{q.shape}; got k {k.shape}, v {v.shape}")
+    G = k.shape[2]
+    if H % G:
+        raise ValueError(f"flash_attention: q heads ({H}) must be a multiple of kv heads ({G})")
+    if D not in (64, 128, 256):
+        raise ValueError(f"flash_attention: head_dim must be 64, 128 or 256; got {D}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    allowed = (jnp.bfloat16, jnp.float16) if backend == "mosaic_gpu" else \
+        (jnp.bfloat16, jnp.float16, jnp.float32)
+    if q.dtype not in [jnp.dtype(d) for d in allowed]:
+        raise ValueError(f"flash_attention: dtype {q.dtype} not supported on {backend}; expected "
+                         f"one of {[jnp.dtype(d).name for d in allowed]}")
+    if segment_ids is not None:
+        if segment_ids.shape != (B, S) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"flash_attention: segment_ids must be an integer [{B}, {S}] array; "
+                             f"got {segment_ids.dtype} {segment_ids.shape}")
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+        raise ValueError(f"flash_attention: sliding_window must be a positive int; got "
+                         f"{sliding_window!r}")
+
+
+def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, sliding_window=None,
+                    block_sizes: BlockSizes | None = None, backend: str | None = None):
+    """softmax(q k^T * sm_scale + mask) v with fp32 accumulation; returns [B, S, H, D]."""
+    return flash_attention_with_lse(q, k, v, causal=causal, segment_ids=segment_ids,
+                                    sm_scale=sm_scale, sliding_window=sliding_window,
+                                    block_sizes=block_sizes, backend=backend)[0]
+
+
+def flash_attention_with_lse(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
+                             sliding_window=None, block_sizes: BlockSizes | None = None,
+                             backend: str | None = None):
+    """As `flash_attention`, also returning the row logsumexp [B, H, S] (float32, natural log)."""
+    backend = backend or default_backend()
+    _check_inputs(q, k, v, segment_ids, sliding_window, backend)
+    B, S, H, D = q.shape
+    problem = Problem(causal=bool(causal), sm_scale=float(D ** -0.5 if sm_scale is None
+                                                           else sm_scale),
+                      sliding_window=sliding_window, has_segments=segment_ids is not None,
+                      blocks=block_sizes or BlockSizes(), interpret=backend == "interpret")
+    multiple = _backend_module(backend).seq_multiple(problem, S)
+    pad = -S % multiple
+    if pad:
+        # padding keys sit in their own segment, so real queries never see them
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+        base = jnp.zeros((B, S), jnp.int32) if segment_ids is None else segment_ids
+        segment_ids = jnp.pad(base.astype(jnp.int32), ((0, 0), (0, pad)),
+                              constant_values=PAD_SEGMENT)
+        problem = dataclasses.replace(problem, has_segments=True)
+    if segment_ids is not None:
+        segment_ids = segment_ids.astype(jnp.int32)
+    out, lse = _flash(q, k, v, segment_ids, problem, backend)
+    if pad:
+        out, lse = out[:, :S], lse[:, :, :S]
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, segment_ids, problem, backend):
+    return _backend_module(backend).forward(q, k, v, segment_ids, problem)
+
+
+def _flash_fwd(q, k, v, segment_ids, problem, backend):
+    out, lse = _backend_module(backend).forward(q, k, v, segment_ids, problem)
+    return (out, lse), (q, k, v, segment_ids, out, lse)
+
+
+def _flash_bwd(problem, backend, residuals, cotangents):
+    q, k, v, segment_ids, out, lse = residuals
+    do_BxSxHxD, dlse_BxHxS = cotangents
+    # d lse / d logits = probs, so an lse cotangent only shifts the softmax-backward row term.
+    # HIGHEST: a DEFAULT-precision f32 einsum runs as one bf16 pass on TPU (TF32 on GPU).
+    delta_BxHxS = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32),
+                             do_BxSxHxD.astype(jnp.float32),
+                             precision=jax.lax.Precision.HIGHEST) - dlse_BxHxS
+    dq, dk, dv = _backend_module(backend).backward(q, k, v, segment_ids, lse, delta_BxHxS,
+                                                   do_BxSxHxD, problem)
+    seg_ct = None if segment_ids is None else jnp.zeros(segment_ids.shape, jax.dtypes.float0)
+    return dq, dk, dv, seg_ct
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

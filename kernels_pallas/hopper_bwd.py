@@ -1,0 +1,284 @@
+"""The Hopper flash-attention backward: a dQ kernel (rows = queries, streaming K/V) and a dK/dV
+kernel (rows = keys, streaming Q/dO/lse/delta for every q head of the kv head's group).
+
+Same shape as the forward (see hopper.py): one TMA producer warpgroup and a ring of `slots`
+shared-memory buffers, two consumer warpgroups of 64 rows each; here one "consumed" barrier per
+slot covers all of a step's tiles, since every tile is used until the step's last wgmma.
+Gradients w.r.t. the unscaled logits are dS = P * (dP - delta); dQ = scale * dS K and
+dK = scale * dS^T Q.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from kernels_pallas.hopper import (LOG2E, ROWS, WGS, _band, _block_ranges, _mask, _smem_tile,
+                                   _transposed, _walk, _zeros, tiles)
+
+
+def backward(q, k, v, segment_ids, lse, delta, do, problem):
+    if q.shape[-1] > 128:
+        # dK and dV accumulators for 64 rows x 256 would take 256 registers per thread alone
+        raise NotImplementedError("hopper flash attention: the backward supports head_dim 64 "
+                                  f"and 128; got {q.shape[-1]} (the forward supports 256)")
+    t = tiles(problem, q.shape[-1])
+    lse2 = lse * LOG2E  # the kernels work in base 2
+    dq = _dq(q, k, v, segment_ids, lse2, delta, do, problem, t)
+    dk, dv = _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t)
+    return dq, dk, dv
+
+
+def _stream(ns, n_streams):
+    """Barriers for a ring of `ns` slots fed by `n_streams` copies per step."""
+    return ([plgpu.Barrier(num_barriers=ns) for _ in range(n_streams)]
+            + [plgpu.Barrier(num_arrivals=WGS, num_barriers=ns)])
+
+
+def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
+    B, S, H, D = q.shape
+    R = H // k.shape[2]
+    bkv, ns, dtype = t.block_kv_dq, t.slots, q.dtype
+    n_kv, n_cta = S // bkv, S // (WGS * ROWS)
+    band, segs = _band(problem), problem.has_segments
+    c = problem.sm_scale * LOG2E
+
+    def body(*refs):
+        n_in = 7 if segs else 6
+        ins, (dq_ref,), scratch = refs[:n_in], refs[n_in:n_in + 1], refs[n_in + 1:]
+        if segs:
+            q_ref, k_ref, v_ref, seg_ref, lse_ref, delta_ref, do_ref = ins
+        else:
+            (q_ref, k_ref, v_ref, lse_ref, delta_ref, do_ref), seg_ref = ins, None
+        (q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, segq_smem, segk_smem,
+         row_bar, k_full, v_full, s_full, used) = scratch
+        b, h = lax.axis_index("batch"), lax.axis_index("heads")
+        g = lax.div(h, jnp.int32(R))
+        cta = n_cta - 1 - lax.axis_index("q")
+        wg = lax.axis_index("wg")
+        cta_r0 = cta * (WGS * ROWS)
+        lo_cta, _, _, _ = _block_ranges(cta_r0, cta_r0 + ROWS, bkv, n_kv, *band, segs)
+        _, hi_cta, _, _ = _block_ranges(cta_r0 + ROWS, cta_r0 + 2 * ROWS, bkv, n_kv, *band, segs)
+
+        @pl.when(wg < WGS)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            r0 = cta_r0 + wg * ROWS
+            rows = (b, pl.ds(r0, ROWS), h)
+            qs, dos = q_smem.at[wg], do_smem.at[wg]
+            loads = [(q_ref.at[rows], qs), (do_ref.at[rows], dos),
+                     (lse_ref.at[b, h, pl.ds(r0, ROWS)], lse_smem.at[wg]),
+                     (delta_ref.at[b, h, pl.ds(r0, ROWS)], delta_smem.at[wg])]
+            if segs:
+                loads.append((seg_ref.at[b, pl.ds(r0, ROWS)], segq_smem.at[wg]))
+            for i, (src, dst) in enumerate(loads):
+                plgpu.copy_gmem_to_smem(src, dst, row_bar.at[i * WGS + wg])
+            for i in range(len(loads)):
+                plgpu.barrier_wait(row_bar.at[i * WGS + wg])
+            row_layout = plgpu.Layout.WGMMA.reduce(1)
+            lse_rows = plgpu.load(lse_smem.at[wg], layout=row_layout)
+            delta_rows = plgpu.load(delta_smem.at[wg], layout=row_layout)
+            seg_rows = plgpu.load(segq_smem.at[wg], layout=row_layout) if segs else None
+            lo, hi, full_lo, full_hi = _block_ranges(r0, r0 + ROWS, bkv, n_kv, *band, segs)
+            shape = (ROWS, bkv)
+
+            def step(j, dq_acc, kind):
+                slot = lax.rem(j - lo_cta, jnp.int32(ns))
+                plgpu.barrier_wait(k_full.at[slot])
+                plgpu.barrier_wait(v_full.at[slot])
+                if segs:
+                    plgpu.barrier_wait(s_full.at[slot])
+                if kind == "skip":
+                    plgpu.barrier_arrive(used.at[slot])
+                    return dq_acc
+
+                def s_and_dp(refs):
+                    s_ref, dp_ref = refs
+                    plgpu.wgmma(s_ref, qs, k_smem.at[slot].transpose((1, 0)))
+                    plgpu.wgmma(dp_ref, dos, v_smem.at[slot].transpose((1, 0)))
+
+                s, dp = pl.run_state(s_and_dp)((plgpu.ACC.init(_zeros(shape)),
+                                                plgpu.ACC.init(_zeros(shape))))
+                s = s * c
+                if kind == "masked":
+                    s = _mask(s, r0, j * bkv, band, seg_rows, segk_smem.at[slot] if segs else None)
+                p = jnp.exp2(s - lax.broadcast_in_dim(lse_rows, shape, [0]))
+                ds = p * (dp - lax.broadcast_in_dim(delta_rows, shape, [0]))
+
+                def dq_mm(acc_ref):
+                    plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+
+                dq_acc = pl.run_state(dq_mm)(plgpu.ACC.init(dq_acc))
+                plgpu.barrier_arrive(used.at[slot])
+                return dq_acc
+
+            dq_acc = _walk(lo_cta, hi_cta, lo, hi, full_lo, full_hi, step, _zeros((ROWS, D)))
+            qs[...] = (dq_acc * problem.sm_scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qs, dq_ref.at[rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == WGS)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+
+            @pl.loop(lo_cta, hi_cta)
+            def _(j):
+                i = j - lo_cta
+                slot = lax.rem(i, jnp.int32(ns))
+                pl.when(i >= ns)(lambda: plgpu.barrier_wait(used.at[slot]))
+                rows = (b, pl.ds(j * bkv, bkv), g)
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_full.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_full.at[slot])
+                if segs:
+                    plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds(j * bkv, bkv)],
+                                            segk_smem.at[slot], s_full.at[slot])
+
+    scratch = [
+        _smem_tile((WGS, ROWS, D), dtype), _smem_tile((WGS, ROWS, D), dtype),
+        _smem_tile((ns, bkv, D), dtype), _smem_tile((ns, bkv, D), dtype),
+        plgpu.SMEM((WGS, ROWS), jnp.float32), plgpu.SMEM((WGS, ROWS), jnp.float32),
+        plgpu.SMEM((WGS, ROWS), jnp.int32), plgpu.SMEM((ns, bkv), jnp.int32),
+        plgpu.Barrier(num_barriers=5 * WGS), *_stream(ns, 3),
+    ]
+    args = (q, k, v) + ((segment_ids,) if segs else ()) + (lse2, delta, do)
+    return plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=scratch,
+        grid=(H, n_cta, B), grid_names=("heads", "q", "batch"),
+        num_threads=WGS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(*args)
+
+
+def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
+    B, S, H, D = q.shape
+    G = k.shape[2]
+    R = H // G
+    bq, ns, dtype = t.block_q_dkv, t.slots, q.dtype
+    n_q, n_cta = S // bq, S // (WGS * ROWS)
+    band, segs = _transposed(_band(problem)), problem.has_segments  # rows are keys here
+    c = problem.sm_scale * LOG2E
+
+    def body(*refs):
+        n_in = 7 if segs else 6
+        ins, (dk_ref, dv_ref), scratch = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:]
+        if segs:
+            q_ref, k_ref, v_ref, seg_ref, lse_ref, delta_ref, do_ref = ins
+        else:
+            (q_ref, k_ref, v_ref, lse_ref, delta_ref, do_ref), seg_ref = ins, None
+        (k_smem, v_smem, segk_smem, q_smem, do_smem, lse_smem, delta_smem, segq_smem,
+         row_bar, q_full, do_full, l_full, d_full, s_full, used) = scratch
+        b, g = lax.axis_index("batch"), lax.axis_index("kv_heads")
+        cta = lax.axis_index("kv")  # early key tiles see the most queries: already first
+        wg = lax.axis_index("wg")
+        cta_r0 = cta * (WGS * ROWS)
+        lo_cta, _, _, _ = _block_ranges(cta_r0, cta_r0 + ROWS, bq, n_q, *band, segs)
+        _, hi_cta, _, _ = _block_ranges(cta_r0 + ROWS, cta_r0 + 2 * ROWS, bq, n_q, *band, segs)
+        n_steps = hi_cta - lo_cta  # per q head of the group
+
+        @pl.when(wg < WGS)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            r0 = cta_r0 + wg * ROWS
+            rows = (b, pl.ds(r0, ROWS), g)
+            ks, vs = k_smem.at[wg], v_smem.at[wg]
+            loads = [(k_ref.at[rows], ks), (v_ref.at[rows], vs)]
+            if segs:
+                loads.append((seg_ref.at[b, pl.ds(r0, ROWS)], segk_smem.at[wg]))
+            for i, (src, dst) in enumerate(loads):
+                plgpu.copy_gmem_to_smem(src, dst, row_bar.at[i * WGS + wg])
+            for i in range(len(loads)):
+                plgpu.barrier_wait(row_bar.at[i * WGS + wg])
+            seg_rows = (plgpu.load(segk_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                        if segs else None)
+            lo, hi, full_lo, full_hi = _block_ranges(r0, r0 + ROWS, bq, n_q, *band, segs)
+            shape = (ROWS, bq)
+            col_layout = plgpu.Layout.WGMMA.reduce(0)
+
+            def head(r, carry):
+                def step(j, carry, kind):
+                    dk_acc, dv_acc = carry
+                    slot = lax.rem(r * n_steps + j - lo_cta, jnp.int32(ns))
+                    for bar in (q_full, do_full, l_full, d_full) + ((s_full,) if segs else ()):
+                        plgpu.barrier_wait(bar.at[slot])
+                    if kind == "skip":
+                        plgpu.barrier_arrive(used.at[slot])
+                        return carry
+
+                    def s_and_dp(refs):
+                        s_ref, dp_ref = refs
+                        plgpu.wgmma(s_ref, ks, q_smem.at[slot].transpose((1, 0)))
+                        plgpu.wgmma(dp_ref, vs, do_smem.at[slot].transpose((1, 0)))
+
+                    sT, dpT = pl.run_state(s_and_dp)((plgpu.ACC.init(_zeros(shape)),
+                                                      plgpu.ACC.init(_zeros(shape))))
+                    sT = sT * c
+                    if kind == "masked":
+                        sT = _mask(sT, r0, j * bq, band, seg_rows,
+                                   segq_smem.at[slot] if segs else None)
+                    lse_cols = plgpu.load(lse_smem.at[slot], layout=col_layout)
+                    delta_cols = plgpu.load(delta_smem.at[slot], layout=col_layout)
+                    pT = jnp.exp2(sT - lax.broadcast_in_dim(lse_cols, shape, [1]))
+                    dsT = pT * (dpT - lax.broadcast_in_dim(delta_cols, shape, [1]))
+
+                    def grads(refs):
+                        dk_ref_acc, dv_ref_acc = refs
+                        plgpu.wgmma(dv_ref_acc, pT.astype(dtype), do_smem.at[slot])
+                        plgpu.wgmma(dk_ref_acc, dsT.astype(dtype), q_smem.at[slot])
+
+                    dk_acc, dv_acc = pl.run_state(grads)((plgpu.ACC.init(dk_acc),
+                                                          plgpu.ACC.init(dv_acc)))
+                    plgpu.barrier_arrive(used.at[slot])
+                    return dk_acc, dv_acc
+
+                return _walk(lo_cta, hi_cta, lo, hi, full_lo, full_hi, step, carry)
+
+            dk_acc, dv_acc = lax.fori_loop(0, R, head, (_zeros((ROWS, D)), _zeros((ROWS, D))))
+            ks[...] = (dk_acc * problem.sm_scale).astype(dtype)
+            vs[...] = dv_acc.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(ks, dk_ref.at[rows], commit_group=False)
+            plgpu.copy_smem_to_gmem(vs, dv_ref.at[rows], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == WGS)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+
+            @pl.loop(0, R * n_steps)
+            def _(i):
+                r = lax.div(i, n_steps)
+                j = lo_cta + lax.rem(i, n_steps)
+                h = g * R + r
+                slot = lax.rem(i, jnp.int32(ns))
+                pl.when(i >= ns)(lambda: plgpu.barrier_wait(used.at[slot]))
+                cols = pl.ds(j * bq, bq)
+                plgpu.copy_gmem_to_smem(q_ref.at[b, cols, h], q_smem.at[slot], q_full.at[slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[b, cols, h], do_smem.at[slot],
+                                        do_full.at[slot])
+                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, cols], lse_smem.at[slot],
+                                        l_full.at[slot])
+                plgpu.copy_gmem_to_smem(delta_ref.at[b, h, cols], delta_smem.at[slot],
+                                        d_full.at[slot])
+                if segs:
+                    plgpu.copy_gmem_to_smem(seg_ref.at[b, cols], segq_smem.at[slot],
+                                            s_full.at[slot])
+
+    scratch = [
+        _smem_tile((WGS, ROWS, D), dtype), _smem_tile((WGS, ROWS, D), dtype),
+        plgpu.SMEM((WGS, ROWS), jnp.int32),
+        _smem_tile((ns, bq, D), dtype), _smem_tile((ns, bq, D), dtype),
+        plgpu.SMEM((ns, bq), jnp.float32), plgpu.SMEM((ns, bq), jnp.float32),
+        plgpu.SMEM((ns, bq), jnp.int32),
+        plgpu.Barrier(num_barriers=3 * WGS), *_stream(ns, 5),
+    ]
+    args = (q, k, v) + ((segment_ids,) if segs else ()) + (lse2, delta, do)
+    return plgpu.kernel(
+        body, out_type=(jax.ShapeDtypeStruct(k.shape, dtype),) * 2, scratch_types=scratch,
+        grid=(G, n_cta, B), grid_names=("kv_heads", "kv", "batch"),
+        num_threads=WGS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(*args)
