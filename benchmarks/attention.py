@@ -60,8 +60,9 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def check(tuning):
-    """Pallas vs the float32 reference on the GPU: out, lse, dq, dk, dv relative L2 errors."""
+def check(tuning, only=""):
+    """Pallas vs the float32 reference on the GPU: out, lse, dq, dk, dv relative L2 errors.
+    `only`: run just the cases whose name contains this text."""
     cases = [  # (B, S, H, G, D, causal, segments, window)
         (2, 1024, 8, 8, 128, True, False, None), (2, 1024, 8, 8, 128, False, False, None),
         (2, 1024, 8, 2, 128, True, False, None), (1, 1024, 8, 1, 64, True, False, None),
@@ -72,6 +73,8 @@ def check(tuning):
     rows = []
     for B, S, H, G, D, causal, segs, W in cases:
         name = f"B{B} S{S} H{H} G{G} D{D} causal={causal} segs={segs} window={W}"
+        if only not in name:
+            continue
         try:
             ks = jax.random.split(jax.random.key(S + H + G + D), 5)
             q = jax.random.normal(ks[0], (B, S, H, D), jnp.bfloat16)
@@ -106,6 +109,8 @@ def check(tuning):
         q, k, v = (jax.random.normal(jax.random.key(i), (1, 1024, 4, D), jnp.bfloat16)
                    for i in range(3))
         name = f"forward only B1 S1024 H4 G4 D{D} causal=True"
+        if only not in name:
+            continue
         try:
             out = jax.jit(lambda q, k, v: flash_attention(q, k, v, block_sizes=tuning))(q, k, v)
             ref = attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)))[0]
@@ -153,6 +158,7 @@ def bench(seqs, tokens, tuning, heads=16, head_dim=128, names=None):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check", action="store_true", help="GPU correctness vs the reference")
+    ap.add_argument("--only", default="", help="--check only the cases whose name has this")
     ap.add_argument("--seqs", default="1024,2048,4096,8192,16384")
     ap.add_argument("--tokens", type=int, default=8192, help="batch = tokens // seq (min 1)")
     ap.add_argument("--impls", default="", help="comma list to run (default: all)")
@@ -163,7 +169,7 @@ def main():
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; tuning {tuning}", flush=True)
     result = {"device": jax.devices()[0].device_kind, "tuning": str(tuning)}
     if args.check:
-        result["check"] = check(tuning)
+        result["check"] = check(tuning, args.only)
     seqs = [int(s) for s in args.seqs.split(",") if s]
     names = [n for n in args.impls.split(",") if n]
     result["bench"] = bench(seqs, args.tokens, tuning, names=names)
