@@ -68,7 +68,7 @@ def check(tuning, only=""):
         (2, 1024, 8, 2, 128, True, False, None), (1, 1024, 8, 1, 64, True, False, None),
         (2, 1024, 8, 4, 128, True, True, None), (2, 1024, 8, 8, 128, False, True, None),
         (1, 1024, 4, 4, 128, True, False, 300), (1, 1024, 4, 2, 64, False, False, 200),
-        (2, 1000, 8, 4, 128, True, True, None),
+        (2, 1000, 8, 4, 128, True, True, None), (1, 1024, 8, 2, 64, True, True, 256),
     ]
     rows = []
     for B, S, H, G, D, causal, segs, W in cases:

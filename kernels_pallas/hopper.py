@@ -24,7 +24,9 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 LOG2E = math.log2(math.e)
-MASK = -1e30  # finite: a fully hidden first block cannot turn the running max into NaN
+# Finite, so a fully hidden first block cannot make the running max NaN; a power of two, so
+# MASK * scale is exact and exp2(fma(MASK, scale, -MASK * scale)) is exactly 1, never inf.
+MASK = -(2.0 ** 100)
 ROWS = 64     # rows of one warpgroup's wgmma
 WGS = 2       # consumer warpgroups per CTA
 
@@ -226,15 +228,16 @@ def forward(q, k, v, segment_ids, problem):
                     sched_barrier()
                     return acc_ref[...]
 
-                s = pl.run_scoped(qk, plgpu.ACC((ROWS, bkv), jnp.float32)) * c
+                s = pl.run_scoped(qk, plgpu.ACC((ROWS, bkv), jnp.float32))
                 plgpu.barrier_arrive(k_used.at[slot])
                 if segs:
                     plgpu.barrier_wait(s_full.at[slot])
                 if kind == "masked":
                     s = _mask(s, r0, j * bkv, band, seg_rows, segk_smem.at[slot] if segs else None)
-                m_new = jnp.maximum(m, s.max(axis=1))
+                # the max is scaled after the row reduction, and the exponent is one FMA per logit
+                m_new = jnp.maximum(m, s.max(axis=1) * c)
                 alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
                 l = l * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p16 = p.astype(dtype)

@@ -101,10 +101,9 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
 
                 s, dp = pl.run_state(s_and_dp)((plgpu.ACC.init(_zeros(shape)),
                                                 plgpu.ACC.init(_zeros(shape))))
-                s = s * c
                 if kind == "masked":
                     s = _mask(s, r0, j * bkv, band, seg_rows, segk_smem.at[slot] if segs else None)
-                p = jnp.exp2(s - lax.broadcast_in_dim(lse_rows, shape, [0]))
+                p = jnp.exp2(s * c - lax.broadcast_in_dim(lse_rows, shape, [0]))
                 ds = p * (dp - lax.broadcast_in_dim(delta_rows, shape, [0]))
 
                 def dq_mm(acc_ref):
@@ -214,13 +213,12 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
 
                     sT, dpT = pl.run_state(s_and_dp)((plgpu.ACC.init(_zeros(shape)),
                                                       plgpu.ACC.init(_zeros(shape))))
-                    sT = sT * c
                     if kind == "masked":
                         sT = _mask(sT, r0, j * bq, band, seg_rows,
                                    segq_smem.at[slot] if segs else None)
                     lse_cols = plgpu.load(lse_smem.at[slot], layout=col_layout)
                     delta_cols = plgpu.load(delta_smem.at[slot], layout=col_layout)
-                    pT = jnp.exp2(sT - lax.broadcast_in_dim(lse_cols, shape, [1]))
+                    pT = jnp.exp2(sT * c - lax.broadcast_in_dim(lse_cols, shape, [1]))
                     dsT = pT * (dpT - lax.broadcast_in_dim(delta_cols, shape, [1]))
 
                     def grads(refs):
