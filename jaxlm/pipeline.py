@@ -343,8 +343,9 @@ def token_nll_1f1b(model, batch, use_segments: bool):
         logp_BxSxV = jax.nn.log_softmax(logits_BxSxV.astype(jnp.float32), axis=-1)
         # A one-hot contraction, not step.token_nll's take_along_axis: with the vocab split over
         # an automatic `tensor` axis inside this stage-manual shard_map, XLA's SPMD partitioner
-        # (jaxlib 0.10.2) aborts on that gather ("Check failed: partition_group_list..." in
-        # PartitionGatherTrivialSlicedOperandDimensions). The sum has one non-zero term: exact.
+        # (jaxlib 0.10.2 and 0.11.2, CPU) aborts on that gather ("Check failed:
+        # partition_group_list..." in PartitionGatherTrivialSlicedOperandDimensions). The sum
+        # has one non-zero term, so it is exact.
         onehot_BxSxV = jax.nn.one_hot(targets_BxS, logp_BxSxV.shape[-1], dtype=logp_BxSxV.dtype)
         nll_BxS = -jnp.sum(logp_BxSxV * onehot_BxSxV, axis=-1)
         return jnp.sum(nll_BxS * mask_BxS)
