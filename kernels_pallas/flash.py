@@ -104,7 +104,7 @@ def flash_attention_with_lse(q, k, v, *, causal=True, segment_ids=None, sm_scale
     """As `flash_attention`, also returning the row logsumexp [B, H, S] (float32, natural log)."""
     backend = backend or default_backend()
     _check_inputs(q, k, v, segment_ids, sliding_window, backend)
-    B, S, H, D = q.shape
+    B, S, _, D = q.shape
     problem = Problem(causal=bool(causal), sm_scale=float(D ** -0.5 if sm_scale is None
                                                            else sm_scale),
                       sliding_window=sliding_window, has_segments=segment_ids is not None,

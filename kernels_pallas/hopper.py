@@ -18,10 +18,10 @@ import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
-from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
 
 LOG2E = math.log2(math.e)
 # Finite, so a fully hidden first block cannot make the running max NaN; a power of two, so

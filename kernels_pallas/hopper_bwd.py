@@ -5,18 +5,31 @@ Same shape as the forward (see hopper.py): one TMA producer warpgroup and a ring
 shared-memory buffers, two consumer warpgroups of 64 rows each; here one "consumed" barrier per
 slot covers all of a step's tiles, since every tile is used until the step's last wgmma.
 Gradients w.r.t. the unscaled logits are dS = P * (dP - delta); dQ = scale * dS K and
-dK = scale * dS^T Q.
+dK = scale * dS^T Q. The split recomputes S and dP for dQ (7 matmuls per tile pair, not 5), yet
+a fused kernel adding dQ shares into a float32 buffer by TMA reduce-add measured slower on an H100
+(benchmarks/RESULTS.md), so the split stays.
 """
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
 
-from kernels_pallas.hopper import (LOG2E, ROWS, WGS, _band, _block_ranges, _mask, _smem_tile,
-                                   _transposed, _walk, _zeros, tiles)
+from kernels_pallas.hopper import (
+    LOG2E,
+    ROWS,
+    WGS,
+    _band,
+    _block_ranges,
+    _mask,
+    _smem_tile,
+    _transposed,
+    _walk,
+    _zeros,
+    tiles,
+)
 
 
 def backward(q, k, v, segment_ids, lse, delta, do, problem):

@@ -3,10 +3,10 @@ kernel (CPU interpret mode here), on one device and per shard on a mesh (shard_m
 heads), and meshes the kernel cannot serve are refused in one line."""
 import jax
 import pytest
-
 from helpers import mesh_for, packed_batches, tiny_config, train_on_mesh
-from jaxlm.models import attention
 from test_sharding import assert_same_training
+
+from jaxlm.models import attention
 
 HD64 = ["model.head_dim=64", "train.steps=2"]  # the kernel takes head_dim 64/128/256
 

@@ -85,13 +85,13 @@ def _kwargs(case):
     return dict(causal=case.causal, sliding_window=case.window, sm_scale=case.sm_scale)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def flash_fn(case: Case):
     return with_grads(lambda q, k, v, seg: flash_attention_with_lse(
         q, k, v, segment_ids=seg, block_sizes=case.blocks, backend="interpret", **_kwargs(case)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_fn(case: Case):
     return with_grads(lambda q, k, v, seg: attention_reference(q, k, v, segment_ids=seg,
                                                                **_kwargs(case)))

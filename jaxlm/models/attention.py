@@ -12,10 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from jaxlm.models.layers import param, rope
 from jax.sharding import PartitionSpec as P
 
+from jaxlm.models.layers import param, rope
 from jaxlm.sharding import constrain, logical_to_spec, sharding_ctx
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
