@@ -44,6 +44,16 @@ def backward(q, k, v, segment_ids, lse, delta, do, problem):
     return dq, dk, dv
 
 
+def _two_products(shape, a1, b1, a2, b2):
+    """(a1 b1^T, a2 b2^T) in float32 from shared-memory tiles: the logits and dP of a tile pair,
+    issued together so one wgmma wait covers both."""
+    def issue(refs):
+        plgpu.wgmma(refs[0], a1, b1.transpose((1, 0)))
+        plgpu.wgmma(refs[1], a2, b2.transpose((1, 0)))
+
+    return pl.run_state(issue)((plgpu.ACC.init(_zeros(shape)), plgpu.ACC.init(_zeros(shape))))
+
+
 def _stream(ns, n_streams):
     """Barriers for a ring of `ns` slots fed by `n_streams` copies per step."""
     return ([plgpu.Barrier(num_barriers=ns) for _ in range(n_streams)]
@@ -107,13 +117,7 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
                     plgpu.barrier_arrive(used.at[slot])
                     return dq_acc
 
-                def s_and_dp(refs):
-                    s_ref, dp_ref = refs
-                    plgpu.wgmma(s_ref, qs, k_smem.at[slot].transpose((1, 0)))
-                    plgpu.wgmma(dp_ref, dos, v_smem.at[slot].transpose((1, 0)))
-
-                s, dp = pl.run_state(s_and_dp)((plgpu.ACC.init(_zeros(shape)),
-                                                plgpu.ACC.init(_zeros(shape))))
+                s, dp = _two_products(shape, qs, k_smem.at[slot], dos, v_smem.at[slot])
                 if kind == "masked":
                     s = _mask(s, r0, j * bkv, band, seg_rows, segk_smem.at[slot] if segs else None)
                 p = jnp.exp2(s * c - lax.broadcast_in_dim(lse_rows, shape, [0]))
@@ -219,13 +223,7 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
                         plgpu.barrier_arrive(used.at[slot])
                         return carry
 
-                    def s_and_dp(refs):
-                        s_ref, dp_ref = refs
-                        plgpu.wgmma(s_ref, ks, q_smem.at[slot].transpose((1, 0)))
-                        plgpu.wgmma(dp_ref, vs, do_smem.at[slot].transpose((1, 0)))
-
-                    sT, dpT = pl.run_state(s_and_dp)((plgpu.ACC.init(_zeros(shape)),
-                                                      plgpu.ACC.init(_zeros(shape))))
+                    sT, dpT = _two_products(shape, ks, q_smem.at[slot], vs, do_smem.at[slot])
                     if kind == "masked":
                         sT = _mask(sT, r0, j * bq, band, seg_rows,
                                    segq_smem.at[slot] if segs else None)
