@@ -25,7 +25,7 @@ from kernels_pallas.reference import attention_reference, visible_BxSxT
 B32 = BlockSizes(32, 32, 32, 32)
 # max |error| relative to max |reference|. Logits of size L carry fp32 rounding ~L * 6e-8 in
 # both implementations, so a case with logits past 100 (to show no exp overflows) gets tol_scale.
-TOL = {"float32": 1e-5, "bfloat16": 2e-2}
+TOL = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
 
 
 class Case(NamedTuple):
@@ -55,7 +55,10 @@ CASES = {
                                     dtype="bfloat16"),
     "bf16_default_blocks_pad72": Case(1, 72, 2, 1, 64, causal=False, blocks=None,
                                       dtype="bfloat16"),
+    "fp16_gqa2_causal_window": Case(1, 96, 4, 2, 64, window=40, dtype="float16"),
 }
+HOPPER = (jax.default_backend() == "gpu"
+          and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"))
 
 
 def inputs(case: Case, seed: int):
@@ -86,9 +89,9 @@ def _kwargs(case):
 
 
 @functools.cache
-def flash_fn(case: Case):
+def flash_fn(case: Case, backend="interpret"):
     return with_grads(lambda q, k, v, seg: flash_attention_with_lse(
-        q, k, v, segment_ids=seg, block_sizes=case.blocks, backend="interpret", **_kwargs(case)))
+        q, k, v, segment_ids=seg, block_sizes=case.blocks, backend=backend, **_kwargs(case)))
 
 
 @functools.cache
@@ -115,6 +118,16 @@ def test_matches_reference(name):
     case = CASES[name]
     args = inputs(case, seed=zlib.crc32(name.encode()))
     assert_close(flash_fn(case)(*args), reference_fn(case)(*args),
+                 TOL[case.dtype] * case.tol_scale)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Mosaic GPU kernels need a Hopper GPU (sm90)")
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.dtype != "float32"])
+def test_hopper_matches_reference(name):
+    """The same 16-bit cases through kernels_pallas/hopper*.py (its own tile sizes)."""
+    case = CASES[name]._replace(blocks=None)
+    args = inputs(case, seed=zlib.crc32(name.encode()))
+    assert_close(flash_fn(case, "mosaic_gpu")(*args), reference_fn(case)(*args),
                  TOL[case.dtype] * case.tol_scale)
 
 
