@@ -45,6 +45,11 @@ class Problem:
 def default_backend() -> str:
     platform = jax.default_backend()
     if platform == "gpu":
+        cc = str(getattr(jax.devices()[0], "compute_capability", "?"))
+        if not cc.startswith("9"):  # wgmma and the TMA ring are Hopper's (sm90)
+            raise ValueError(f"flash_attention: the GPU kernels need a Hopper GPU (compute "
+                             f"capability 9.x); this one is {cc}. Use cuDNN attention "
+                             f"(jax.nn.dot_product_attention) there")
         return "mosaic_gpu"
     if platform == "tpu":
         return "mosaic_tpu"

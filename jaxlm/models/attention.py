@@ -25,7 +25,7 @@ def resolve_impl(impl: str, dtype) -> str:
         return impl
     if jax.default_backend() != "gpu" or jnp.dtype(dtype).itemsize != 2:
         return "xla"
-    hopper = getattr(jax.devices()[0], "compute_capability", "") in ("9.0", "9.0a")
+    hopper = str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
     return "pallas" if hopper else "cudnn"
 
 
