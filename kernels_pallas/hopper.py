@@ -92,6 +92,15 @@ def _block_ranges(r0, r1, block, n_blocks, lo_off, hi_off, masked_everywhere):
     return lo, hi, full_lo, full_hi
 
 
+def _cta_range(cta_r0, block, n_blocks, band, masked_everywhere):
+    """[lo, hi) of column blocks any of a CTA's WGS x ROWS rows sees: from its first warpgroup's
+    first visible block to its last warpgroup's last (the two ranges overlap, see _walk)."""
+    lo, _, _, _ = _block_ranges(cta_r0, cta_r0 + ROWS, block, n_blocks, *band, masked_everywhere)
+    _, hi, _, _ = _block_ranges(cta_r0 + (WGS - 1) * ROWS, cta_r0 + WGS * ROWS, block, n_blocks,
+                                *band, masked_everywhere)
+    return lo, hi
+
+
 def _band(problem):
     """(lo_off, hi_off) of col - row for keys as columns; queries as columns negate and swap."""
     W = problem.sliding_window
@@ -186,8 +195,7 @@ def forward(q, k, v, segment_ids, problem):
         cta = n_cta - 1 - lax.axis_index("q")  # heaviest causal tiles first
         wg = lax.axis_index("wg")
         cta_r0 = cta * (WGS * ROWS)
-        lo_cta, _, _, _ = _block_ranges(cta_r0, cta_r0 + ROWS, bkv, n_kv, *band, segs)
-        _, hi_cta, _, _ = _block_ranges(cta_r0 + ROWS, cta_r0 + 2 * ROWS, bkv, n_kv, *band, segs)
+        lo_cta, hi_cta = _cta_range(cta_r0, bkv, n_kv, band, segs)
 
         def sched_barrier():
             if t.ping_pong:

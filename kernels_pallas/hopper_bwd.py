@@ -23,6 +23,7 @@ from kernels_pallas.hopper import (
     WGS,
     _band,
     _block_ranges,
+    _cta_range,
     _mask,
     _smem_tile,
     _transposed,
@@ -54,6 +55,15 @@ def _two_products(shape, a1, b1, a2, b2):
     return pl.run_state(issue)((plgpu.ACC.init(_zeros(shape)), plgpu.ACC.init(_zeros(shape))))
 
 
+def _load_rows(loads, row_bar, wg):
+    """A consumer's own tiles, fixed for the whole kernel: all copies in flight, then all waits
+    (each copy has its own barrier: one mbarrier counts one expected transfer)."""
+    for i, (src, dst) in enumerate(loads):
+        plgpu.copy_gmem_to_smem(src, dst, row_bar.at[i * WGS + wg])
+    for i in range(len(loads)):
+        plgpu.barrier_wait(row_bar.at[i * WGS + wg])
+
+
 def _stream(ns, n_streams):
     """Barriers for a ring of `ns` slots fed by `n_streams` copies per step."""
     return ([plgpu.Barrier(num_barriers=ns) for _ in range(n_streams)]
@@ -82,8 +92,7 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
         cta = n_cta - 1 - lax.axis_index("q")
         wg = lax.axis_index("wg")
         cta_r0 = cta * (WGS * ROWS)
-        lo_cta, _, _, _ = _block_ranges(cta_r0, cta_r0 + ROWS, bkv, n_kv, *band, segs)
-        _, hi_cta, _, _ = _block_ranges(cta_r0 + ROWS, cta_r0 + 2 * ROWS, bkv, n_kv, *band, segs)
+        lo_cta, hi_cta = _cta_range(cta_r0, bkv, n_kv, band, segs)
 
         @pl.when(wg < WGS)
         def _consumer():
@@ -96,10 +105,7 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
                      (delta_ref.at[b, h, pl.ds(r0, ROWS)], delta_smem.at[wg])]
             if segs:
                 loads.append((seg_ref.at[b, pl.ds(r0, ROWS)], segq_smem.at[wg]))
-            for i, (src, dst) in enumerate(loads):
-                plgpu.copy_gmem_to_smem(src, dst, row_bar.at[i * WGS + wg])
-            for i in range(len(loads)):
-                plgpu.barrier_wait(row_bar.at[i * WGS + wg])
+            _load_rows(loads, row_bar, wg)
             row_layout = plgpu.Layout.WGMMA.reduce(1)
             lse_rows = plgpu.load(lse_smem.at[wg], layout=row_layout)
             delta_rows = plgpu.load(delta_smem.at[wg], layout=row_layout)
@@ -190,8 +196,7 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
         cta = lax.axis_index("kv")  # early key tiles see the most queries: already first
         wg = lax.axis_index("wg")
         cta_r0 = cta * (WGS * ROWS)
-        lo_cta, _, _, _ = _block_ranges(cta_r0, cta_r0 + ROWS, bq, n_q, *band, segs)
-        _, hi_cta, _, _ = _block_ranges(cta_r0 + ROWS, cta_r0 + 2 * ROWS, bq, n_q, *band, segs)
+        lo_cta, hi_cta = _cta_range(cta_r0, bq, n_q, band, segs)
         n_steps = hi_cta - lo_cta  # per q head of the group
 
         @pl.when(wg < WGS)
@@ -203,10 +208,7 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
             loads = [(k_ref.at[rows], ks), (v_ref.at[rows], vs)]
             if segs:
                 loads.append((seg_ref.at[b, pl.ds(r0, ROWS)], segk_smem.at[wg]))
-            for i, (src, dst) in enumerate(loads):
-                plgpu.copy_gmem_to_smem(src, dst, row_bar.at[i * WGS + wg])
-            for i in range(len(loads)):
-                plgpu.barrier_wait(row_bar.at[i * WGS + wg])
+            _load_rows(loads, row_bar, wg)
             seg_rows = (plgpu.load(segk_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
                         if segs else None)
             lo, hi, full_lo, full_hi = _block_ranges(r0, r0 + ROWS, bq, n_q, *band, segs)
