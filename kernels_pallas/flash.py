@@ -42,14 +42,22 @@ class Problem:
     interpret: bool = False
 
 
+def _compute_capability() -> str:
+    return str(getattr(jax.devices()[0], "compute_capability", "?"))
+
+
+def on_hopper() -> bool:
+    """A Hopper (sm90) GPU is the default device: what the mosaic_gpu kernels need (wgmma, TMA)."""
+    return jax.default_backend() == "gpu" and _compute_capability().startswith("9")
+
+
 def default_backend() -> str:
     platform = jax.default_backend()
     if platform == "gpu":
-        cc = str(getattr(jax.devices()[0], "compute_capability", "?"))
-        if not cc.startswith("9"):  # wgmma and the TMA ring are Hopper's (sm90)
+        if not on_hopper():
             raise ValueError(f"flash_attention: the GPU kernels need a Hopper GPU (compute "
-                             f"capability 9.x); this one is {cc}. Use cuDNN attention "
-                             f"(jax.nn.dot_product_attention) there")
+                             f"capability 9.x); this one is {_compute_capability()}. Use cuDNN "
+                             f"attention (jax.nn.dot_product_attention) there")
         return "mosaic_gpu"
     if platform == "tpu":
         return "mosaic_tpu"
@@ -114,6 +122,8 @@ def flash_attention_with_lse(q, k, v, *, causal=True, segment_ids=None, sm_scale
                                                            else sm_scale),
                       sliding_window=sliding_window, has_segments=segment_ids is not None,
                       blocks=block_sizes or BlockSizes(), interpret=backend == "interpret")
+    if segment_ids is not None:
+        segment_ids = segment_ids.astype(jnp.int32)
     multiple = _backend_module(backend).seq_multiple(problem, S)
     pad = -S % multiple
     if pad:
@@ -121,11 +131,8 @@ def flash_attention_with_lse(q, k, v, *, causal=True, segment_ids=None, sm_scale
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))
         q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
         base = jnp.zeros((B, S), jnp.int32) if segment_ids is None else segment_ids
-        segment_ids = jnp.pad(base.astype(jnp.int32), ((0, 0), (0, pad)),
-                              constant_values=PAD_SEGMENT)
+        segment_ids = jnp.pad(base, ((0, 0), (0, pad)), constant_values=PAD_SEGMENT)
         problem = dataclasses.replace(problem, has_segments=True)
-    if segment_ids is not None:
-        segment_ids = segment_ids.astype(jnp.int32)
     out, lse = _flash(q, k, v, segment_ids, problem, backend)
     if pad:
         out, lse = out[:, :S], lse[:, :, :S]

@@ -19,7 +19,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from kernels_pallas import blocked
-from kernels_pallas.flash import BlockSizes, Problem, flash_attention, flash_attention_with_lse
+from kernels_pallas.flash import (BlockSizes, Problem, flash_attention, flash_attention_with_lse,
+                                  on_hopper)
 from kernels_pallas.reference import attention_reference, visible_BxSxT
 
 B32 = BlockSizes(32, 32, 32, 32)
@@ -57,8 +58,7 @@ CASES = {
                                       dtype="bfloat16"),
     "fp16_gqa2_causal_window": Case(1, 96, 4, 2, 64, window=40, dtype="float16"),
 }
-HOPPER = (jax.default_backend() == "gpu"
-          and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9"))
+HOPPER = on_hopper()
 
 
 def inputs(case: Case, seed: int):

@@ -25,8 +25,8 @@ def resolve_impl(impl: str, dtype) -> str:
         return impl
     if jax.default_backend() != "gpu" or jnp.dtype(dtype).itemsize != 2:
         return "xla"
-    hopper = str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
-    return "pallas" if hopper else "cudnn"
+    from kernels_pallas.flash import on_hopper
+    return "pallas" if on_hopper() else "cudnn"
 
 
 def attend(q_BxSxHxK, k_BxSxGxK, v_BxSxGxK, *, segment_ids_BxS=None, causal=True, impl="xla"):
