@@ -69,6 +69,7 @@ def check(tuning, only=""):
         (2, 1024, 8, 4, 128, True, True, None), (2, 1024, 8, 8, 128, False, True, None),
         (1, 1024, 4, 4, 128, True, False, 300), (1, 1024, 4, 2, 64, False, False, 200),
         (2, 1000, 8, 4, 128, True, True, None), (1, 1024, 8, 2, 64, True, True, 256),
+        (1, 1024, 4, 2, 256, True, True, None), (1, 1000, 4, 4, 256, False, False, 200),
     ]
     rows = []
     for B, S, H, G, D, causal, segs, W in cases:
@@ -104,21 +105,6 @@ def check(tuning, only=""):
         except Exception as e:  # report and go on: one call should show every case
             print(f"CHECK FAIL {name}: {type(e).__name__}: {str(e)[:400]}", flush=True)
             traceback.print_exc(limit=3)
-            rows.append({"case": name, "ok": False, "error": str(e)[:400]})
-    for D in (256,):  # forward only: the Hopper backward stops at head_dim 128
-        q, k, v = (jax.random.normal(jax.random.key(i), (1, 1024, 4, D), jnp.bfloat16)
-                   for i in range(3))
-        name = f"forward only B1 S1024 H4 G4 D{D} causal=True"
-        if only not in name:
-            continue
-        try:
-            out = jax.jit(lambda q, k, v: flash_attention(q, k, v, block_sizes=tuning))(q, k, v)
-            ref = attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)))[0]
-            err = rel(out, ref)
-            print(f"CHECK {'ok  ' if err < 2e-2 else 'BAD '} {name} out={err:.1e}", flush=True)
-            rows.append({"case": name, "ok": err < 2e-2, "out": err})
-        except Exception as e:
-            print(f"CHECK FAIL {name}: {type(e).__name__}: {str(e)[:400]}", flush=True)
             rows.append({"case": name, "ok": False, "error": str(e)[:400]})
     return rows
 
@@ -161,6 +147,8 @@ def main():
     ap.add_argument("--only", default="", help="--check only the cases whose name has this")
     ap.add_argument("--seqs", default="1024,2048,4096,8192,16384")
     ap.add_argument("--tokens", type=int, default=8192, help="batch = tokens // seq (min 1)")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--impls", default="", help="comma list to run (default: all)")
     ap.add_argument("--tuning", default="{}", help='BlockSizes as JSON, e.g. {"block_kv": 64}')
     ap.add_argument("--out", default="", help="write results as JSON here")
@@ -172,7 +160,7 @@ def main():
         result["check"] = check(tuning, args.only)
     seqs = [int(s) for s in args.seqs.split(",") if s]
     names = [n for n in args.impls.split(",") if n]
-    result["bench"] = bench(seqs, args.tokens, tuning, names=names)
+    result["bench"] = bench(seqs, args.tokens, tuning, args.heads, args.head_dim, names)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -8,8 +8,15 @@ Gradients w.r.t. the unscaled logits are dS = P * (dP - delta); dQ = scale * dS 
 dK = scale * dS^T Q. The split recomputes S and dP for dQ (7 matmuls per tile pair, not 5), yet
 a fused kernel adding dQ shares into a float32 buffer by TMA reduce-add measured slower on an H100
 (benchmarks/RESULTS.md), so the split stays.
+
+Up to head_dim 128 each consumer owns 64 rows. At 256 the float32 accumulators of 64 rows (dK and
+dV: 2 x 128 registers per thread) would not fit, so both consumers take the same 64 rows, both
+compute S and dP over all of head_dim, and each accumulates its half of the output columns
+(`_Share`).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.experimental.pallas as pl
@@ -34,15 +41,38 @@ from kernels_pallas.hopper import (
 
 
 def backward(q, k, v, segment_ids, lse, delta, do, problem):
-    if q.shape[-1] > 128:
-        # dK and dV accumulators for 64 rows x 256 would take 256 registers per thread alone
-        raise NotImplementedError("hopper flash attention: the backward supports head_dim 64 "
-                                  f"and 128; got {q.shape[-1]} (the forward supports 256)")
     t = tiles(problem, q.shape[-1])
     lse2 = lse * LOG2E  # the kernels work in base 2
     dq = _dq(q, k, v, segment_ids, lse2, delta, do, problem, t)
     dk, dv = _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t)
     return dq, dk, dv
+
+
+class _Share(NamedTuple):
+    """How a CTA's two consumer warpgroups split its work: by rows, or (past head_dim 128) both
+    on the same rows, each owning `cols` of the output's head_dim."""
+    by_columns: bool
+    row_tiles: int   # 64-row tiles per CTA
+    cols: int        # output columns per warpgroup
+
+    def row(self, wg):
+        """Which of the CTA's row tiles warpgroup `wg` works on. (wg * 0, not 0: Mosaic GPU in
+        jax 0.11 fails to lower a loop body that uses a ref view at a constant index.)"""
+        return wg * 0 if self.by_columns else wg
+
+    def issues(self, wg):
+        """Whether warpgroup `wg` loads its row tile (shared rows are loaded once)."""
+        return wg == 0 if self.by_columns else True
+
+    def own(self, ref, wg):
+        """Warpgroup `wg`'s output columns of a [rows, head_dim] ref."""
+        return ref.at[:, pl.ds(wg * self.cols, self.cols)] if self.by_columns else ref
+
+
+def _share(head_dim):
+    if head_dim <= 128:
+        return _Share(False, WGS, head_dim)
+    return _Share(True, 1, head_dim // WGS)
 
 
 def _two_products(shape, a1, b1, a2, b2):
@@ -55,13 +85,42 @@ def _two_products(shape, a1, b1, a2, b2):
     return pl.run_state(issue)((plgpu.ACC.init(_zeros(shape)), plgpu.ACC.init(_zeros(shape))))
 
 
-def _load_rows(loads, row_bar, wg):
-    """A consumer's own tiles, fixed for the whole kernel: all copies in flight, then all waits
-    (each copy has its own barrier: one mbarrier counts one expected transfer)."""
-    for i, (src, dst) in enumerate(loads):
-        plgpu.copy_gmem_to_smem(src, dst, row_bar.at[i * WGS + wg])
+def _load_rows(loads, row_bar, row, issue):
+    """A row tile's fixed tiles for the whole kernel: all copies in flight (if `issue`), then all
+    waits (each copy has its own barrier: one mbarrier counts one
+    expected transfer)."""
+    def start():
+        for i, (src, dst) in enumerate(loads):
+            plgpu.copy_gmem_to_smem(src, dst, row_bar.at[i * WGS + row])
+
+    start() if issue is True else pl.when(issue)(start)
+
     for i in range(len(loads)):
-        plgpu.barrier_wait(row_bar.at[i * WGS + wg])
+        plgpu.barrier_wait(row_bar.at[i * WGS + row])
+
+
+def _store_rows(pairs, done, share, wg):
+    """Write each (value, smem tile, gmem ref) of a warpgroup's result out through shared memory.
+    Sharing rows, each warpgroup writes its columns once the other stopped reading the tile, and
+    the first copies the whole tile once both wrote (TMA needs a contiguous tile)."""
+    def both_here():
+        if share.by_columns:
+            plgpu.barrier_arrive(done)
+            plgpu.barrier_wait(done)
+
+    both_here()
+    for value, smem, _ in pairs:
+        share.own(smem, wg)[...] = value
+    plgpu.commit_smem()
+    both_here()
+
+    def copy():
+        for _, smem, gmem in pairs:
+            plgpu.copy_smem_to_gmem(smem, gmem, commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.when(wg == 0)(copy) if share.by_columns else copy()
 
 
 def _stream(ns, n_streams):
@@ -74,11 +133,12 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
     B, S, H, D = q.shape
     R = H // k.shape[2]
     bkv, ns, dtype = t.block_kv_dq, t.slots, q.dtype
-    n_kv, n_cta = S // bkv, S // (WGS * ROWS)
+    share = _share(D)
+    n_kv, n_cta = S // bkv, S // (share.row_tiles * ROWS)
     band, segs = _band(problem), problem.has_segments
     c = problem.sm_scale * LOG2E
 
-    def body(*refs):
+    def flash_bwd_dq(*refs):  # the name profilers show
         n_in = 7 if segs else 6
         ins, (dq_ref,), scratch = refs[:n_in], refs[n_in:n_in + 1], refs[n_in + 1:]
         if segs:
@@ -86,30 +146,31 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
         else:
             (q_ref, k_ref, v_ref, lse_ref, delta_ref, do_ref), seg_ref = ins, None
         (q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, segq_smem, segk_smem,
-         row_bar, k_full, v_full, s_full, used) = scratch
+         row_bar, done, k_full, v_full, s_full, used) = scratch
         b, h = lax.axis_index("batch"), lax.axis_index("heads")
         g = lax.div(h, jnp.int32(R))
         cta = n_cta - 1 - lax.axis_index("q")
         wg = lax.axis_index("wg")
-        cta_r0 = cta * (WGS * ROWS)
-        lo_cta, hi_cta = _cta_range(cta_r0, bkv, n_kv, band, segs)
+        cta_r0 = cta * (share.row_tiles * ROWS)
+        lo_cta, hi_cta = _cta_range(cta_r0, share.row_tiles * ROWS, bkv, n_kv, band, segs)
 
         @pl.when(wg < WGS)
         def _consumer():
             plgpu.set_max_registers(232, action="increase")
-            r0 = cta_r0 + wg * ROWS
+            row = share.row(wg)
+            r0 = cta_r0 + row * ROWS
             rows = (b, pl.ds(r0, ROWS), h)
-            qs, dos = q_smem.at[wg], do_smem.at[wg]
+            qs, dos = q_smem.at[row], do_smem.at[row]
             loads = [(q_ref.at[rows], qs), (do_ref.at[rows], dos),
-                     (lse_ref.at[b, h, pl.ds(r0, ROWS)], lse_smem.at[wg]),
-                     (delta_ref.at[b, h, pl.ds(r0, ROWS)], delta_smem.at[wg])]
+                     (lse_ref.at[b, h, pl.ds(r0, ROWS)], lse_smem.at[row]),
+                     (delta_ref.at[b, h, pl.ds(r0, ROWS)], delta_smem.at[row])]
             if segs:
-                loads.append((seg_ref.at[b, pl.ds(r0, ROWS)], segq_smem.at[wg]))
-            _load_rows(loads, row_bar, wg)
+                loads.append((seg_ref.at[b, pl.ds(r0, ROWS)], segq_smem.at[row]))
+            _load_rows(loads, row_bar, row, share.issues(wg))
             row_layout = plgpu.Layout.WGMMA.reduce(1)
-            lse_rows = plgpu.load(lse_smem.at[wg], layout=row_layout)
-            delta_rows = plgpu.load(delta_smem.at[wg], layout=row_layout)
-            seg_rows = plgpu.load(segq_smem.at[wg], layout=row_layout) if segs else None
+            lse_rows = plgpu.load(lse_smem.at[row], layout=row_layout)
+            delta_rows = plgpu.load(delta_smem.at[row], layout=row_layout)
+            seg_rows = plgpu.load(segq_smem.at[row], layout=row_layout) if segs else None
             lo, hi, full_lo, full_hi = _block_ranges(r0, r0 + ROWS, bkv, n_kv, *band, segs)
             shape = (ROWS, bkv)
 
@@ -130,17 +191,16 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
                 ds = p * (dp - lax.broadcast_in_dim(delta_rows, shape, [0]))
 
                 def dq_mm(acc_ref):
-                    plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+                    plgpu.wgmma(acc_ref, ds.astype(dtype), share.own(k_smem.at[slot], wg))
 
                 dq_acc = pl.run_state(dq_mm)(plgpu.ACC.init(dq_acc))
                 plgpu.barrier_arrive(used.at[slot])
                 return dq_acc
 
-            dq_acc = _walk(lo_cta, hi_cta, lo, hi, full_lo, full_hi, step, _zeros((ROWS, D)))
-            qs[...] = (dq_acc * problem.sm_scale).astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(qs, dq_ref.at[rows])
-            plgpu.wait_smem_to_gmem(0)
+            dq_acc = _walk(lo_cta, hi_cta, lo, hi, full_lo, full_hi, step,
+                           _zeros((ROWS, share.cols)))
+            _store_rows([((dq_acc * problem.sm_scale).astype(dtype), qs, dq_ref.at[rows])],
+                        done, share, wg)
 
         @pl.when(wg == WGS)
         def _producer():
@@ -158,16 +218,17 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
                     plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds(j * bkv, bkv)],
                                             segk_smem.at[slot], s_full.at[slot])
 
+    nr = share.row_tiles
     scratch = [
-        _smem_tile((WGS, ROWS, D), dtype), _smem_tile((WGS, ROWS, D), dtype),
+        _smem_tile((nr, ROWS, D), dtype), _smem_tile((nr, ROWS, D), dtype),
         _smem_tile((ns, bkv, D), dtype), _smem_tile((ns, bkv, D), dtype),
-        plgpu.SMEM((WGS, ROWS), jnp.float32), plgpu.SMEM((WGS, ROWS), jnp.float32),
-        plgpu.SMEM((WGS, ROWS), jnp.int32), plgpu.SMEM((ns, bkv), jnp.int32),
-        plgpu.Barrier(num_barriers=5 * WGS), *_stream(ns, 3),
+        plgpu.SMEM((nr, ROWS), jnp.float32), plgpu.SMEM((nr, ROWS), jnp.float32),
+        plgpu.SMEM((nr, ROWS), jnp.int32), plgpu.SMEM((ns, bkv), jnp.int32),
+        plgpu.Barrier(num_barriers=5 * WGS), plgpu.Barrier(num_arrivals=WGS), *_stream(ns, 3),
     ]
     args = (q, k, v) + ((segment_ids,) if segs else ()) + (lse2, delta, do)
     return plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=scratch,
+        flash_bwd_dq, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=scratch,
         grid=(H, n_cta, B), grid_names=("heads", "q", "batch"),
         num_threads=WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -179,11 +240,12 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
     G = k.shape[2]
     R = H // G
     bq, ns, dtype = t.block_q_dkv, t.slots, q.dtype
-    n_q, n_cta = S // bq, S // (WGS * ROWS)
+    share = _share(D)
+    n_q, n_cta = S // bq, S // (share.row_tiles * ROWS)
     band, segs = _transposed(_band(problem)), problem.has_segments  # rows are keys here
     c = problem.sm_scale * LOG2E
 
-    def body(*refs):
+    def flash_bwd_dkv(*refs):  # the name profilers show
         n_in = 7 if segs else 6
         ins, (dk_ref, dv_ref), scratch = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:]
         if segs:
@@ -191,25 +253,26 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
         else:
             (q_ref, k_ref, v_ref, lse_ref, delta_ref, do_ref), seg_ref = ins, None
         (k_smem, v_smem, segk_smem, q_smem, do_smem, lse_smem, delta_smem, segq_smem,
-         row_bar, q_full, do_full, l_full, d_full, s_full, used) = scratch
+         row_bar, done, q_full, do_full, l_full, d_full, s_full, used) = scratch
         b, g = lax.axis_index("batch"), lax.axis_index("kv_heads")
         cta = lax.axis_index("kv")  # early key tiles see the most queries: already first
         wg = lax.axis_index("wg")
-        cta_r0 = cta * (WGS * ROWS)
-        lo_cta, hi_cta = _cta_range(cta_r0, bq, n_q, band, segs)
+        cta_r0 = cta * (share.row_tiles * ROWS)
+        lo_cta, hi_cta = _cta_range(cta_r0, share.row_tiles * ROWS, bq, n_q, band, segs)
         n_steps = hi_cta - lo_cta  # per q head of the group
 
         @pl.when(wg < WGS)
         def _consumer():
             plgpu.set_max_registers(232, action="increase")
-            r0 = cta_r0 + wg * ROWS
+            row = share.row(wg)
+            r0 = cta_r0 + row * ROWS
             rows = (b, pl.ds(r0, ROWS), g)
-            ks, vs = k_smem.at[wg], v_smem.at[wg]
+            ks, vs = k_smem.at[row], v_smem.at[row]
             loads = [(k_ref.at[rows], ks), (v_ref.at[rows], vs)]
             if segs:
-                loads.append((seg_ref.at[b, pl.ds(r0, ROWS)], segk_smem.at[wg]))
-            _load_rows(loads, row_bar, wg)
-            seg_rows = (plgpu.load(segk_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                loads.append((seg_ref.at[b, pl.ds(r0, ROWS)], segk_smem.at[row]))
+            _load_rows(loads, row_bar, row, share.issues(wg))
+            seg_rows = (plgpu.load(segk_smem.at[row], layout=plgpu.Layout.WGMMA.reduce(1))
                         if segs else None)
             lo, hi, full_lo, full_hi = _block_ranges(r0, r0 + ROWS, bq, n_q, *band, segs)
             shape = (ROWS, bq)
@@ -236,8 +299,9 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
 
                     def grads(refs):
                         dk_ref_acc, dv_ref_acc = refs
-                        plgpu.wgmma(dv_ref_acc, pT.astype(dtype), do_smem.at[slot])
-                        plgpu.wgmma(dk_ref_acc, dsT.astype(dtype), q_smem.at[slot])
+                        dos, qs = (share.own(r.at[slot], wg) for r in (do_smem, q_smem))
+                        plgpu.wgmma(dv_ref_acc, pT.astype(dtype), dos)
+                        plgpu.wgmma(dk_ref_acc, dsT.astype(dtype), qs)
 
                     dk_acc, dv_acc = pl.run_state(grads)((plgpu.ACC.init(dk_acc),
                                                           plgpu.ACC.init(dv_acc)))
@@ -246,14 +310,10 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
 
                 return _walk(lo_cta, hi_cta, lo, hi, full_lo, full_hi, step, carry)
 
-            dk_acc, dv_acc = lax.fori_loop(0, R, head, (_zeros((ROWS, D)), _zeros((ROWS, D))))
-            ks[...] = (dk_acc * problem.sm_scale).astype(dtype)
-            vs[...] = dv_acc.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(ks, dk_ref.at[rows], commit_group=False)
-            plgpu.copy_smem_to_gmem(vs, dv_ref.at[rows], commit_group=False)
-            plgpu.commit_smem_to_gmem_group()
-            plgpu.wait_smem_to_gmem(0)
+            acc = _zeros((ROWS, share.cols))
+            dk_acc, dv_acc = lax.fori_loop(0, R, head, (acc, acc))
+            _store_rows([((dk_acc * problem.sm_scale).astype(dtype), ks, dk_ref.at[rows]),
+                         (dv_acc.astype(dtype), vs, dv_ref.at[rows])], done, share, wg)
 
         @pl.when(wg == WGS)
         def _producer():
@@ -278,17 +338,18 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
                     plgpu.copy_gmem_to_smem(seg_ref.at[b, cols], segq_smem.at[slot],
                                             s_full.at[slot])
 
+    nr = share.row_tiles
     scratch = [
-        _smem_tile((WGS, ROWS, D), dtype), _smem_tile((WGS, ROWS, D), dtype),
-        plgpu.SMEM((WGS, ROWS), jnp.int32),
+        _smem_tile((nr, ROWS, D), dtype), _smem_tile((nr, ROWS, D), dtype),
+        plgpu.SMEM((nr, ROWS), jnp.int32),
         _smem_tile((ns, bq, D), dtype), _smem_tile((ns, bq, D), dtype),
         plgpu.SMEM((ns, bq), jnp.float32), plgpu.SMEM((ns, bq), jnp.float32),
         plgpu.SMEM((ns, bq), jnp.int32),
-        plgpu.Barrier(num_barriers=3 * WGS), *_stream(ns, 5),
+        plgpu.Barrier(num_barriers=3 * WGS), plgpu.Barrier(num_arrivals=WGS), *_stream(ns, 5),
     ]
     args = (q, k, v) + ((segment_ids,) if segs else ()) + (lse2, delta, do)
     return plgpu.kernel(
-        body, out_type=(jax.ShapeDtypeStruct(k.shape, dtype),) * 2, scratch_types=scratch,
+        flash_bwd_dkv, out_type=(jax.ShapeDtypeStruct(k.shape, dtype),) * 2, scratch_types=scratch,
         grid=(G, n_cta, B), grid_names=("kv_heads", "kv", "batch"),
         num_threads=WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),

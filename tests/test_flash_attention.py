@@ -57,6 +57,8 @@ CASES = {
     "bf16_default_blocks_pad72": Case(1, 72, 2, 1, 64, causal=False, blocks=None,
                                       dtype="bfloat16"),
     "fp16_gqa2_causal_window": Case(1, 96, 4, 2, 64, window=40, dtype="float16"),
+    "bf16_d256_gqa2_causal_segments_pad130": Case(1, 130, 4, 2, 256, segments=True,
+                                                  dtype="bfloat16"),
 }
 HOPPER = on_hopper()
 
