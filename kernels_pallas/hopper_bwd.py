@@ -43,10 +43,6 @@ from kernels_pallas.hopper import (
 def backward(q, k, v, segment_ids, lse, delta, do, problem):
     t = tiles(problem, q.shape[-1])
     lse2 = lse * LOG2E  # the kernels work in base 2
-    import os
-    if os.environ.get("FUSED") == "1" and q.shape[-1] <= 128:
-        from kernels_pallas.hopper_fused import fused_backward
-        return fused_backward(q, k, v, segment_ids, lse2, delta, do, problem, t)
     dq = _dq(q, k, v, segment_ids, lse2, delta, do, problem, t)
     dk, dv = _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t)
     return dq, dk, dv
