@@ -19,8 +19,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from kernels_pallas import blocked
-from kernels_pallas.flash import (BlockSizes, Problem, flash_attention, flash_attention_with_lse,
-                                  on_hopper)
+from kernels_pallas.flash import (MOSAIC_GPU_JAX, BlockSizes, Problem, flash_attention,
+                                  flash_attention_with_lse, on_hopper)
 from kernels_pallas.reference import attention_reference, visible_BxSxT
 
 B32 = BlockSizes(32, 32, 32, 32)
@@ -286,6 +286,33 @@ def test_lowers_to_mosaic_tpu(S, H, G, D, dtype, kw):
 def test_tpu_kv_blocks_fill_the_lanes():
     with pytest.raises(ValueError, match="multiples of 128 or the whole padded sequence"):
         lower_for_tpu(1024, 2, 2, 64, jnp.bfloat16, block_sizes=BlockSizes(block_kv=64))
+
+
+@pytest.mark.parametrize("D,G,kw", [
+    (128, 2, dict(causal=True)),
+    (64, 1, dict(causal=False, sliding_window=100, segments=True)),
+    (256, 2, dict(causal=True, segments=True)),
+    (256, 4, dict(causal=False, sliding_window=200)),
+])
+def test_hopper_kernels_lower_for_cuda(D, G, kw):
+    """With jax >= 0.11 the Hopper kernels (forward, dQ, dK/dV) lower for CUDA without a GPU,
+    which checks their shared-memory budget and layouts; older jax gets one clear error."""
+    segments = kw.pop("segments", False)
+    q = jax.ShapeDtypeStruct((1, 1000, 4, D), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 1000, G, D), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((1, 1000), jnp.int32) if segments else None
+
+    def loss(q, k, v, seg):
+        out = flash_attention(q, k, v, segment_ids=seg, backend="mosaic_gpu", **kw)
+        return jnp.sum(out.astype(jnp.float32))
+
+    lower = lambda: jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, seg).lower(
+        lowering_platforms=("cuda",)).as_text()
+    if tuple(int(x) for x in jax.__version__.split(".")[:2]) < MOSAIC_GPU_JAX:
+        with pytest.raises(ValueError, match="mosaic_gpu \\(Hopper\\) kernels need jax"):
+            lower()
+    else:
+        assert lower().count("mosaic_gpu") >= 3
 
 
 @pytest.mark.parametrize("change,match", [
