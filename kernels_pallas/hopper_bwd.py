@@ -6,8 +6,8 @@ shared-memory buffers, two consumer warpgroups of 64 rows each; here one "consum
 slot covers all of a step's tiles, since every tile is used until the step's last wgmma.
 Gradients w.r.t. the unscaled logits are dS = P * (dP - delta); dQ = scale * dS K and
 dK = scale * dS^T Q. The split recomputes S and dP for dQ (7 matmuls per tile pair, not 5), yet
-a fused kernel adding dQ shares into a float32 buffer by TMA reduce-add measured slower on an H100
-(benchmarks/RESULTS.md), so the split stays.
+two fused designs adding dQ shares into a float32 buffer by TMA reduce-add measured slower on an
+H100 (benchmarks/RESULTS.md; the second is commit 69445e4), so the split stays.
 
 Up to head_dim 128 each consumer owns 64 rows. At 256 the float32 accumulators of 64 rows (dK and
 dV: 2 x 128 registers per thread) would not fit, so both consumers take the same 64 rows, both
@@ -87,8 +87,7 @@ def _two_products(shape, a1, b1, a2, b2):
 
 def _load_rows(loads, row_bar, row, issue):
     """A row tile's fixed tiles for the whole kernel: all copies in flight (if `issue`), then all
-    waits (each copy has its own barrier: one mbarrier counts one
-    expected transfer)."""
+    waits (each copy has its own barrier: one mbarrier counts one expected transfer)."""
     def start():
         for i, (src, dst) in enumerate(loads):
             plgpu.copy_gmem_to_smem(src, dst, row_bar.at[i * WGS + row])
