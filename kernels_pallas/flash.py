@@ -67,10 +67,13 @@ def default_backend() -> str:
 MOSAIC_GPU_JAX = (0, 11)  # the Pallas Mosaic GPU API the Hopper kernels are written against
 
 
+def jax_has_mosaic_gpu_api() -> bool:
+    return tuple(int(x) for x in jax.__version__.split(".")[:2]) >= MOSAIC_GPU_JAX
+
+
 def _backend_module(name: str):
     if name == "mosaic_gpu":
-        version = tuple(int(x) for x in jax.__version__.split(".")[:2])
-        if version < MOSAIC_GPU_JAX:
+        if not jax_has_mosaic_gpu_api():
             raise ValueError(f"flash_attention: the mosaic_gpu (Hopper) kernels need jax >= "
                              f"{'.'.join(map(str, MOSAIC_GPU_JAX))}; this is jax {jax.__version__}")
         from kernels_pallas import hopper

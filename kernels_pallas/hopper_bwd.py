@@ -55,6 +55,10 @@ class _Share(NamedTuple):
     row_tiles: int   # 64-row tiles per CTA
     cols: int        # output columns per warpgroup
 
+    @property
+    def cta_rows(self):
+        return self.row_tiles * ROWS
+
     def row(self, wg):
         """Which of the CTA's row tiles warpgroup `wg` works on. (wg * 0, not 0: Mosaic GPU in
         jax 0.11 fails to lower a loop body that uses a ref view at a constant index.)"""
@@ -133,7 +137,7 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
     R = H // k.shape[2]
     bkv, ns, dtype = t.block_kv_dq, t.slots, q.dtype
     share = _share(D)
-    n_kv, n_cta = S // bkv, S // (share.row_tiles * ROWS)
+    n_kv, n_cta = S // bkv, S // share.cta_rows
     band, segs = _band(problem), problem.has_segments
     c = problem.sm_scale * LOG2E
 
@@ -150,8 +154,8 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
         g = lax.div(h, jnp.int32(R))
         cta = n_cta - 1 - lax.axis_index("q")
         wg = lax.axis_index("wg")
-        cta_r0 = cta * (share.row_tiles * ROWS)
-        lo_cta, hi_cta = _cta_range(cta_r0, share.row_tiles * ROWS, bkv, n_kv, band, segs)
+        cta_r0 = cta * share.cta_rows
+        lo_cta, hi_cta = _cta_range(cta_r0, share.cta_rows, bkv, n_kv, band, segs)
 
         @pl.when(wg < WGS)
         def _consumer():
@@ -240,7 +244,7 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
     R = H // G
     bq, ns, dtype = t.block_q_dkv, t.slots, q.dtype
     share = _share(D)
-    n_q, n_cta = S // bq, S // (share.row_tiles * ROWS)
+    n_q, n_cta = S // bq, S // share.cta_rows
     band, segs = _transposed(_band(problem)), problem.has_segments  # rows are keys here
     c = problem.sm_scale * LOG2E
 
@@ -256,8 +260,8 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
         b, g = lax.axis_index("batch"), lax.axis_index("kv_heads")
         cta = lax.axis_index("kv")  # early key tiles see the most queries: already first
         wg = lax.axis_index("wg")
-        cta_r0 = cta * (share.row_tiles * ROWS)
-        lo_cta, hi_cta = _cta_range(cta_r0, share.row_tiles * ROWS, bq, n_q, band, segs)
+        cta_r0 = cta * share.cta_rows
+        lo_cta, hi_cta = _cta_range(cta_r0, share.cta_rows, bq, n_q, band, segs)
         n_steps = hi_cta - lo_cta  # per q head of the group
 
         @pl.when(wg < WGS)

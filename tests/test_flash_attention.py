@@ -19,8 +19,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from kernels_pallas import blocked
-from kernels_pallas.flash import (MOSAIC_GPU_JAX, BlockSizes, Problem, flash_attention,
-                                  flash_attention_with_lse, on_hopper)
+from kernels_pallas.flash import (BlockSizes, Problem, flash_attention, flash_attention_with_lse,
+                                  jax_has_mosaic_gpu_api, on_hopper)
 from kernels_pallas.reference import attention_reference, visible_BxSxT
 
 B32 = BlockSizes(32, 32, 32, 32)
@@ -308,7 +308,7 @@ def test_hopper_kernels_lower_for_cuda(D, G, kw):
 
     lower = lambda: jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, seg).lower(
         lowering_platforms=("cuda",)).as_text()
-    if tuple(int(x) for x in jax.__version__.split(".")[:2]) < MOSAIC_GPU_JAX:
+    if not jax_has_mosaic_gpu_api():
         with pytest.raises(ValueError, match="mosaic_gpu \\(Hopper\\) kernels need jax"):
             lower()
     else:
