@@ -200,14 +200,21 @@ def _lanes(x_Qx1):
 
 # ---- kernels ----
 
+def _kv_visit(problem, q_ref, k_ref, nk):
+    """(qi, j, ki, hi) at a step of the forward / dq grid (`_q_row_grid`): q block qi's j-th
+    step visits kv block ki of its band, whose last block is hi."""
+    bq, bk = q_ref.shape[0], k_ref.shape[0]
+    qi, j = pl.program_id(2), pl.program_id(3)
+    lo, hi = _kv_band(problem, qi, bq, bk, nk)
+    return qi, j, lo + j, hi
+
+
 def _fwd_kernel(*refs, problem, nk, steps):
     q_ref, k_ref, v_ref, *refs = refs
     seg_q_ref, seg_kv_ref = (refs.pop(0), refs.pop(0)) if problem.has_segments else (None, None)
     o_ref, lse_ref, m_scr, l_scr, acc_scr = refs
     bq, bk = q_ref.shape[0], k_ref.shape[0]
-    qi, j = pl.program_id(2), pl.program_id(3)
-    lo, hi = _kv_band(problem, qi, bq, bk, nk)
-    ki = lo + j
+    qi, j, ki, hi = _kv_visit(problem, q_ref, k_ref, nk)
 
     @pl.when(j == 0)
     def _init():
@@ -241,9 +248,7 @@ def _dq_kernel(*refs, problem, nk, steps):
     seg_q_ref, seg_kv_ref = (refs.pop(0), refs.pop(0)) if problem.has_segments else (None, None)
     dq_ref, dq_scr = refs
     bq, bk = q_ref.shape[0], k_ref.shape[0]
-    qi, j = pl.program_id(2), pl.program_id(3)
-    lo, hi = _kv_band(problem, qi, bq, bk, nk)
-    ki = lo + j
+    qi, j, ki, hi = _kv_visit(problem, q_ref, k_ref, nk)
 
     @pl.when(j == 0)
     def _init():
@@ -322,21 +327,30 @@ def _tile(rows, cols, index_map):
     return pl.BlockSpec((None, None, rows, cols), index_map)
 
 
+def _q_row_grid(problem, bq, bk, nq, nk, R):
+    """The forward's and dq's grid (b, h, i, j): q block i of q head h walks its kv band, j-th
+    step at `_kv_visit`. -> (steps, q_rows, kv_rows, segment specs ([] without segments))."""
+    band = functools.partial(_kv_band, problem, bq=bq, bk=bk, nk=nk)
+    kv_block = _clamped(band)
+    q_rows = lambda b, h, i, j: (b, h, i, 0)  # noqa: E731
+    kv_rows = lambda b, h, i, j: (b, h // R, kv_block(i, j), 0)  # noqa: E731
+    seg_specs = []
+    if problem.has_segments:
+        seg_specs = [pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
+                     pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_block(i, j)))]
+    return _steps(band, nq), q_rows, kv_rows, seg_specs
+
+
 def forward(q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, segment_ids_BxS, problem):
     """-> (out [B, S, H, D] in q's dtype, lse [B, H, S] float32, natural log)."""
     B, S, H, D = q_BxSxHxD.shape
     R = H // k_BxSxGxD.shape[2]
     t = _tiles(problem, S)
     bq, bk, nq, nk = t.bq, t.bk, S // t.bq, S // t.bk
-    band = functools.partial(_kv_band, problem, bq=bq, bk=bk, nk=nk)
-    steps, kv_block = _steps(band, nq), _clamped(band)
-    q_rows = lambda b, h, i, j: (b, h, i, 0)  # noqa: E731
-    kv_rows = lambda b, h, i, j: (b, h // R, kv_block(i, j), 0)  # noqa: E731
-    in_specs = [_tile(bq, D, q_rows), _tile(bk, D, kv_rows), _tile(bk, D, kv_rows)]
+    steps, q_rows, kv_rows, seg_specs = _q_row_grid(problem, bq, bk, nq, nk, R)
+    in_specs = [_tile(bq, D, q_rows), _tile(bk, D, kv_rows), _tile(bk, D, kv_rows), *seg_specs]
     operands = [_bhsd(q_BxSxHxD), _bhsd(k_BxSxGxD), _bhsd(v_BxSxGxD)]
     if problem.has_segments:
-        in_specs += [pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
-                     pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_block(i, j)))]
         operands += _segment_operands(segment_ids_BxS)
     out_specs = [_tile(bq, D, q_rows), _tile(bq, LANES, q_rows)]
     out_shape = [jax.ShapeDtypeStruct((B, H, S, D), q_BxSxHxD.dtype),
@@ -365,15 +379,10 @@ def backward(q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, segment_ids_BxS, lse_BxHxS, delta_
         operands += _segment_operands(segment_ids_BxS)
 
     # dq: one q block of one q head per (b, h, i), walking its kv band
-    kv_band = functools.partial(_kv_band, problem, bq=bq, bk=bk, nk=nk)
-    kv_steps, kv_block = _steps(kv_band, nq), _clamped(kv_band)
-    q_rows = lambda b, h, i, j: (b, h, i, 0)  # noqa: E731
-    kv_rows = lambda b, h, i, j: (b, h // R, kv_block(i, j), 0)  # noqa: E731
+    kv_steps, q_rows, kv_rows, seg_specs = _q_row_grid(problem, bq, bk, nq, nk, R)
     in_specs = [_tile(bq, D, q_rows), _tile(bk, D, kv_rows), _tile(bk, D, kv_rows),
-                _tile(bq, D, q_rows), _tile(bq, LANES, q_rows), _tile(bq, LANES, q_rows)]
-    if problem.has_segments:
-        in_specs += [pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
-                     pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_block(i, j)))]
+                _tile(bq, D, q_rows), _tile(bq, LANES, q_rows), _tile(bq, LANES, q_rows),
+                *seg_specs]
     dq_BxHxSxD = _call(
         functools.partial(_dq_kernel, problem=problem, nk=nk, steps=kv_steps), problem,
         (B, H, nq, kv_steps), in_specs, _tile(bq, D, q_rows),
