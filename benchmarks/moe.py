@@ -7,7 +7,7 @@ On the GPU, from the repo root:
 On CPU, to check that it runs (tiny shapes through the same code):
   PYTHONPATH=. python3 benchmarks/moe.py --steps 3 model.d_model=64 model.num_layers=2 \
       model.num_heads=4 model.num_kv_heads=2 model.ffn_dim=128 model.expert_ffn_dim=128 \
-      model.vocab_size=512 model.dtype=float32 model.attention=xla model.scan_unroll=1 \
+      model.vocab_size=512 model.dtype=float32 model.attention_impl=xla model.scan_unroll=1 \
       data.seq_len=128 train.global_batch_size=4
 Prints a markdown table per part and one `RESULT {json}` line.
 """
@@ -40,8 +40,8 @@ def train_throughput(cfg, steps):
     import numpy as np
     from jaxlm.config import MESH_AXES
     from jaxlm.data import SyntheticDataset
-    from jaxlm.metrics import flops_per_token, mfu, peak_flops
-    from jaxlm.sharding import make_mesh
+    from jaxlm.metrics import mfu, peak_flops
+    from jaxlm.parallel.sharding import make_mesh
     from jaxlm.step import build_step_fns
 
     mesh = make_mesh({a: 1 for a in MESH_AXES}, jax.devices()[:1])
@@ -49,8 +49,8 @@ def train_throughput(cfg, steps):
     state = fns.init(0)
     B, S = cfg.train.global_batch_size, cfg.data.seq_len
     data = SyntheticDataset(cfg.model.vocab_size, S)
-    batches = [jax.device_put(data.get(np.arange(i * B, (i + 1) * B)), fns.batch_sharding)
-               for i in range(2)]
+    rows = [data.get(np.arange(i * B, (i + 1) * B)) for i in range(2)]
+    batches = [jax.device_put({k: r[k] for k in data.fields}, fns.batch_sharding) for r in rows]
     t0 = time.perf_counter()
     state, m = fns.train_step(state, batches[0])
     jax.block_until_ready(m)
@@ -64,7 +64,7 @@ def train_throughput(cfg, steps):
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t0) / steps
     tps = B * S / dt
-    f_tok = flops_per_token(cfg.model, S)
+    f_tok = cfg.model.flops_per_token(S)
     peak = peak_flops(jax.devices()[0].device_kind, cfg.log.peak_tflops)
     m = jax.device_get(m)
     return {"dispatch": cfg.model.dispatch, "step_ms": dt * 1e3, "tokens_per_sec": tps,

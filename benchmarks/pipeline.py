@@ -35,9 +35,9 @@ def mesh_shape(devices: int, num_layers: int, rows: int, stages: int = 0) -> tup
 
 def measure(files, overrides, steps, devices):
     import jax
-    from jaxlm import pipeline
+    from jaxlm.parallel import pipeline
     from jaxlm.config import ConfigError, check_against_devices, load_config
-    from jaxlm.sharding import make_mesh
+    from jaxlm.parallel.sharding import make_mesh
     from jaxlm.steptime import time_train_step
 
     cfg = load_config(files, overrides)

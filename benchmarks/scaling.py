@@ -35,14 +35,14 @@ def preset_args(name, n):
 def measure(config_files, overrides, n, steps):
     import jax
     from jaxlm.config import check_against_devices, load_config
-    from jaxlm.metrics import flops_per_token, mfu, peak_flops, peak_memory_bytes
-    from jaxlm.sharding import make_mesh
+    from jaxlm.metrics import mfu, peak_flops, peak_memory_bytes
+    from jaxlm.parallel.sharding import make_mesh
     from jaxlm.steptime import time_train_step
 
     cfg = load_config(config_files, overrides)
     mesh = make_mesh(check_against_devices(cfg, n), jax.devices()[:n])
     t = time_train_step(cfg, mesh, steps=steps)
-    f = flops_per_token(cfg.model, cfg.data.seq_len)
+    f = cfg.model.flops_per_token(cfg.data.seq_len)
     mem = peak_memory_bytes()
     return {"devices": n, "step_s": t.step_s, "tokens_per_sec": t.tokens_per_sec,
             "tokens_per_sec_per_device": t.tokens_per_sec / n,

@@ -33,8 +33,7 @@ SHAPES = {  # jaxlm overrides, ref_models.py overrides, MaxText overrides
 def run_jaxlm(overrides):
     import jax
     from jaxlm.config import check_against_devices, load_config
-    from jaxlm.metrics import flops_per_token
-    from jaxlm.sharding import make_mesh
+    from jaxlm.parallel.sharding import make_mesh
     from jaxlm.steptime import time_train_step
     from jaxlm.train import configure_runtime, run
     cfg = load_config(["configs/llama-1b.yaml"],
@@ -52,7 +51,7 @@ def run_jaxlm(overrides):
             "compile_s": last["compile_time_s"], "peak_mem_gib": last["peak_mem_gib"],
             "bare_step_ms": bare * 1e3,
             "host_overhead": (last["step_time_s"] - bare) / last["step_time_s"],
-            "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len)}
+            "flops_per_token": cfg.model.flops_per_token(cfg.data.seq_len)}
 
 
 def run_worker(overrides, label):

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import re
-import types
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from jaxlm.config_fields import ConfigError, check_field, check_fields, coerce
 from jaxlm.config_schema import (  # noqa: F401  (re-exported: the public config API)
-    ConfigError, ModelConfig, MESH_AXES, DEFAULT_RULES, DcnConfig,
-    MeshConfig, PipelineConfig, DataConfig, MIXTURE_KEYS, OptimConfig,
-    TrainConfig, CheckpointConfig, LogConfig, RuntimeConfig, DistributedConfig,
-    Config)
+    DEFAULT_FAMILY, MESH_AXES, DEFAULT_RULES, DcnConfig, MeshConfig, PipelineConfig, DataConfig,
+    MIXTURE_KEYS, OptimConfig, TrainConfig, CheckpointConfig, LogConfig, RuntimeConfig,
+    DistributedConfig, Config)
+from jaxlm.models.config import ModelConfig, fields_of  # noqa: F401  (ModelConfig: re-exported)
+from jaxlm.models.registry import families, family
+
+# Keys that were renamed: the old name gets one error naming the new one.
+RENAMED = {"model.attention": "model.attention_impl"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -50,7 +53,7 @@ def _check_data(d: DataConfig):
     for i, (src, _) in enumerate(d.sources()):
         where = f"data.mixture[{i}]" if d.source == "mixture" else "data"
         for key, meta in ((f.name, f.metadata) for f in dataclasses.fields(DataConfig)):
-            _check_field(f"{where}.{key}", getattr(src, key), meta)
+            check_field(f"{where}.{key}", getattr(src, key), meta)
         if src.source == "mixture":
             raise ConfigError(f"{where}.source: a mixture entry cannot itself be a mixture")
         need = {"files": "path", "tokens": "path", "tfds": "tfds_name"}.get(src.source)
@@ -61,17 +64,28 @@ def _check_data(d: DataConfig):
 # ---------------------------------------------------------------- loading
 
 def load_config(paths: list[str] | str | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then each YAML file in order, then `a.b=c` overrides; validated."""
+    """Defaults, then each YAML file in order, then `a.b=c` overrides; validated. The model
+    section is the dataclass of the family the last `model.family` among them names."""
     if isinstance(paths, str):
         paths = [paths]
-    cfg = Config()
-    for path in paths or []:
-        _apply_tree(cfg, _read_yaml(path), source=path)
+    trees = [(path, _read_yaml(path)) for path in paths or []]
     for item in overrides:
         key, value = _parse_override(item)
-        _apply_tree(cfg, _nest(key, value), source="command line")
+        trees.append(("command line", _nest(key, value)))
+    cfg = Config(model=family(_family_of(trees)).config())
+    for source, tree in trees:
+        _apply_tree(cfg, tree, source=source)
     validate(cfg)
     return cfg
+
+
+def _family_of(trees) -> str:
+    name = DEFAULT_FAMILY
+    for source, tree in trees:
+        model = tree.get("model") if isinstance(tree, dict) else None
+        if isinstance(model, dict) and "family" in model:
+            name = coerce(model["family"], str, "model.family", source)
+    return name
 
 
 def _read_yaml(path: str) -> dict:
@@ -131,11 +145,20 @@ def all_keys(obj=None, prefix="") -> list[str]:
     return out
 
 
-def _unknown_key(dotted: str, source: str, value=None) -> ConfigError:
+def _unknown_key(cfg: Config, dotted: str, source: str, value=None) -> ConfigError:
     while isinstance(value, dict) and value:  # a misspelled section: name a full key inside it
         name, value = next(iter(value.items()))
         dotted = f"{dotted}.{name}"
-    keys = all_keys() + [f.name for f in dataclasses.fields(Config)]
+    if dotted in RENAMED:
+        return ConfigError(f"{source}: '{dotted}' was renamed to '{RENAMED[dotted]}'")
+    section, _, leaf = dotted.partition(".")
+    if section == "model":
+        owners = [f.name for f in families().values() if leaf in fields_of(f.config())]
+        if owners:
+            return ConfigError(f"{source}: unknown key '{dotted}' for model.family="
+                               f"{cfg.model.family}; it belongs to model.family="
+                               f"{' or '.join(owners)}")
+    keys = all_keys(cfg) + [f.name for f in dataclasses.fields(Config)]
     close = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.5)
     if not close:  # fall back to matching the last component anywhere
         leaf = dotted.rsplit(".", 1)[-1]
@@ -145,7 +168,8 @@ def _unknown_key(dotted: str, source: str, value=None) -> ConfigError:
     return ConfigError(f"{source}: unknown key '{dotted}'{hint}")
 
 
-def _apply_tree(obj, tree: dict, source: str, prefix: str = ""):
+def _apply_tree(cfg: Config, tree: dict, source: str, obj=None, prefix: str = ""):
+    obj = cfg if obj is None else obj
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: '{prefix.rstrip('.')}' is a section; expected a mapping, "
                           f"got {tree!r}")
@@ -154,73 +178,20 @@ def _apply_tree(obj, tree: dict, source: str, prefix: str = ""):
     for name, value in tree.items():
         dotted = f"{prefix}{name}"
         if name not in fields:
-            raise _unknown_key(dotted, source, value)
+            raise _unknown_key(cfg, dotted, source, value)
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
-            _apply_tree(current, value, source, dotted + ".")
+            _apply_tree(cfg, value, source, current, dotted + ".")
         else:
-            setattr(obj, name, _coerce(value, hints[name], dotted, source))
-
-
-def _type_name(tp) -> str:
-    names = {int: "an integer", float: "a number", bool: "true/false", str: "a string",
-             list: "a list", type(None): "null"}
-    args = typing.get_args(tp)
-    if args:
-        return " or ".join(_type_name(a) for a in args)
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _coerce(value, tp, key: str, source: str):
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        tp = next(a for a in args if a is not type(None))
-    ok = (
-        (tp is bool and isinstance(value, bool))
-        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
-        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
-        or (tp is str and isinstance(value, str))
-        or (tp is list and isinstance(value, list))
-    )
-    if not ok:
-        raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}")
-    return float(value) if tp is float else value
+            setattr(obj, name, coerce(value, hints[name], dotted, source))
 
 
 # ---------------------------------------------------------------- validation
 
 def validate(cfg: Config) -> None:
     """Per-field ranges and choices, then relations between fields (no devices needed)."""
-    _check_fields(cfg, "")
-    m = cfg.model
-    if m.num_heads % m.num_kv_heads:
-        raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by "
-                          f"model.num_kv_heads={m.num_kv_heads}")
-    if not m.head_dim and m.d_model % m.num_heads:
-        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads="
-                          f"{m.num_heads}; set model.head_dim explicitly")
-    if m.num_experts:
-        if m.experts_per_token > m.num_experts:
-            raise ConfigError(f"model.experts_per_token={m.experts_per_token} exceeds "
-                              f"model.num_experts={m.num_experts}")
-        if m.num_layers % m.moe_every:
-            raise ConfigError(f"model.moe_every={m.moe_every} does not divide "
-                              f"model.num_layers={m.num_layers}")
-        if m.dispatch == "capacity" and m.capacity_factor <= 0:
-            raise ConfigError("model.capacity_factor must be > 0 with model.dispatch=capacity")
-        if (m.num_layers // m.moe_every) % m.scan_unroll:
-            raise ConfigError(f"model.scan_unroll={m.scan_unroll} does not divide the "
-                              f"{m.num_layers // m.moe_every} scanned groups of model.moe_every="
-                              f"{m.moe_every} layers")
-    if m.num_layers % m.scan_unroll:
-        raise ConfigError(f"model.scan_unroll={m.scan_unroll} does not divide "
-                          f"model.num_layers={m.num_layers}")
-    if m.resolved_head_dim % 2:
-        how = (f"model.head_dim={m.head_dim}" if m.head_dim else
-               f"model.d_model={m.d_model} / model.num_heads={m.num_heads}")
-        raise ConfigError(f"head dim {m.resolved_head_dim} ({how}) must be even for RoPE")
+    check_fields(cfg)
+    cfg.model.validate()
     t = cfg.train
     if t.global_batch_size % t.microbatches:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
@@ -250,30 +221,6 @@ def _check_pipeline(cfg: Config):
     if cfg.mesh.stage not in (1, -1) and not m.scan_layers:
         raise ConfigError(f"mesh.stage={cfg.mesh.stage} needs model.scan_layers=true: the "
                           f"pipeline splits the scanned (stacked) layer parameters over stages")
-
-
-def _check_fields(obj, prefix):
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            _check_fields(value, f"{prefix}{f.name}.")
-        else:
-            _check_field(f"{prefix}{f.name}", value, f.metadata)
-
-
-def _check_field(key, value, meta):
-    if value is None:
-        return
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}: {value!r} is not a finite number")
-    if "choices" in meta and value not in meta["choices"]:
-        allowed = ", ".join(map(str, meta["choices"]))
-        raise ConfigError(f"{key}: {value!r} is not one of: {allowed}")
-    lo, hi = meta.get("min"), meta.get("max")
-    if lo is not None and value < lo:
-        raise ConfigError(f"{key}: {value!r} is below the minimum {lo}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{key}: {value!r} is above the maximum {hi}")
 
 
 def _check_rules(rules):
@@ -312,9 +259,7 @@ def check_against_devices(cfg: Config, num_devices: int) -> dict[str, int]:
             raise ConfigError(f"mesh.dcn.{axis}={n} does not divide mesh.{axis}={sizes[axis]}; "
                               f"mesh.{axis} is the total size, mesh.dcn.{axis} its share across "
                               f"slices")
-    if cfg.model.num_experts and cfg.model.num_experts % sizes["expert"]:
-        raise ConfigError(f"model.num_experts={cfg.model.num_experts} is not divisible by "
-                          f"mesh.expert={sizes['expert']}")
+    cfg.model.check_mesh(sizes)
     batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     micro = cfg.train.global_batch_size // cfg.train.microbatches
     if micro % batch_shards:
@@ -336,13 +281,10 @@ def _check_pipeline_devices(cfg: Config, sizes: dict[str, int]):
     if not cfg.model.scan_layers:
         raise ConfigError(f"mesh.stage={S} needs model.scan_layers=true: the pipeline splits the "
                           f"scanned (stacked) layer parameters over stages")
-    if cfg.model.num_experts:  # MoE units return aux losses the schedules do not carry yet
-        raise ConfigError(f"mesh.stage={S} with model.num_experts={cfg.model.num_experts}: "
-                          f"pipeline parallelism does not support MoE models yet")
     V = p.virtual_stages if p.schedule == "circular" else 1
-    if cfg.model.num_layers % (S * V):
+    if cfg.model.num_units % (S * V):
         how = f"mesh.stage={S}" + (f" x pipeline.virtual_stages={V}" if V > 1 else "")
-        raise ConfigError(f"model.num_layers={cfg.model.num_layers} is not divisible by {how} "
+        raise ConfigError(f"{cfg.model.units_description()} is not divisible by {how} "
                           f"= {S * V} layer groups")
     if p.schedule == "circular" and p.microbatches % S:
         raise ConfigError(f"pipeline.schedule=circular needs pipeline.microbatches="
@@ -372,7 +314,9 @@ def flatten(tree: dict, prefix="") -> dict:
 
 
 def diff_from_defaults(cfg: Config) -> dict[str, tuple[Any, Any]]:
-    new, old = flatten(to_dict(cfg)), flatten(to_dict(Config()))
+    """Keys whose value differs from the default (the model's: its own family's defaults)."""
+    defaults = Config(model=type(cfg.model)())
+    new, old = flatten(to_dict(cfg)), flatten(to_dict(defaults))
     return {k: (old[k], v) for k, v in new.items() if old[k] != v}
 
 

@@ -1,8 +1,8 @@
-"""Honest numbers: model FLOPs per token, MFU against a per-device peak, and the run's loggers.
+"""Honest numbers: MFU against a per-device peak, and the run's loggers.
 
-MFU counts model FLOPs only (6 x matmul parameters + attention), never recomputation, so remat
-shows up as lower MFU rather than a flattering one. The same functions feed the trainer's log line
-and the benchmarks.
+MFU counts model FLOPs only (each family's `flops_per_token`: 6 x matmul parameters + attention),
+never recomputation, so remat shows up as lower MFU rather than a flattering one. The same
+functions feed the trainer's log line and the benchmarks.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import jax
 
-from jaxlm.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device (datasheet, without sparsity).
 PEAK_FLOPS = {
@@ -29,29 +28,6 @@ PEAK_FLOPS = {
     "tpu v6 lite": 918e12,
     "tpu v6e": 918e12,
 }
-
-
-def matmul_params(m: ModelConfig) -> int:
-    """Parameters that take part in a matmul per token: attention and MLP projections of every
-    layer, plus the output head (tied or not, the head's matmul runs). The embedding lookup is
-    a gather, not a matmul, and norms are negligible. An MoE layer counts only what a token
-    activates: the router, its top-k experts and the shared experts (never all E experts)."""
-    hd = m.resolved_head_dim
-    attn = m.d_model * hd * (2 * m.num_heads + 2 * m.num_kv_heads)
-    mlp = 3 * m.d_model * m.ffn_dim
-    dense = m.num_layers * (attn + mlp) + m.d_model * m.vocab_size
-    if not m.num_experts:
-        return dense
-    active = m.experts_per_token + m.num_shared_experts
-    moe_mlp = m.d_model * m.num_experts + 3 * m.d_model * (m.expert_ffn_dim or m.ffn_dim) * active
-    return dense + (m.num_layers // m.moe_every) * (moe_mlp - mlp)
-
-
-def flops_per_token(m: ModelConfig, seq_len: int, causal: bool = True) -> float:
-    """Training FLOPs per token: 6N for the matmuls (forward 2N, backward 4N) plus attention's
-    QK^T and PV: 12 * L * S * (heads * head_dim), halved when causal."""
-    attn = 12 * m.num_layers * seq_len * m.num_heads * m.resolved_head_dim
-    return 6 * matmul_params(m) + (attn / 2 if causal else attn)
 
 
 def peak_flops(device_kind: str, override_tflops: float | None = None) -> float | None:
@@ -118,15 +94,18 @@ class MetricsWriter:
             self._tb.close()
 
 
-def format_line(step: int, m: dict) -> str:
+LINE_FORMATS = [("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"),
+                ("eval_ppl", "ppl {:.2f}"), ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"),
+                ("tokens_per_sec", "{:,.0f} tok/s"), ("step_time_s", "{:.3f} s/step"),
+                ("data_wait_s", "data {:.3f} s/step"), ("mfu", "MFU {:.1%}"),
+                ("peak_mem_gib", "mem {:.2f} GiB")]
+
+
+def format_line(step: int, m: dict, stats: dict | None = None) -> str:
+    """The log line: the known metrics that are set, then the model's own stats by name."""
     parts = [f"step {step}"]
-    fmt = [("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"), ("eval_ppl", "ppl {:.2f}"),
-           ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"), ("tokens_per_sec", "{:,.0f} tok/s"),
-           ("step_time_s", "{:.3f} s/step"), ("data_wait_s", "data {:.3f} s/step"),
-           ("mfu", "MFU {:.1%}"), ("moe_lb_loss", "lb {:.3f}"),
-           ("moe_dropped_frac", "dropped {:.2%}"),
-           ("peak_mem_gib", "mem {:.2f} GiB")]
-    for key, f in fmt:
+    for key, f in LINE_FORMATS:
         if m.get(key) is not None:
             parts.append(f.format(m[key]))
+    parts += [f"{k} {v:.4g}" for k, v in (stats or {}).items()]
     return " | ".join(parts)

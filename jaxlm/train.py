@@ -77,7 +77,7 @@ def run(cfg: Config) -> dict:
     from jaxlm import metrics as M
     from jaxlm.checkpoint import Checkpointer
     from jaxlm.data import DataIterator, build_datasets, eval_batches
-    from jaxlm.sharding import local_batch_rows, make_mesh
+    from jaxlm.parallel.sharding import local_batch_rows, make_mesh
     from jaxlm.step import abstract_batch, build_step_fns
 
     # ---- mesh and run directory
@@ -119,9 +119,9 @@ def run(cfg: Config) -> dict:
     start = int(state["step"])
     say(f"model: {fns.param_count / 1e6:.2f}M parameters; run dir {run_dir}")
 
-    def to_global(batch_np):
-        return {k: jax.make_array_from_process_local_data(fns.batch_sharding, v, (B, S))
-                for k, v in batch_np.items()}
+    def to_global(batch_np):  # only the fields the model reads (data.fields)
+        return {k: jax.make_array_from_process_local_data(fns.batch_sharding, batch_np[k], (B, S))
+                for k in data.fields}
 
     eval_arrays = [to_global(b) for b in evals]
 
@@ -135,13 +135,13 @@ def run(cfg: Config) -> dict:
 
     # ---- compile once, ahead of time, so compile time is reported apart from step time
     t0 = time.perf_counter()
-    step_fn = fns.train_step.lower(fns.abstract_state,
-                                   abstract_batch(cfg, fns.batch_sharding)).compile()
+    step_fn = fns.train_step.lower(
+        fns.abstract_state, abstract_batch(cfg, fns.batch_sharding, data.fields)).compile()
     compile_s = time.perf_counter() - t0
     say(f"train step compiled in {compile_s:.1f} s")
     say(memory_report(fns.abstract_state, step_fn.memory_analysis()))
 
-    flops_tok = M.flops_per_token(cfg.model, cfg.data.seq_len)
+    flops_tok = cfg.model.flops_per_token(cfg.data.seq_len)
     peak = M.peak_flops(device.device_kind, cfg.log.peak_tflops)
     tokens_per_step = B * S
     writer = M.MetricsWriter(run_dir, cfg.log.jsonl, cfg.log.tensorboard)
@@ -178,14 +178,15 @@ def run(cfg: Config) -> dict:
                     "grad_norm": float(host["grad_norm"]), "tokens_per_sec": tps,
                     "step_time_s": dt, "mfu": M.mfu(tps, flops_tok, peak, jax.device_count()),
                     "data_wait_s": data_wait / window_steps}
-            last.update({k: float(v) for k, v in host.items() if k.startswith("moe_")})
+            stats = {k: float(v) for k, v in host["stats"].items()}  # the model's own, by name
+            last.update(stats)
             mem_b = M.peak_memory_bytes()
             last["peak_mem_gib"] = mem_b / 2**30 if mem_b else None
             if not np.isfinite(last["loss"]):
                 raise FloatingPointError(f"loss became {last['loss']} at step {step}")
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 or is_last:
                 last.update(evaluate())
-            say(M.format_line(step, last))
+            say(M.format_line(step, last, stats))
             bar.set_postfix(loss=f"{last['loss']:.3f}")
             writer.write(step, last)
             window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
@@ -208,7 +209,7 @@ def run(cfg: Config) -> dict:
 
 def memory_report(abstract_state, analysis) -> str:
     """Per-device bytes: state from its shardings, activations/temporaries from the compiler."""
-    from jaxlm.sharding import bytes_per_device
+    from jaxlm.parallel.sharding import bytes_per_device
     mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
     parts = [f"params {mib(bytes_per_device(abstract_state['params']))}",
              f"optimizer state {mib(bytes_per_device(abstract_state['opt_state']))}"]

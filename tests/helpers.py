@@ -8,8 +8,8 @@ import numpy as np
 
 from jaxlm.config import MESH_AXES, check_against_devices, load_config
 from jaxlm.data import ByteTokenizer, pack_documents
-from jaxlm.sharding import make_mesh, use_rules
-from jaxlm.step import build_step_fns, token_nll
+from jaxlm.parallel.sharding import make_mesh
+from jaxlm.step import build_step_fns, make_loss_fn
 
 TINY = ["model.vocab_size=300", "model.d_model=32", "model.num_layers=2", "model.num_heads=4",
         "model.num_kv_heads=2", "model.ffn_dim=64", "data.seq_len=32", "data.max_bytes=100000",
@@ -34,7 +34,7 @@ def packed_batches(cfg, n, seed=0):
 class Run(NamedTuple):
     """What one short training run on a mesh produced, for comparing meshes with one device."""
     init_params: dict   # on the host
-    grads: dict         # of the first batch's summed NLL at init, on the host
+    grads: dict         # of the first batch's summed NLL at init (as the mesh runs it), on the host
     metrics: list       # each step's metrics dict, on the host
     params: dict        # after the last step, on the host
     state: dict         # the final train state, still sharded on the mesh
@@ -54,9 +54,10 @@ def train_on_mesh(cfg, mesh, batches) -> Run:
     init_params = jax.device_get(state["params"])
     put = lambda b: jax.device_put(b, fns.batch_sharding)  # noqa: E731
 
+    loss_fn = make_loss_fn(cfg, mesh, fns.graphdef)
+
     def grad_fn(params, batch):
-        with use_rules(mesh, cfg.mesh.rules):
-            return jax.grad(lambda p: token_nll(fns.graphdef, p, batch, True)[0])(params)
+        return jax.grad(lambda p: loss_fn(p, batch).nll_sum)(params)
 
     grads = jax.device_get(jax.jit(grad_fn)(state["params"], put(batches[0])))
     metrics = []

@@ -1,4 +1,4 @@
-"""jaxlm's `attention: pallas` path: the model trains like the xla reference with the Pallas
+"""jaxlm's `attention_impl: pallas` path: the model trains like the xla reference with the Pallas
 kernel (CPU interpret mode here), on one device and per shard on a mesh (shard_map over batch and
 heads), and meshes the kernel cannot serve are refused in one line."""
 import jax
@@ -6,7 +6,7 @@ import pytest
 from helpers import mesh_for, packed_batches, tiny_config, train_on_mesh
 from test_sharding import assert_same_training
 
-from jaxlm.models import attention
+from jaxlm.nn import attend
 
 HD64 = ["model.head_dim=64", "train.steps=2"]  # the kernel takes head_dim 64/128/256
 
@@ -23,15 +23,15 @@ def reference():
 def test_pallas_attention_trains_like_xla(reference, mesh):
     """Packed documents (segment ids) included: same init, grads, losses and params."""
     batches, ref = reference
-    cfg = tiny_config(*HD64, "model.attention=pallas", *mesh)
+    cfg = tiny_config(*HD64, "model.attention_impl=pallas", *mesh)
     got = train_on_mesh(cfg, mesh_for(cfg, 1 if not mesh else 4), batches)
     assert_same_training(ref, got)
 
 
 def test_pallas_refuses_a_sequence_sharded_mesh():
-    cfg = tiny_config(*HD64, "model.attention=pallas", "mesh.data=1", "mesh.fsdp=1",
+    cfg = tiny_config(*HD64, "model.attention_impl=pallas", "mesh.data=1", "mesh.fsdp=1",
                       "mesh.sequence=2")
-    with pytest.raises(ValueError, match="attention=pallas runs per shard and cannot split the "
+    with pytest.raises(ValueError, match="attention_impl=pallas runs per shard and cannot split the "
                                          "sequence"):
         train_on_mesh(cfg, mesh_for(cfg, 2), packed_batches(cfg, 1))
 
@@ -39,5 +39,5 @@ def test_pallas_refuses_a_sequence_sharded_mesh():
 def test_auto_picks_xla_off_gpu():
     import jax.numpy as jnp
     assert jax.default_backend() == "cpu"
-    assert attention.resolve_impl("auto", jnp.bfloat16) == "xla"
-    assert attention.resolve_impl("pallas", jnp.float32) == "pallas"
+    assert attend.resolve_impl("auto", jnp.bfloat16) == "xla"
+    assert attend.resolve_impl("pallas", jnp.float32) == "pallas"

@@ -86,8 +86,21 @@ LOAD_CASES = [
     Case("inf-lr", ["optim.lr=.inf"], ["optim.lr: inf is not a finite number"]),
     Case("mesh-axis-below-fill", ["mesh.data=-2"], ["mesh.data: -2 is below the minimum -1"]),
     Case("mesh-axis-zero", ["mesh.tensor=0"], ["mesh.tensor: 0 is not a valid size", ">= 1"]),
-    Case("attention-choice", ["model.attention=flash"],
-         ["model.attention: 'flash' is not one of: xla, cudnn, pallas, auto"]),
+    Case("attention-choice", ["model.attention_impl=flash"],
+         ["model.attention_impl: 'flash' is not one of: xla, cudnn, pallas, auto"]),
+    Case("renamed-key", ["model.attention=xla"],
+         ["command line: 'model.attention' was renamed to 'model.attention_impl'"]),
+    Case("renamed-key-in-file", [],
+         ["{tmp}/old.yaml: 'model.attention' was renamed to 'model.attention_impl'"],
+         files={"old.yaml": "model:\n  attention: auto\n"}, configs=["{tmp}/old.yaml"]),
+    # ---- model families: each has its own keys
+    Case("unknown-family", ["model.family=gpt3"],
+         ["model.family: 'gpt3' is not one of: llama, mixtral"]),
+    Case("key-of-another-family", ["model.num_experts=8"],
+         ["unknown key 'model.num_experts' for model.family=llama; it belongs to "
+          "model.family=mixtral"]),
+    Case("family-not-a-string", ["model.family=3"],
+         ["model.family: expected a string, got 3"]),
     Case("data-source-choice", ["data.source=c4"],
          ["data.source: 'c4' is not one of: stdlib, synthetic"]),
     # ---- files
@@ -338,7 +351,7 @@ def test_dump_yaml_round_trip(tmp_path):
     cfg = load_config([TINY, str(MESH / "fsdp_tp.yaml")], [
         "optim.lr=1e-3", "optim.eps=1e-12", "log.peak_tflops=989.5",
         "runtime.compilation_cache=/tmp/cc", "model.tie_embeddings=true",
-        "train.run_dir='runs/with: colon # and hash'", "model.attention=cudnn",
+        "train.run_dir='runs/with: colon # and hash'", "model.attention_impl=cudnn",
         "mesh.rules=[[batch, [data, fsdp]], [act_seq, sequence], [norm, null]]"])
     assert len(diff_from_defaults(cfg)) > 15
     text = dump_yaml(cfg)

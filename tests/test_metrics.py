@@ -1,8 +1,9 @@
 """The FLOPs/MFU numbers jaxlm prints, against values worked out by hand."""
 import pytest
 
-from jaxlm.config import ModelConfig, load_config
-from jaxlm.metrics import flops_per_token, format_line, matmul_params, mfu, peak_flops
+from jaxlm.config import load_config
+from jaxlm.metrics import format_line, mfu, peak_flops
+from jaxlm.models.llama.config import LlamaConfig
 
 
 def llama_1b():
@@ -12,21 +13,21 @@ def llama_1b():
 def test_matmul_params_llama_1b_by_hand():
     # per layer: q,k,v,o = 4 * 2048*2048 = 16,777,216; mlp = 3 * 2048*5632 = 34,603,008
     # 16 layers = 822,083,584; head 2048*32000 = 65,536,000
-    assert matmul_params(llama_1b()) == 887_619_584
+    assert llama_1b().matmul_params() == 887_619_584
 
 
 def test_flops_per_token_llama_1b_by_hand():
     # 6 * 887,619,584 + causal attention 6 * 16 layers * 2048 seq * 2048 width
-    assert flops_per_token(llama_1b(), 2048) == 5_325_717_504 + 402_653_184
-    assert flops_per_token(llama_1b(), 2048, causal=False) == 5_325_717_504 + 805_306_368
+    assert llama_1b().flops_per_token(2048) == 5_325_717_504 + 402_653_184
+    assert llama_1b().flops_per_token(2048, causal=False) == 5_325_717_504 + 805_306_368
 
 
 def test_gqa_and_explicit_head_dim_counted():
-    m = ModelConfig(d_model=64, num_heads=8, num_kv_heads=2, head_dim=16, ffn_dim=100,
+    m = LlamaConfig(d_model=64, num_heads=8, num_kv_heads=2, head_dim=16, ffn_dim=100,
                     num_layers=3, vocab_size=10)
     # q,o: 64*8*16 each; k,v: 64*2*16 each -> 64*16*20 = 20,480; mlp 3*64*100 = 19,200
-    assert matmul_params(m) == 3 * (20_480 + 19_200) + 640
-    assert flops_per_token(m, 32) == 6 * matmul_params(m) + 6 * 3 * 32 * 8 * 16
+    assert m.matmul_params() == 3 * (20_480 + 19_200) + 640
+    assert m.flops_per_token(32) == 6 * m.matmul_params() + 6 * 3 * 32 * 8 * 16
 
 
 def test_mfu_and_peak_table():
@@ -37,7 +38,7 @@ def test_mfu_and_peak_table():
     assert peak_flops("TPU v5p") == 459e12
     assert peak_flops("cpu") is None
     assert peak_flops("cpu", override_tflops=2.0) == 2e12
-    f = flops_per_token(llama_1b(), 2048)
+    f = llama_1b().flops_per_token(2048)
     # 86,000 tok/s on one H100: 86e3 * 5.728370688e9 / 989.4e12
     assert mfu(86_000, f, 989.4e12, 1) == pytest.approx(0.497918, abs=1e-6)
     assert mfu(8 * 86_000, f, 989.4e12, 8) == pytest.approx(0.497918, abs=1e-6)

@@ -12,9 +12,8 @@ import pytest
 from flax import nnx
 
 from jaxlm.config import MESH_AXES, ConfigError, check_against_devices, load_config
-from jaxlm.metrics import matmul_params
-from jaxlm.models import moe
-from jaxlm.sharding import make_mesh
+from jaxlm.nn import moe
+from jaxlm.parallel.sharding import make_mesh
 from jaxlm.step import build_step_fns
 from helpers import mesh_for, packed_batches, tiny_config, train_on_mesh
 
@@ -68,8 +67,14 @@ def test_block_matches_loop_reference(kw):
     want = reference(layer, np.asarray(x_BxSxD).reshape(16, -1), c.experts_per_token, c.router)
     assert np.abs(want).mean() > 1e-2  # the experts do contribute
     np.testing.assert_allclose(np.asarray(y_BxSxD).reshape(16, -1), want, rtol=1e-4, atol=1e-5)
-    assert float(aux["moe_dropped_frac"]) == 0.0
-    np.testing.assert_allclose(float(jnp.sum(aux["moe_load"])), 1.0, rtol=1e-6)
+    stats = aux["stats"]
+    assert float(stats["moe_dropped_frac"]) == 0.0
+    experts_TxK = moe.route(x_BxSxD.reshape(16, -1), layer.router[...], c.experts_per_token,
+                            c.router)[1]
+    load_E = moe.expert_load(experts_TxK, c.num_experts)
+    np.testing.assert_allclose(float(jnp.sum(load_E)), 1.0, rtol=1e-6)
+    assert float(stats["moe_load_max"]) == pytest.approx(float(load_E.max()) * c.num_experts)
+    assert float(stats["moe_load_min"]) == pytest.approx(float(load_E.min()) * c.num_experts)
 
 
 def test_dropless_equals_capacity_when_capacity_is_large():
@@ -80,7 +85,7 @@ def test_dropless_equals_capacity_when_capacity_is_large():
         layer = moe.MoE(moe_config(dispatch=dispatch, capacity_factor=2.0), nnx.Rngs(0))
         outs.append(layer(x_BxSxD))
     np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
-    assert float(outs[1][1]["moe_dropped_frac"]) == 0.0
+    assert float(outs[1][1]["stats"]["moe_dropped_frac"]) == 0.0
 
 
 def test_capacity_drops_the_right_tokens():
@@ -126,7 +131,7 @@ def test_aux_losses_by_hand():
 def test_gradients_reach_the_router():
     """Through the combine weights (the output alone) and through the aux losses (alone), and the
     output gradient matches a finite difference."""
-    c = moe_config()
+    c = moe_config(aux_loss_weight=1.0, z_loss_weight=1.0)
     layer = moe.MoE(c, nnx.Rngs(0))
     graphdef, state = nnx.split(layer)
     x_BxSxD = jax.random.normal(jax.random.key(4), (2, 8, c.d_model))
@@ -134,7 +139,7 @@ def test_gradients_reach_the_router():
 
     def f(state, which):
         y, aux = nnx.merge(graphdef, state)(x_BxSxD)
-        return jnp.sum(y * r_BxSxD) if which == "out" else aux["moe_lb_loss"] + aux["moe_z_loss"]
+        return jnp.sum(y * r_BxSxD) if which == "out" else sum(aux["losses"].values())
 
     for which in ("out", "aux"):
         g = jax.grad(f)(state, which)["router"][...]
@@ -154,7 +159,7 @@ def test_gradients_reach_the_router():
 
 
 def test_active_param_flops():
-    m = load_config(None, ["model.d_model=64", "model.num_layers=4", "model.num_heads=4",
+    m = load_config(None, ["model.family=mixtral", "model.d_model=64", "model.num_layers=4", "model.num_heads=4",
                            "model.num_kv_heads=4", "model.ffn_dim=100", "model.vocab_size=10",
                            "model.num_experts=8", "model.experts_per_token=2",
                            "model.expert_ffn_dim=50", "model.moe_every=2",
@@ -162,7 +167,7 @@ def test_active_param_flops():
     attn = 4 * 64 * 64
     dense_mlp = 3 * 64 * 100
     moe_mlp = 64 * 8 + 3 * 64 * 50 * (2 + 1)  # router + top-2 + 1 shared, not all 8 experts
-    assert matmul_params(m) == 4 * attn + 2 * dense_mlp + 2 * moe_mlp + 64 * 10
+    assert m.matmul_params() == 4 * attn + 2 * dense_mlp + 2 * moe_mlp + 64 * 10
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -174,18 +179,19 @@ def test_active_param_flops():
 ])
 def test_bad_moe_config(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        tiny_config(*overrides)
+        tiny_config("model.family=mixtral", *overrides)
 
 
 def test_experts_must_divide_expert_axis():
-    cfg = tiny_config("model.num_experts=6", "mesh.data=1", "mesh.expert=8")
+    cfg = tiny_config("model.family=mixtral", "model.num_experts=6", "mesh.data=1",
+                      "mesh.expert=8")
     with pytest.raises(ConfigError, match="num_experts=6 is not divisible by mesh.expert=8"):
         check_against_devices(cfg, 8)
 
 
 # ---------------------------------------------------------------- expert parallelism
 
-MOE = ["model.num_experts=8", "model.experts_per_token=2", "model.moe_every=2",
+MOE = ["model.family=mixtral", "model.num_experts=8", "model.experts_per_token=2", "model.moe_every=2",
        "model.num_shared_experts=1", "model.expert_ffn_dim=32", "data.seq_len=16"]
 
 
@@ -193,8 +199,10 @@ def assert_same(ref, got):
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=5e-5, atol=5e-6)  # noqa: E731
     jax.tree.map(close, ref.grads, got.grads)
     for m0, m1 in zip(ref.metrics, got.metrics):
-        for k in ("loss", "moe_lb_loss", "moe_z_loss", "moe_load_max", "moe_dropped_frac"):
-            np.testing.assert_allclose(m0[k], m1[k], rtol=5e-5, atol=1e-7, err_msg=k)
+        np.testing.assert_allclose(m0["loss"], m1["loss"], rtol=5e-5, atol=1e-7)
+        for k in ("moe_lb_loss", "moe_z_loss", "moe_load_max", "moe_dropped_frac"):
+            np.testing.assert_allclose(m0["stats"][k], m1["stats"][k], rtol=5e-5, atol=1e-7,
+                                       err_msg=k)
     jax.tree.map(close, ref.params, got.params)
     assert ref.metrics[-1]["loss"] < ref.metrics[0]["loss"]  # it learned, so updates were compared
 
@@ -216,8 +224,8 @@ def test_expert_parallel_matches_one_device(batches, dispatch, mesh):
     cfg = tiny_config(*MOE, *extra, *mesh)
     got = train_on_mesh(cfg, mesh_for(cfg), batches)
     assert_same(ref, got)
-    assert all(float(m["moe_dropped_frac"]) == 0.0 for m in got.metrics)
-    w = got.state["params"]["layers"]["moe_block"]["moe"]["w_gate"]  # [groups, E, D, F]
+    assert all(float(m["stats"]["moe_dropped_frac"]) == 0.0 for m in got.metrics)
+    w = got.state["params"]["layers"]["blocks"][1]["moe"]["w_gate"]  # [groups, E, D, F]
     ep = cfg.mesh.expert
     assert w.sharding.shard_shape(w.shape)[1] == 8 // ep  # each device holds E/ep experts
 
@@ -231,6 +239,6 @@ def test_aux_losses_enter_the_objective_not_the_logged_loss(batches):
         mesh = make_mesh({a: 1 for a in MESH_AXES}, jax.devices()[:1])
         fns = build_step_fns(cfg, mesh)
         _, m = fns.train_step(fns.init(0), jax.device_put(batches[0], fns.batch_sharding))
-        out.append((float(m["loss"]), float(m["moe_lb_loss"]), float(m["grad_norm"])))
+        out.append((float(m["loss"]), float(m["stats"]["moe_lb_loss"]), float(m["grad_norm"])))
     assert out[0][0] == out[1][0] and out[0][1] == out[1][1]
     assert abs(out[0][2] - out[1][2]) > 1e-3 * out[0][2]

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import pipeline
+from jaxlm.parallel import pipeline
 from jaxlm.config import MESH_AXES, ConfigError, check_against_devices
-from jaxlm.sharding import make_mesh
+from jaxlm.parallel.sharding import make_mesh
 from jaxlm.step import build_step_fns
 from helpers import mesh_for, packed_batches, tiny_config, train_on_mesh
 from test_sharding import assert_same_training
@@ -122,14 +122,14 @@ def test_1f1b_activation_memory_does_not_grow_with_microbatches():
         for M in (4, 8, 16):
             x = jax.random.normal(k[3], (M * Bm, T, D))
             y, pos = jnp.ones((M * Bm, T, 3)), jnp.zeros((M * Bm, T), jnp.int32)
-            cfg = types.SimpleNamespace(schedule=schedule, microbatches=M, virtual_stages=1)
+            plan = pipeline.Plan.of(mesh, types.SimpleNamespace(
+                schedule=schedule, microbatches=M, virtual_stages=1))
 
             def loss(w, w_out, x):
-                with pipeline.use_pipeline(mesh, cfg):
-                    if schedule == "1f1b":
-                        return pipeline.one_f_one_b_loss(_wide_layer, _square_tail, w, w_out, x,
-                                                         (pos,), (y,))
-                    return _square_tail(w_out, pipeline.run_stack(_wide_layer, w, x, pos), y)
+                if schedule == "1f1b":
+                    return pipeline.one_f_one_b_loss(plan, _wide_layer, _square_tail, w, w_out, x,
+                                                     (pos,), (y,))
+                return _square_tail(w_out, pipeline.run_stack(plan, _wide_layer, w, x, pos), y)
 
             compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(w, w_out, x).compile()
             temp[schedule, M] = compiled.memory_analysis().temp_size_in_bytes
@@ -170,7 +170,7 @@ def test_1f1b_activation_memory_does_not_grow_with_microbatches():
     (["mesh.data=4", "mesh.stage=2", "pipeline.microbatches=8"],
      r"2 rows per pipeline microbatch .* not divisible by the data-parallel size "
      r"data\*fsdp\*expert=4"),
-    (["mesh.stage=2", "model.num_experts=4"],
+    (["mesh.stage=2", "model.family=mixtral", "model.num_experts=4"],
      r"mesh.stage=2 with model.num_experts=4: pipeline parallelism does not support MoE"),
 ])
 def test_bad_pipeline_config_is_one_clear_error(overrides, message):

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.config import MESH_AXES, ConfigError, load_config
-from jaxlm.sharding import bytes_per_device, logical_to_spec, make_mesh
+from jaxlm.parallel.sharding import bytes_per_device, logical_to_spec, make_mesh
 from jaxlm.step import build_step_fns
 from helpers import TINY, mesh_for, packed_batches, tiny_config, train_on_mesh
 
@@ -169,7 +169,7 @@ def test_guard_refuses_a_mostly_replicated_model():
 
 def test_each_process_reads_the_rows_its_devices_hold():
     from jax.sharding import NamedSharding
-    from jaxlm.sharding import local_batch_rows
+    from jaxlm.parallel.sharding import local_batch_rows
     cfg = preset("fsdp_tp")
     mesh = mesh_for(cfg)
     sharding = NamedSharding(mesh, P(("data", "fsdp"), None))

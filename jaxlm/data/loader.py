@@ -21,6 +21,12 @@ class DataBundle:
     tokenizer: object | None  # None when every source is synthetic
     fingerprint: str  # a resumed run compares this to detect a changed corpus
 
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The batch fields a model reads (segment_ids only where rows can hold several
+        documents)."""
+        return self.train.fields
+
 
 def build_datasets(cfg: DataConfig, vocab_size: int) -> DataBundle:
     """Train/eval datasets for `cfg.source` (a mixture: one per entry, drawn by weight); the

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxlm.config import ConfigError
-from jaxlm.data.packing import RowDataset, seeded_rng
+from jaxlm.data.packing import FIELDS, RowDataset, seeded_rng
 
 BLOCK = 4096  # source draws are made per block of global rows
 MIX_TAG = 0x6D6978  # keeps the source draws apart from the per-source permutations
@@ -39,6 +39,12 @@ class Mixture:
     @property
     def num_rows(self) -> int:
         return sum(d.num_rows for d in self.datasets)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The fields a model reads: those any source needs (segment ids if any source packs)."""
+        needed = {f for d in self.datasets for f in d.fields}
+        return tuple(f for f in FIELDS if f in needed)
 
     def get(self, src_B: np.ndarray, rows_B: np.ndarray) -> dict[str, np.ndarray]:
         """Rows `rows_B[i]` of sources `src_B[i]`, in that order."""

@@ -18,6 +18,7 @@ class RowDataset(Protocol):
     num_rows: int
     seq_len: int
     iid_rows: bool  # rows are already independent random draws: no shuffle needed
+    fields: tuple[str, ...]  # the FIELDS a model needs to read (see SyntheticDataset)
 
     def get(self, row_ids: np.ndarray) -> dict[str, np.ndarray]: ...
 
@@ -38,6 +39,7 @@ class PackedDataset:
     """Rows cut from one token stream; `doc_starts_D` are the stream offsets of each document."""
 
     iid_rows = False
+    fields = FIELDS
 
     def __init__(self, tokens_N: np.ndarray, doc_starts_D: np.ndarray, seq_len: int):
         if seq_len < 1:
@@ -86,6 +88,9 @@ class SyntheticDataset:
     produced on demand and the dataset is effectively unbounded. One document per row."""
 
     iid_rows = True
+    # one document per row: its segment ids are all 1, and a model that is not given them runs
+    # attention without segment masking (cheaper on some kernels: cuDNN needs a dense mask)
+    fields = tuple(f for f in FIELDS if f != "segment_ids")
 
     def __init__(self, vocab_size: int, seq_len: int, seed: int = 0, split: int = 0,
                  num_rows: int = 2**31 - 1):

@@ -1,11 +1,6 @@
-"""Model families. `build_model` is the one constructor the trainer calls."""
-from flax import nnx
+"""Model families, one folder each (see models/config.py for what a family provides).
 
-from jaxlm.config import ModelConfig
-from jaxlm.models.llama import Llama
-
-FAMILIES = {"llama": Llama}
-
-
-def build_model(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-    return FAMILIES[cfg.family](cfg, rngs)
+A family's model exposes the model protocol (jaxlm/models/protocol.py): `embed`, a layer
+`stack()` and `head`. Schedulers of the stack (plain scan, pipeline, decoding) live outside and
+are never imported from here. Importing this package imports no JAX.
+"""

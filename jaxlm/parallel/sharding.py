@@ -14,9 +14,11 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from jaxlm.config import MESH_AXES
+from jaxlm.config_fields import ConfigError
+from jaxlm.config_schema import MESH_AXES
 
 Rules = Sequence[Sequence]
+BATCH_NAMES = ("act_batch", "act_seq")  # logical names of a [batch, seq] input array
 
 
 def make_mesh(axis_sizes: dict[str, int], devices=None, dcn_sizes: dict[str, int] | None = None
@@ -90,7 +92,8 @@ _ctx = _Context()
 
 @contextlib.contextmanager
 def use_rules(mesh: Mesh, rules: Rules):
-    """Makes `constrain` active while tracing a step; outside it `constrain` is the identity."""
+    """The one context a traced step enters: makes `constrain` (and every layer that asks
+    `active()`) see this mesh and rules; outside it `constrain` is the identity."""
     prev = (_ctx.mesh, _ctx.rules)
     _ctx.mesh, _ctx.rules = mesh, [tuple(r) for r in rules]
     try:
@@ -99,9 +102,27 @@ def use_rules(mesh: Mesh, rules: Rules):
         _ctx.mesh, _ctx.rules = prev
 
 
-def sharding_ctx():
+def active() -> tuple[Mesh | None, Rules | None]:
     """(mesh, rules) while a step is traced under `use_rules`, else (None, None)."""
     return _ctx.mesh, _ctx.rules
+
+
+def mesh_axis_of(name: str) -> tuple[str | tuple[str, ...] | None, int]:
+    """The mesh axis (or axes, or None) the active rules put logical dim `name` on, and its
+    size (1 without active rules)."""
+    mesh, rules = active()
+    if mesh is None:
+        return None, 1
+    axis = logical_to_spec((name,), rules, mesh)[0]
+    if axis is None:
+        return None, 1
+    names = axis if isinstance(axis, tuple) else (axis,)
+    return axis, math.prod(mesh.shape[a] for a in names)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    """How a global [batch, seq] input array is laid out: rows over the data-parallel axes."""
+    return NamedSharding(mesh, logical_to_spec(BATCH_NAMES, rules, mesh))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -120,7 +141,6 @@ def tree_shardings(logical_specs, mesh: Mesh, rules: Rules):
 
 def check_divisible(shapes, shardings, what: str = "parameter"):
     """Name the tensor, its spec and the mesh axis when a dimension does not divide."""
-    from jaxlm.config import ConfigError
     flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
     flat_sh = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
     for (path, shape), sh in zip(flat_shapes, flat_sh):
@@ -166,7 +186,6 @@ def bytes_per_device(abstract_tree) -> int:
 def check_sufficiently_sharded(abstract_params, logical_specs, mesh: Mesh, max_fraction: float):
     """Per-device parameter bytes may exceed the ideal (total bytes / product of the parameter
     sharding axes) by at most `max_fraction`; otherwise name the biggest replicated tensors."""
-    from jaxlm.config import ConfigError
     ways = math.prod(mesh.shape[a] for a in PARAM_SHARDING_AXES)
     if ways == 1:
         return

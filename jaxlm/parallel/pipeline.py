@@ -30,16 +30,14 @@ checkpoints, depend on the mesh.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import threading
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxlm import sharding
+from jaxlm.parallel import sharding
 
 AXIS = "stage"
 
@@ -93,10 +91,12 @@ def bubble_formula(schedule: str, stages: int, microbatches: int, virtual: int =
     return (S - 1) / (M * V + S - 1)
 
 
-# ---------------------------------------------------------------- the active pipeline
+# ---------------------------------------------------------------- the plan
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+    """How a step runs the layer stack over `stage`; built once per (config, mesh) and passed to
+    whoever runs the stack (jaxlm.objectives)."""
     mesh: Mesh
     schedule: str
     microbatches: int
@@ -106,29 +106,13 @@ class Plan:
     def stages(self) -> int:
         return self.mesh.shape[AXIS]
 
-
-class _Context(threading.local):
-    plan: Plan | None = None
-
-
-_ctx = _Context()
-
-
-@contextlib.contextmanager
-def use_pipeline(mesh: Mesh, pipeline_cfg):
-    """While tracing a step: run the layer stack as a pipeline if the mesh has stage > 1."""
-    prev = _ctx.plan
-    if mesh.shape[AXIS] > 1:
-        _ctx.plan = Plan(mesh, pipeline_cfg.schedule, pipeline_cfg.microbatches,
-                         pipeline_cfg.virtual_stages if pipeline_cfg.schedule == "circular" else 1)
-    try:
-        yield
-    finally:
-        _ctx.plan = prev
-
-
-def active_plan() -> Plan | None:
-    return _ctx.plan
+    @classmethod
+    def of(cls, mesh: Mesh, pipeline_cfg) -> "Plan | None":
+        """The plan for a mesh with stage > 1, else None (the stack runs as one scan)."""
+        if mesh.shape[AXIS] == 1:
+            return None
+        return cls(mesh, pipeline_cfg.schedule, pipeline_cfg.microbatches,
+                   pipeline_cfg.virtual_stages if pipeline_cfg.schedule == "circular" else 1)
 
 
 # ---------------------------------------------------------------- helpers
@@ -166,9 +150,9 @@ def _select(pred, a, b):
 
 def _group_fn(layer_fn):
     """Runs one layer group (a stack of L/(SV) layers) on one microbatch."""
-    def run(group_state, h, aux):
+    def run(group_state, h, inputs):
         def body(h, layer_state):
-            return layer_fn(layer_state, h, *aux), None
+            return layer_fn(layer_state, h, inputs), None
         return jax.lax.scan(body, h, group_state)[0]
     return run
 
@@ -176,7 +160,7 @@ def _group_fn(layer_fn):
 def _shard_map(plan, fn, in_specs, out_specs):
     """Manual over `stage` only. Activation constraints inside must name the mesh as seen there
     (stage Manual), not the outer one, so the active rules are re-entered on that mesh."""
-    rules = sharding._ctx.rules
+    rules = sharding.active()[1]
 
     def body(*args):
         if rules is None:
@@ -190,14 +174,13 @@ def _shard_map(plan, fn, in_specs, out_specs):
 
 # ---------------------------------------------------------------- GPipe / circular
 
-def run_stack(layer_fn: Callable, stacked, h_BxSxD, *aux_BxS):
-    """The layer stack on the active plan: layer_fn(layer_state, h, *aux) -> h, applied in order
-    over the leading (layer) dim of `stacked`. aux (positions, segment ids; None allowed) are
-    per-row inputs every layer reads; they are split into microbatches like h."""
-    plan = active_plan()
+def run_stack(plan: Plan, layer_fn: Callable, stacked, h_BxSxD, inputs_BxS):
+    """The layer stack on the plan: layer_fn(layer_state, h, inputs) -> h, applied in order over
+    the leading (layer) dim of `stacked`. `inputs` (a pytree of per-row arrays every layer reads:
+    positions, segment ids; None allowed) is split into microbatches like h."""
     S, M, V = plan.stages, plan.microbatches, plan.virtual
     xs = _split_microbatches(h_BxSxD, M)
-    aux = jax.tree.map(lambda a: _split_microbatches(a, M), aux_BxS)
+    aux = jax.tree.map(lambda a: _split_microbatches(a, M), inputs_BxS)
     laid = _layout(stacked, S, V)
     group = _group_fn(layer_fn)
 
@@ -231,15 +214,14 @@ def run_stack(layer_fn: Callable, stacked, h_BxSxD, *aux_BxS):
 
 # ---------------------------------------------------------------- 1F1B
 
-def one_f_one_b_loss(layer_fn, tail_fn, stacked, tail_params, h_BxSxD, aux_BxS, tail_aux_BxS):
+def one_f_one_b_loss(plan: Plan, layer_fn, tail_fn, stacked, tail_params, h_BxSxD, inputs_BxS,
+                     tail_aux_BxS):
     """Sum over rows of tail_fn(tail_params, h_out_mb, *tail_aux_mb) (e.g. the head and the
     summed token NLL) where h_out = the layer stack applied to h_BxSxD, on the 1F1B schedule.
     Differentiable in stacked, tail_params and h_BxSxD; the gradients are computed in the
     forward (that is the schedule) and only scaled by the cotangent in the backward."""
-    plan = active_plan()
-
     def plain(stacked, tail_params, h):  # no gradients wanted (eval): a GPipe forward
-        h_out = run_stack(layer_fn, stacked, h, *aux_BxS)
+        h_out = run_stack(plan, layer_fn, stacked, h, inputs_BxS)
         return tail_fn(tail_params, h_out, *tail_aux_BxS)
 
     @jax.custom_vjp
@@ -247,7 +229,7 @@ def one_f_one_b_loss(layer_fn, tail_fn, stacked, tail_params, h_BxSxD, aux_BxS, 
         return plain(stacked, tail_params, h)
 
     def fwd(stacked, tail_params, h):
-        loss, grads = _one_f_one_b(plan, layer_fn, tail_fn, stacked, tail_params, h, aux_BxS,
+        loss, grads = _one_f_one_b(plan, layer_fn, tail_fn, stacked, tail_params, h, inputs_BxS,
                                    tail_aux_BxS)
         return loss, grads
 
@@ -258,11 +240,12 @@ def one_f_one_b_loss(layer_fn, tail_fn, stacked, tail_params, h_BxSxD, aux_BxS, 
     return loss_fn(stacked, tail_params, h_BxSxD)
 
 
-def _one_f_one_b(plan, layer_fn, tail_fn, stacked, tail_params, h_BxSxD, aux_BxS, tail_aux_BxS):
+def _one_f_one_b(plan, layer_fn, tail_fn, stacked, tail_params, h_BxSxD, inputs_BxS,
+                 tail_aux_BxS):
     S, M = plan.stages, plan.microbatches
     K = 2 * S - 1  # inputs in flight on stage 0: forwarded at tick i, backwarded at i + 2S - 2
     xs = _split_microbatches(h_BxSxD, M)
-    aux = jax.tree.map(lambda a: _split_microbatches(a, M), aux_BxS)
+    aux = jax.tree.map(lambda a: _split_microbatches(a, M), inputs_BxS)
     tail_aux = jax.tree.map(lambda a: _split_microbatches(a, M), tail_aux_BxS)
     laid = _layout(stacked, S, 1)
     group = _group_fn(layer_fn)
@@ -316,41 +299,3 @@ def _one_f_one_b(plan, layer_fn, tail_fn, stacked, tail_params, h_BxSxD, aux_BxS
         (P(), spec_l, rep(tail_params), P()))(laid, tail_params, xs, aux, tail_aux)
     g_stacked = jax.tree.map(lambda g, a: g.swapaxes(0, 1).reshape(a.shape), g_laid, stacked)
     return loss, (g_stacked, g_tail, _merge_microbatches(dxs).astype(h_BxSxD.dtype))
-
-
-# ---------------------------------------------------------------- the model's loss on 1F1B
-
-def wants_1f1b() -> bool:
-    plan = active_plan()
-    return plan is not None and plan.schedule == "1f1b"
-
-
-def token_nll_1f1b(model, batch, use_segments: bool):
-    """step.token_nll for a Llama-like model (embed_tokens, layer_fn, logits) on the 1F1B
-    schedule: embedding outside the pipeline (its gradient arrives as the input cotangent), the
-    layer stack on the stages, final norm + head + NLL on the last stage per microbatch."""
-    from flax import nnx  # the schedules above need no Flax; only this adapter does
-
-    h_BxSxD, positions_BxS = model.embed_tokens(batch["inputs"], batch["positions"])
-    segment_ids_BxS = batch["segment_ids"] if use_segments else None
-    layer, stacked = model.layer_fn()
-    graphdef, layer_state, rest = nnx.split(model, nnx.PathContains("layers"), ...)
-    # the head never reads the layers: shapes stand in for them inside the pipeline
-    layer_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), layer_state)
-
-    def tail(rest_state, h_BxSxD, targets_BxS, mask_BxS):
-        logits_BxSxV = nnx.merge(graphdef, layer_shapes, rest_state).logits(h_BxSxD)
-        logp_BxSxV = jax.nn.log_softmax(logits_BxSxV.astype(jnp.float32), axis=-1)
-        # A one-hot contraction, not step.token_nll's take_along_axis: with the vocab split over
-        # an automatic `tensor` axis inside this stage-manual shard_map, XLA's SPMD partitioner
-        # (jaxlib 0.10.2 and 0.11.2, CPU) aborts on that gather ("Check failed:
-        # partition_group_list..." in PartitionGatherTrivialSlicedOperandDimensions). The sum
-        # has one non-zero term, so it is exact.
-        onehot_BxSxV = jax.nn.one_hot(targets_BxS, logp_BxSxV.shape[-1], dtype=logp_BxSxV.dtype)
-        nll_BxS = -jnp.sum(logp_BxSxV * onehot_BxSxV, axis=-1)
-        return jnp.sum(nll_BxS * mask_BxS)
-
-    mask_BxS = batch["loss_mask"].astype(jnp.float32)
-    nll = one_f_one_b_loss(layer, tail, stacked, rest, h_BxSxD,
-                           (positions_BxS, segment_ids_BxS), (batch["targets"], mask_BxS))
-    return nll, jnp.sum(mask_BxS)

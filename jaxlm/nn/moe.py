@@ -26,13 +26,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.config import ModelConfig
-from jaxlm.models.attention import Attention
-from jaxlm.models.layers import MLP, RMSNorm, param
-from jaxlm.sharding import _ctx, constrain, logical_to_spec
-
-ACT = ("act_batch", "act_res_seq", "act_embed")  # the residual stream (as in llama.py)
-AUX_KEYS = ("moe_lb_loss", "moe_z_loss", "moe_dropped_frac", "moe_load")
+from jaxlm.nn.mlp import MLP, MLPConfig
+from jaxlm.nn.param import param
+from jaxlm.parallel.sharding import active, mesh_axis_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +45,9 @@ class MoEConfig:
     out_std: float
     dtype: jnp.dtype
     param_dtype: jnp.dtype
-
-    @classmethod
-    def from_model(cls, m: ModelConfig, out_std: float) -> "MoEConfig":
-        return cls(m.d_model, m.num_experts, m.experts_per_token, m.expert_ffn_dim or m.ffn_dim,
-                   m.num_shared_experts, m.router, m.dispatch, m.capacity_factor, m.init_std,
-                   out_std, jnp.dtype(m.dtype), jnp.dtype(m.param_dtype))
+    aux_loss_weight: float = 0.0   # x the load-balancing loss, added to the objective
+    z_loss_weight: float = 0.0     # x the router z-loss
+    num_moe_layers: int = 1        # losses and stats are divided by it: a stack's sum is the mean
 
 
 # ---------------------------------------------------------------- routing and aux losses
@@ -190,22 +183,12 @@ def capacity_local(x_TxD, experts_TxK, weights_TxK, ws, num_experts, cap, axis=N
     return y_TxD.astype(x_TxD.dtype), jnp.sum(~keep_KT).astype(jnp.float32)
 
 
-def _expert_axis():
-    """The mesh axis (or None) that the active rules put the `expert` dim on, and its size."""
-    mesh, rules = _ctx.mesh, _ctx.rules
-    if mesh is None:
-        return None, None, 1
-    axis = logical_to_spec(("expert",), rules, mesh)[0]
-    if axis is None:
-        return mesh, None, 1
-    names = axis if isinstance(axis, tuple) else (axis,)
-    return mesh, axis, math.prod(mesh.shape[a] for a in names)
-
-
 # ---------------------------------------------------------------- modules
 
 class MoE(nnx.Module):
-    """Router + E SwiGLU experts (+ shared experts). Returns (y, aux) with aux per AUX_KEYS."""
+    """Router + E SwiGLU experts (+ shared experts). Returns (y, aux): aux["losses"] are the
+    weighted load-balancing and z-losses to add to the objective, aux["stats"] what to log
+    (both already divided by the number of MoE layers, so a stack's sum is their mean)."""
 
     def __init__(self, c: MoEConfig, rngs: nnx.Rngs):
         E, D, F, pdt = c.num_experts, c.d_model, c.expert_ffn_dim, c.param_dtype
@@ -214,8 +197,8 @@ class MoE(nnx.Module):
         self.w_up = param(rngs, (E, D, F), ("expert", "embed", "mlp"), c.std, pdt)
         self.w_down = param(rngs, (E, F, D), ("expert", "mlp", "embed"), c.out_std, pdt)
         if c.num_shared_experts:
-            self.shared = MLP(D, c.num_shared_experts * F, std=c.std, out_std=c.out_std,
-                              dtype=c.dtype, param_dtype=pdt, rngs=rngs)
+            self.shared = MLP(MLPConfig(D, c.num_shared_experts * F, c.std, c.out_std, c.dtype,
+                                        pdt), rngs)
         self.c = c
 
     def __call__(self, x_BxSxD):
@@ -225,7 +208,7 @@ class MoE(nnx.Module):
         weights_TxK, experts_TxK, probs_TxE, logits_TxE = route(
             x_TxD, self.router[...], c.experts_per_token, c.router)
         ws = tuple(w[...].astype(c.dtype) for w in (self.w_gate, self.w_up, self.w_down))
-        mesh, axis, ep = _expert_axis()
+        axis, ep = mesh_axis_of("expert")
         if c.dispatch == "dropless":
             fn = lambda *a, axis=None, ep=1: dropless_local(*a, c.num_experts, axis, ep)  # noqa
         else:
@@ -242,97 +225,22 @@ class MoE(nnx.Module):
 
             tok, exp = P(axis), P(axis, None, None)
             y_TxD, dropped = jax.shard_map(
-                shard, mesh=mesh, axis_names=names, check_vma=False,
+                shard, mesh=active()[0], axis_names=names, check_vma=False,
                 in_specs=(tok, tok, tok, (exp, exp, exp)), out_specs=(tok, P()))(
                     x_TxD, experts_TxK, weights_TxK, ws)
             dropped = dropped[0]
         y_BxSxD = y_TxD.reshape(B, S, D)
         if c.num_shared_experts:
             y_BxSxD = y_BxSxD + self.shared(x_BxSxD)
-        aux = {"moe_lb_loss": load_balance_loss(probs_TxE, experts_TxK),
-               "moe_z_loss": router_z_loss(logits_TxE),
-               "moe_dropped_frac": dropped / experts_TxK.size,
-               "moe_load": expert_load(experts_TxK, c.num_experts)}
-        return y_BxSxD, aux
+        return y_BxSxD, self._aux(probs_TxE, logits_TxE, experts_TxK, dropped)
 
-
-class MoEBlock(nnx.Module):
-    """A decoder block whose feed-forward is an MoE; returns (h, aux)."""
-
-    def __init__(self, bc, mc: MoEConfig, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(bc.d_model, bc.norm_eps, bc.param_dtype)
-        self.attn = Attention(bc.d_model, bc.num_heads, bc.num_kv_heads, bc.head_dim,
-                              rope_theta=bc.rope_theta, impl=bc.attention, std=bc.std,
-                              out_std=bc.out_std, dtype=bc.dtype, param_dtype=bc.param_dtype,
-                              rngs=rngs)
-        self.mlp_norm = RMSNorm(bc.d_model, bc.norm_eps, bc.param_dtype)
-        self.moe = MoE(mc, rngs)
-
-    def __call__(self, h_BxSxD, positions_BxS, segment_ids_BxS):
-        h_BxSxD = h_BxSxD + self.attn(self.attn_norm(h_BxSxD), positions_BxS, segment_ids_BxS)
-        h_BxSxD = constrain(h_BxSxD, ACT)
-        y_BxSxD, aux = self.moe(self.mlp_norm(h_BxSxD))
-        return constrain(h_BxSxD + y_BxSxD, ACT), aux
-
-
-class MoEGroup(nnx.Module):
-    """moe_every - 1 dense blocks then one MoE block: one scanned unit, so a stack that alternates
-    dense and MoE layers stays homogeneous (parameters stacked per group on 'layers')."""
-
-    def __init__(self, make_dense, bc, mc: MoEConfig, num_dense: int, rngs: nnx.Rngs):
-        self.dense = nnx.List([make_dense(rngs) for _ in range(num_dense)])
-        self.moe_block = MoEBlock(bc, mc, rngs)
-
-    def __call__(self, h_BxSxD, positions_BxS, segment_ids_BxS):
-        for block in self.dense:
-            h_BxSxD = block(h_BxSxD, positions_BxS, segment_ids_BxS)
-        return self.moe_block(h_BxSxD, positions_BxS, segment_ids_BxS)
-
-
-def make_unit(make_dense, bc, m: ModelConfig, rngs: nnx.Rngs):
-    """The scanned unit of an MoE model: an MoEBlock (moe_every=1) or an MoEGroup."""
-    mc = MoEConfig.from_model(m, bc.out_std)
-    if m.moe_every == 1:
-        return MoEBlock(bc, mc, rngs)
-    return MoEGroup(make_dense, bc, mc, m.moe_every - 1, rngs)
-
-
-STAT_KEYS = ("moe_lb_loss", "moe_z_loss", "moe_dropped_frac", "moe_load_max", "moe_load_min")
-
-
-def aux_loss(aux: dict, m: ModelConfig):
-    """Weighted aux losses (averaged over MoE layers) to add to the mean token loss, and the
-    float stats (STAT_KEYS) to log."""
-    num_moe_layers = m.num_layers // m.moe_every
-    lb = aux["moe_lb_loss"] / num_moe_layers
-    z = aux["moe_z_loss"] / num_moe_layers
-    load_E = aux["moe_load"] / num_moe_layers
-    stats = {"moe_lb_loss": lb, "moe_z_loss": z,
-             "moe_dropped_frac": aux["moe_dropped_frac"] / num_moe_layers,
-             # as multiples of the uniform share 1/E: 1.0 is perfect balance
-             "moe_load_max": jnp.max(load_E) * m.num_experts,
-             "moe_load_min": jnp.min(load_E) * m.num_experts}
-    return m.aux_loss_weight * lb + m.z_loss_weight * z, stats
-
-
-def num_units(m: ModelConfig) -> int:
-    """Length of the scanned stack: layers, or groups of moe_every layers for an MoE model."""
-    return m.num_layers // m.moe_every if m.num_experts else m.num_layers
-
-
-def zero_aux(m: ModelConfig) -> dict:
-    """The aux accumulator a layer stack starts from ({} for a dense model)."""
-    if not m.num_experts:
-        return {}
-    z = jnp.zeros((), jnp.float32)
-    return {"moe_lb_loss": z, "moe_z_loss": z, "moe_dropped_frac": z,
-            "moe_load": jnp.zeros((m.num_experts,), jnp.float32)}
-
-
-def split_aux(out):
-    """A layer's output as (h, aux): dense blocks return h alone, MoE units (h, aux)."""
-    return out if isinstance(out, tuple) else (out, {})
-
-
-def add_aux(a: dict, b: dict) -> dict:
-    return {k: a[k] + b[k] for k in a} if b else a
+    def _aux(self, probs_TxE, logits_TxE, experts_TxK, dropped):
+        c, n = self.c, self.c.num_moe_layers
+        lb = load_balance_loss(probs_TxE, experts_TxK)
+        z = router_z_loss(logits_TxE)
+        load_E = expert_load(experts_TxK, c.num_experts) * c.num_experts  # 1.0: uniform share
+        losses = {"moe_lb_loss": c.aux_loss_weight * lb / n, "moe_z_loss": c.z_loss_weight * z / n}
+        stats = {"moe_lb_loss": lb / n, "moe_z_loss": z / n,
+                 "moe_dropped_frac": dropped / experts_TxK.size / n,
+                 "moe_load_max": jnp.max(load_E) / n, "moe_load_min": jnp.min(load_E) / n}
+        return {"losses": losses, "stats": stats}

@@ -1,0 +1,80 @@
+"""What every model family's config has, and what a family is.
+
+A family is a folder under jaxlm/models whose `__init__.py` defines `FAMILY = Family(...)`: its
+config dataclass (a `ModelConfig` with the family's own fields, validation and FLOPs formula) and
+where its model class lives. `model.family` in a run's config picks one; jaxlm.models.registry
+finds them. Nothing here imports JAX, so configs load (and `jaxlm.data prepare` runs) without it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from jaxlm.config_fields import ConfigError, bounds, choices
+
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "auto")  # jaxlm.nn.attend implements each
+
+
+@dataclass
+class ModelConfig:
+    """Fields every family has. `objective` names the loss in jaxlm.objectives it trains with."""
+    objective: ClassVar[str] = "causal_lm"
+
+    family: str = "llama"
+    vocab_size: int = field(default=512, metadata=bounds(1))
+    d_model: int = field(default=256, metadata=bounds(1))
+    num_layers: int = field(default=4, metadata=bounds(1))
+    tie_embeddings: bool = False
+    init_std: float = field(default=0.02, metadata=bounds(0.0))
+    param_dtype: str = field(default="float32", metadata=choices("float32", "bfloat16"))
+    dtype: str = field(default="float32", metadata=choices("float32", "bfloat16", "float16"))
+    attention_impl: str = field(default="xla", metadata=choices(*ATTENTION_IMPLS))
+    scan_layers: bool = True
+    # with scan_layers: stack units per scan iteration (all of them = fully unrolled; parameters
+    # stay stacked either way, so checkpoints and the 'layers' axis do not change)
+    scan_unroll: int = field(default=1, metadata=bounds(1))
+    remat: str = field(default="none", metadata=choices("none", "full", "save_dots"))
+
+    @property
+    def num_units(self) -> int:
+        """Length of the layer stack as scanned and pipelined (a unit may hold several layers)."""
+        return self.num_layers
+
+    def units_description(self) -> str:
+        return f"model.num_layers={self.num_layers}"
+
+    def validate(self) -> None:
+        """Relations between fields (each field's own range is checked from its metadata)."""
+        if self.num_units % self.scan_unroll:
+            raise ConfigError(f"model.scan_unroll={self.scan_unroll} does not divide "
+                              f"{self.units_description()}")
+
+    def check_mesh(self, sizes: dict[str, int]) -> None:
+        """Checks that need the resolved mesh axis sizes (a family's parallelism limits)."""
+
+    def matmul_params(self) -> int:
+        """Parameters that take part in a matmul per token (the 6N of the FLOPs formula)."""
+        raise NotImplementedError
+
+    def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
+        """Training FLOPs per token: model FLOPs only, never recomputation."""
+        raise NotImplementedError
+
+
+def attention_flops(num_layers: int, seq_len: int, width: int, causal: bool) -> float:
+    """Training FLOPs per token of QK^T and PV: 12 * L * S * (heads * head_dim), halved when
+    causal (forward 4·S·width per layer, backward twice that)."""
+    flops = 12 * num_layers * seq_len * width
+    return flops / 2 if causal else flops
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    config: type[ModelConfig]
+    model: str  # "module:Class", imported only when a model is built
+
+
+def fields_of(cfg: ModelConfig) -> set[str]:
+    return {f.name for f in dataclasses.fields(cfg)}

@@ -1,0 +1,146 @@
+"""The attention contract every family and the inference stack share:
+
+    out, cache = attend(q, k, v, mask, bias=None, cache=None, impl=...)
+
+`mask` (MaskSpec) says which keys each query sees: causal or bidirectional, a sliding window,
+per-row segment ids (packed documents; segment 0 marks padding, which no real token sees), and,
+for decoding, where each row's queries start among the keys. `bias` is an additive logit bias
+[B or 1, H, S, T] (relative positions). `cache` is an explicit KV cache (jaxlm/nn/kv_cache.py):
+the new keys/values are appended to it and the queries attend over all of it; nothing else about
+decoding reaches a layer.
+
+Implementations (`impl`): `xla` (plain jnp, the reference every other one is tested against; the
+only one that reads a bias with segments, a query offset or a cache), `cudnn`
+(jax.nn.dot_product_attention's fused GPU kernel; segments cost it a dense [B, 1, S, T] mask),
+`pallas` (kernels_pallas flash attention: Mosaic GPU on Hopper, segment ids inside the kernel;
+interpret mode on CPU), or `auto`: pallas on Hopper and cudnn on other GPUs for 16-bit inputs,
+else xla (no TPU has been measured, so TPU gets xla).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import PartitionSpec as P
+
+from jaxlm.models.config import ATTENTION_IMPLS
+from jaxlm.parallel.sharding import active, logical_to_spec
+
+MASKED = -1e30  # a finite "minus infinity": a fully masked row gives a uniform, not a NaN
+
+
+@struct.dataclass
+class MaskSpec:
+    causal: bool = struct.field(pytree_node=False, default=True)
+    sliding_window: int | None = struct.field(pytree_node=False, default=None)  # |q - k| < W
+    q_segment_ids: jax.Array | None = None   # [B, S] int; None: one segment per row
+    kv_segment_ids: jax.Array | None = None  # [B, T]; None: the queries' (self-attention)
+    q_offset: jax.Array | None = None        # [B]: key index of each row's first query
+
+    def allowed(self, S: int, T: int):
+        """Boolean [B or 1, S, T]: may query s see key t."""
+        ok_BxSxT = jnp.ones((1, S, T), bool)
+        q_SxT = jnp.arange(S)[:, None]
+        if self.q_offset is not None:
+            q_SxT = q_SxT[None] + self.q_offset[:, None, None]
+        k_T = jnp.arange(T)
+        if self.causal:
+            ok_BxSxT = ok_BxSxT & (q_SxT >= k_T)
+        if self.sliding_window is not None:
+            ok_BxSxT = ok_BxSxT & (jnp.abs(q_SxT - k_T) < self.sliding_window)
+        if self.q_segment_ids is not None:
+            kv_seg = self.q_segment_ids if self.kv_segment_ids is None else self.kv_segment_ids
+            ok_BxSxT = ok_BxSxT & (self.q_segment_ids[:, :, None] == kv_seg[:, None, :])
+        return ok_BxSxT
+
+
+def resolve_impl(impl: str, dtype) -> str:
+    if impl != "auto":
+        return impl
+    if jax.default_backend() != "gpu" or jnp.dtype(dtype).itemsize != 2:
+        return "xla"
+    from kernels_pallas.flash import on_hopper
+    return "pallas" if on_hopper() else "cudnn"
+
+
+def attend(q_BxSxHxK, k_BxTxGxK, v_BxTxGxK, mask: MaskSpec, *, bias=None, cache=None, impl="xla"):
+    """Multi-head attention with GQA (H a multiple of G kv heads). Returns ([B, S, H, K], the
+    updated cache or None)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; expected one of "
+                         f"{', '.join(ATTENTION_IMPLS)}")
+    if cache is not None:  # decoding: bandwidth-bound, read through the reference path
+        cache, mask = cache.update(k_BxTxGxK, v_BxTxGxK, mask)
+        return _attend_xla(q_BxSxHxK, cache.k_BxTxGxK, cache.v_BxTxGxK, mask, bias), cache
+    impl = resolve_impl(impl, q_BxSxHxK.dtype)
+    if impl == "xla":
+        return _attend_xla(q_BxSxHxK, k_BxTxGxK, v_BxTxGxK, mask, bias), None
+    if mask.q_offset is not None:
+        raise ValueError(f"attention impl={impl} has no query offset; use xla")
+    if impl == "cudnn":
+        return _attend_cudnn(q_BxSxHxK, k_BxTxGxK, v_BxTxGxK, mask, bias), None
+    if bias is not None or mask.kv_segment_ids is not None:
+        raise ValueError("attention impl=pallas takes neither a logit bias nor separate key "
+                         "segments (cross-attention); use xla or cudnn")
+    return _attend_pallas(q_BxSxHxK, k_BxTxGxK, v_BxTxGxK, mask), None
+
+
+def _attend_xla(q_BxSxHxK, k_BxTxGxK, v_BxTxGxK, mask: MaskSpec, bias):
+    B, S, H, K = q_BxSxHxK.shape
+    G = k_BxTxGxK.shape[2]
+    T = k_BxTxGxK.shape[1]
+    q_BxSxGxRxK = q_BxSxHxK.reshape(B, S, G, H // G, K)
+    logits_BxGxRxSxT = jnp.einsum("bsgrk,btgk->bgrst", q_BxSxGxRxK, k_BxTxGxK,
+                                  preferred_element_type=jnp.float32) * (K ** -0.5)
+    if bias is not None:
+        bias_BxGxRxSxT = bias.reshape(bias.shape[0], G, H // G, S, T)
+        logits_BxGxRxSxT = logits_BxGxRxSxT + bias_BxGxRxSxT.astype(jnp.float32)
+    ok_BxSxT = mask.allowed(S, T)
+    logits_BxGxRxSxT = jnp.where(ok_BxSxT[:, None, None], logits_BxGxRxSxT, MASKED)
+    probs = jax.nn.softmax(logits_BxGxRxSxT, axis=-1).astype(v_BxTxGxK.dtype)
+    out_BxSxGxRxK = jnp.einsum("bgrst,btgk->bsgrk", probs, v_BxTxGxK)
+    return out_BxSxGxRxK.reshape(B, S, H, K)
+
+
+def _attend_cudnn(q_BxSxHxK, k_BxTxGxK, v_BxTxGxK, mask: MaskSpec, bias):
+    dense = None
+    if mask.q_segment_ids is not None:
+        kv_seg = mask.q_segment_ids if mask.kv_segment_ids is None else mask.kv_segment_ids
+        dense = mask.q_segment_ids[:, None, :, None] == kv_seg[:, None, None, :]
+    window = None
+    if mask.sliding_window is not None:
+        w = mask.sliding_window - 1
+        window = (w, 0 if mask.causal else w)
+    return jax.nn.dot_product_attention(q_BxSxHxK, k_BxTxGxK, v_BxTxGxK, bias=bias, mask=dense,
+                                        is_causal=mask.causal, local_window_size=window,
+                                        implementation="cudnn")
+
+
+def _attend_pallas(q_BxSxHxK, k_BxSxGxK, v_BxSxGxK, mask: MaskSpec):
+    """The kernel is one device's program: on a mesh it runs per shard (shard_map), with batch and
+    heads split the way the activation rules already split them."""
+    from kernels_pallas.flash import flash_attention
+    segment_ids_BxS = mask.q_segment_ids
+
+    def call(q, k, v, *seg):
+        return flash_attention(q, k, v, causal=mask.causal, segment_ids=seg[0] if seg else None,
+                               sliding_window=mask.sliding_window)
+
+    args = (q_BxSxHxK, k_BxSxGxK, v_BxSxGxK) + (() if segment_ids_BxS is None else
+                                                 (segment_ids_BxS,))
+    mesh, rules = active()
+    if mesh is None or mesh.size == 1:
+        return call(*args)
+    q_spec = logical_to_spec(("act_batch", "act_seq", "act_heads", None), rules, mesh)
+    kv_spec = logical_to_spec(("act_batch", "act_seq", "act_kv_heads", None), rules, mesh)
+    if q_spec[1] is not None:
+        raise ValueError(f"attention_impl=pallas runs per shard and cannot split the sequence "
+                         f"(act_seq -> {q_spec[1]}); use attention_impl=xla or cudnn with "
+                         f"sequence parallelism")
+    if q_spec[2] != kv_spec[2]:
+        raise ValueError(f"attention_impl=pallas needs kv heads split like q heads (act_heads -> "
+                         f"{q_spec[2]}, act_kv_heads -> {kv_spec[2]}); use fewer tensor shards "
+                         f"than kv heads, or attention_impl=xla")
+    specs = (q_spec, kv_spec, kv_spec) + ((P(q_spec[0], None),) if len(args) == 4 else ())
+    return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=q_spec,
+                         check_vma=False)(*args)

@@ -1,0 +1,64 @@
+"""The attention layer: q/k/v/o projections around the `attend` contract (jaxlm/nn/attend.py),
+used as self-attention (with RoPE where the family has it) or as cross-attention over another
+sequence (an encoder's output)."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.nn.attend import MaskSpec, attend
+from jaxlm.nn.param import param
+from jaxlm.nn.rope import rope
+from jaxlm.parallel.sharding import constrain
+
+Q_NAMES = ("act_batch", "act_seq", "act_heads", None)
+KV_NAMES = ("act_batch", "act_seq", "act_kv_heads", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float | None   # None: no rotary embedding (learned or relative positions)
+    causal: bool
+    sliding_window: int | None
+    impl: str                  # jaxlm.nn.attend implementations
+    std: float
+    out_std: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+
+class Attention(nnx.Module):
+    """q/k/v projections kept 3-D ([embed, heads, head_dim]) so sharding heads never splits a
+    dimension by a reshape; `o` is row-parallel back to embed."""
+
+    def __init__(self, c: AttentionConfig, rngs: nnx.Rngs):
+        D, H, G, K, pdt = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.param_dtype
+        self.wq = param(rngs, (D, H, K), ("embed", "heads", "head_dim"), c.std, pdt)
+        self.wk = param(rngs, (D, G, K), ("embed", "kv_heads", "head_dim"), c.std, pdt)
+        self.wv = param(rngs, (D, G, K), ("embed", "kv_heads", "head_dim"), c.std, pdt)
+        self.wo = param(rngs, (H, K, D), ("heads", "head_dim", "embed"), c.out_std, pdt)
+        self.c = c
+
+    def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS, *, memory_BxTxD=None,
+                 memory_segment_ids_BxT=None, bias=None, cache=None):
+        """Self-attention over x, or cross-attention over `memory` (keys and values from it,
+        no rotary embedding). Returns ([B, S, D], the updated cache or None)."""
+        c, dt = self.c, self.c.dtype
+        kv_BxTxD = x_BxSxD if memory_BxTxD is None else memory_BxTxD
+        q = jnp.einsum("bsd,dhk->bshk", x_BxSxD, self.wq[...].astype(dt))
+        k = jnp.einsum("bsd,dgk->bsgk", kv_BxTxD, self.wk[...].astype(dt))
+        v = jnp.einsum("bsd,dgk->bsgk", kv_BxTxD, self.wv[...].astype(dt))
+        if c.rope_theta is not None and memory_BxTxD is None:
+            q, k = rope(q, positions_BxS, c.rope_theta), rope(k, positions_BxS, c.rope_theta)
+        q, k, v = constrain(q, Q_NAMES), constrain(k, KV_NAMES), constrain(v, KV_NAMES)
+        mask = MaskSpec(causal=c.causal, sliding_window=c.sliding_window,
+                        q_segment_ids=segment_ids_BxS, kv_segment_ids=memory_segment_ids_BxT)
+        out_BxSxHxK, cache = attend(q, k, v, mask, bias=bias, cache=cache, impl=c.impl)
+        out_BxSxHxK = constrain(out_BxSxHxK, Q_NAMES)
+        return jnp.einsum("bshk,hkd->bsd", out_BxSxHxK, self.wo[...].astype(dt)), cache

@@ -1,0 +1,82 @@
+"""THE block every family is assembled from: attention, an optional cross-attention, and a
+feed-forward (dense SwiGLU MLP or Mixture of Experts), each a residual branch with pre- or
+post-norm. A block returns (h, aux, cache): aux holds already-weighted loss terms and stats
+({} for a dense block), cache the attention's KV cache (None unless one was passed in)."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import nnx, struct
+
+from jaxlm.nn.attention import Attention, AttentionConfig
+from jaxlm.nn.kv_cache import KVCache
+from jaxlm.nn.mlp import MLP, MLPConfig
+from jaxlm.nn.moe import MoE, MoEConfig
+from jaxlm.nn.norms import RMSNorm
+from jaxlm.parallel.sharding import constrain
+
+RESIDUAL = ("act_batch", "act_res_seq", "act_embed")  # logical names of the residual stream
+
+
+@struct.dataclass
+class LayerInputs:
+    """What every block of a stack reads besides the residual stream: per-row arrays, so a
+    pipeline splits them into microbatches with the rows."""
+    positions_BxS: jax.Array
+    segment_ids_BxS: jax.Array | None = None         # packed documents; None: one per row
+    memory_BxTxD: jax.Array | None = None            # cross-attention source (encoder output)
+    memory_segment_ids_BxT: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    d_model: int
+    attention: AttentionConfig
+    ffn: MLPConfig | MoEConfig
+    norm_eps: float
+    param_dtype: object
+    post_norm: bool = False                         # norm after the residual add (BERT)
+    cross_attention: AttentionConfig | None = None  # attends over LayerInputs.memory (T5)
+
+
+class Block(nnx.Module):
+    def __init__(self, c: BlockConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(c.d_model, c.norm_eps, c.param_dtype)
+        self.attn = Attention(c.attention, rngs)
+        if c.cross_attention is not None:
+            self.cross_norm = RMSNorm(c.d_model, c.norm_eps, c.param_dtype)
+            self.cross_attn = Attention(c.cross_attention, rngs)
+        self.mlp_norm = RMSNorm(c.d_model, c.norm_eps, c.param_dtype)
+        if isinstance(c.ffn, MoEConfig):
+            self.moe = MoE(c.ffn, rngs)
+        else:
+            self.mlp = MLP(c.ffn, rngs)
+        self.c = c
+
+    def __call__(self, h_BxSxD, inputs: LayerInputs, cache=None):
+        h_BxSxD, cache = self._residual(self.attn_norm, h_BxSxD, lambda x: self.attn(
+            x, inputs.positions_BxS, inputs.segment_ids_BxS, cache=cache))
+        if self.c.cross_attention is not None:
+            h_BxSxD, _ = self._residual(self.cross_norm, h_BxSxD, lambda x: self.cross_attn(
+                x, None, inputs.segment_ids_BxS, memory_BxTxD=inputs.memory_BxTxD,
+                memory_segment_ids_BxT=inputs.memory_segment_ids_BxT))
+        if isinstance(self.c.ffn, MoEConfig):
+            h_BxSxD, aux = self._residual(self.mlp_norm, h_BxSxD, self.moe)
+        else:
+            h_BxSxD, aux = self._residual(self.mlp_norm, h_BxSxD, lambda x: (self.mlp(x), {}))
+        return h_BxSxD, aux, cache
+
+    def empty_cache(self, batch: int, max_len: int) -> KVCache:
+        """A KV cache for this block's self-attention: `max_len` slots per row."""
+        a = self.c.attention
+        return KVCache.empty(batch, max_len, a.num_kv_heads, a.head_dim, a.dtype)
+
+    def _residual(self, norm, h_BxSxD, branch):
+        """h + branch(norm(h)) (pre-norm) or norm(h + branch(h)) (post-norm); the branch returns
+        (y, extra) and extra is passed through."""
+        if self.c.post_norm:
+            y_BxSxD, extra = branch(h_BxSxD)
+            return constrain(norm(h_BxSxD + y_BxSxD), RESIDUAL), extra
+        y_BxSxD, extra = branch(norm(h_BxSxD))
+        return constrain(h_BxSxD + y_BxSxD, RESIDUAL), extra

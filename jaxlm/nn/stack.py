@@ -1,0 +1,121 @@
+"""The one stack runner: a family's layer stack as scan / loop / unroll / remat over units.
+
+A unit is a Block or a Group of blocks; every unit returns (h, aux, cache). Parameters of a scanned
+stack are stacked on a leading 'layers' axis (one compiled body, and the axis pipeline parallelism
+splits); unscanned, the units are a list. `Stack` is how runners see it: `layer_fn()` is the stack
+as a pure function over the stacked state (what the pipeline schedules need) and calling it runs
+the whole stack. Aux terms of the units are summed.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.nn.block import Block, BlockConfig, LayerInputs
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StackConfig:
+    num_units: int
+    scan: bool = True
+    unroll: int = 1          # units per scan iteration (num_units: straight-line code)
+    remat: str = "none"      # none | full | save_dots
+
+
+def add_aux(a: dict, b: dict) -> dict:
+    """Sum of two units' aux trees ({} is zero)."""
+    if not a or not b:
+        return a or b
+    return jax.tree.map(jnp.add, a, b)
+
+
+class Group(nnx.Module):
+    """Blocks run in order as one stack unit (e.g. dense, dense, MoE), so a stack whose layers
+    differ still scans one homogeneous unit. Its cache is a tuple of its blocks' caches."""
+
+    def __init__(self, configs: list[BlockConfig], rngs: nnx.Rngs):
+        self.blocks = nnx.List([Block(c, rngs) for c in configs])
+
+    def __call__(self, h_BxSxD, inputs: LayerInputs, cache=None):
+        caches = (None,) * len(self.blocks) if cache is None else cache
+        aux, new = {}, []
+        for block, block_cache in zip(self.blocks, caches):
+            h_BxSxD, a, block_cache = block(h_BxSxD, inputs, block_cache)
+            aux, new = add_aux(aux, a), new + [block_cache]
+        return h_BxSxD, aux, None if cache is None else tuple(new)
+
+    def empty_cache(self, batch: int, max_len: int):
+        return tuple(block.empty_cache(batch, max_len) for block in self.blocks)
+
+
+def build(c: StackConfig, make_unit, rngs: nnx.Rngs) -> nnx.Module:
+    """`num_units` units from make_unit(rngs): stacked on 'layers' (scan) or an nnx.List."""
+    if not c.scan:
+        return nnx.List([make_unit(rngs) for _ in range(c.num_units)])
+
+    @nnx.split_rngs(splits=c.num_units)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_stack(rngs):
+        return make_unit(rngs)
+    return make_stack(rngs)
+
+
+class Stack:
+    """A view of a family's `layers` (built by `build`) with the config that runs them."""
+
+    def __init__(self, c: StackConfig, layers: nnx.Module):
+        self.c, self.layers = c, layers
+
+    def layer_fn(self):
+        """(unit(unit_state, h, inputs, cache) -> (h, aux, cache), stacked unit state)."""
+        graphdef, stacked = nnx.split(self.layers)
+        apply = self._unit_call()
+        return ((lambda state, h, inputs, cache: apply(nnx.merge(graphdef, state), h, inputs,
+                                                       cache)), stacked)
+
+    def empty_cache(self, batch: int, max_len: int):
+        """Every unit's empty KV cache, laid out as `__call__` takes them."""
+        if not self.c.scan:
+            return [unit.empty_cache(batch, max_len) for unit in self.layers]
+        one = self.layers.empty_cache(batch, max_len)  # the units are alike: stack one U times
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.c.num_units,) + x.shape), one)
+
+    def __call__(self, h_BxSxD, inputs: LayerInputs, cache=None):
+        """Every unit in order: (h, summed aux, cache). `cache` holds each unit's cache
+        (stacked on the leading axis when scanned, a list otherwise)."""
+        if not self.c.scan:
+            apply = self._unit_call()
+            aux, caches = {}, []
+            for i, unit in enumerate(self.layers):
+                h_BxSxD, a, unit_cache = apply(unit, h_BxSxD, inputs,
+                                               None if cache is None else cache[i])
+                aux, caches = add_aux(aux, a), caches + [unit_cache]
+            return h_BxSxD, aux, None if cache is None else caches
+        unit, stacked = self.layer_fn()
+
+        def body(h, xs):
+            unit_state, unit_cache = xs
+            h, a, unit_cache = unit(unit_state, h, inputs, unit_cache)
+            return h, (a, unit_cache)
+
+        h_BxSxD, (aux_U, cache) = jax.lax.scan(body, h_BxSxD, (stacked, cache),
+                                               unroll=self.c.unroll)
+        return h_BxSxD, jax.tree.map(lambda a: jnp.sum(a, axis=0), aux_U), cache
+
+    def _unit_call(self):
+        """unit(h, inputs, cache) the way the stack calls it: under the remat policy."""
+        apply = lambda unit, h, inputs, cache: unit(h, inputs, cache)  # noqa: E731
+        if self.c.remat == "none":
+            return apply
+        # Inside a rolled scan loop XLA cannot CSE the recomputation away, so the barrier is
+        # not needed; unrolled (a Python loop, or unroll > 1) it is, or remat is a no-op.
+        rolled = self.c.scan and self.c.unroll == 1
+        return nnx.remat(apply, policy=REMAT_POLICIES[self.c.remat], prevent_cse=not rolled)

@@ -1,0 +1,89 @@
+"""Objectives: the loss a family trains with, and how its layer stack runs for it.
+
+An objective takes a model (the protocol of jaxlm/models/protocol.py), a batch and the pipeline
+plan (None: one device group runs the whole stack), and returns the summed token loss, the number
+of tokens it covers and the stack's aux terms. It alone decides between the plain stack and a
+pipeline schedule over `stage` (GPipe, circular, 1F1B), so no model ever imports the pipeline.
+A family names its objective (`ModelConfig.objective`); masked LM and seq2seq join here.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.models.protocol import DecoderLM
+from jaxlm.parallel import pipeline
+
+
+class Loss(NamedTuple):
+    nll_sum: jax.Array   # summed over the tokens the loss mask keeps
+    tokens: jax.Array    # how many that is
+    aux: dict            # the stack's {"losses": {...}, "stats": {...}} ({} for a dense stack)
+
+
+def token_nll(logits_BxSxV, targets_BxS, mask_BxS):
+    """Summed next-token negative log-likelihood (fp32) over the positions mask_BxS keeps.
+
+    The target's log-probability is picked by a one-hot contraction rather than a gather: the
+    sum has one non-zero term, so it is exact, and it partitions where XLA's SPMD partitioner
+    aborts on the gather (vocab split over an automatic `tensor` axis inside the 1F1B pipeline's
+    stage-manual shard_map; jaxlib 0.10.2 and 0.11.2: "Check failed: partition_group_list")."""
+    logp_BxSxV = jax.nn.log_softmax(logits_BxSxV.astype(jnp.float32), axis=-1)
+    onehot_BxSxV = jax.nn.one_hot(targets_BxS, logp_BxSxV.shape[-1], dtype=logp_BxSxV.dtype)
+    nll_BxS = -jnp.sum(logp_BxSxV * onehot_BxSxV, axis=-1)
+    return jnp.sum(nll_BxS * mask_BxS)
+
+
+def causal_lm(model: DecoderLM, batch: dict, plan: pipeline.Plan | None = None) -> Loss:
+    """Next-token prediction. `batch` holds inputs, targets, positions, loss_mask and, where rows
+    pack several documents, segment_ids."""
+    h_BxSxD, inputs = model.embed_tokens(batch["inputs"], batch["positions"],
+                                         batch.get("segment_ids"))
+    mask_BxS = batch["loss_mask"].astype(jnp.float32)
+    if plan is not None and plan.schedule == "1f1b":
+        return Loss(_one_f_one_b_nll(model, plan, h_BxSxD, inputs, batch["targets"], mask_BxS),
+                    jnp.sum(mask_BxS), {})
+    stack = model.stack()
+    if plan is None:
+        h_BxSxD, aux, _ = stack(h_BxSxD, inputs)
+    else:
+        layer, stacked = _pipeline_layer(stack)
+        h_BxSxD, aux = pipeline.run_stack(plan, layer, stacked, h_BxSxD, inputs), {}
+    nll = token_nll(model.logits(h_BxSxD), batch["targets"], mask_BxS)
+    return Loss(nll, jnp.sum(mask_BxS), aux)
+
+
+def _pipeline_layer(stack):
+    """(layer(state, h, inputs) -> h, stacked state): the stack's unit function as the pipeline
+    schedules run it, h in and h out."""
+    unit, stacked = stack.layer_fn()
+
+    def layer(state, h, inputs):
+        h, aux, _ = unit(state, h, inputs, None)
+        if aux:  # families refuse this at config time; a new one that forgets gets this
+            raise ValueError("the pipeline schedules do not carry aux losses (MoE units)")
+        return h
+    return layer, stacked
+
+
+def _one_f_one_b_nll(model, plan, h_BxSxD, inputs, targets_BxS, mask_BxS):
+    """1F1B needs the loss inside the pipeline: the layer stack runs on the stages and the head +
+    NLL on the last stage per microbatch; the embedding stays outside (its gradient arrives as
+    the input cotangent)."""
+    layer, stacked = _pipeline_layer(model.stack())
+    graphdef, layer_state, rest = nnx.split(model, nnx.PathContains("layers"), ...)
+    # the head never reads the layers: shapes stand in for them inside the pipeline
+    layer_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), layer_state)
+
+    def tail(rest_state, h_BxSxD, targets_BxS, mask_BxS):
+        logits_BxSxV = nnx.merge(graphdef, layer_shapes, rest_state).logits(h_BxSxD)
+        return token_nll(logits_BxSxV, targets_BxS, mask_BxS)
+
+    return pipeline.one_f_one_b_loss(plan, layer, tail, stacked, rest, h_BxSxD, inputs,
+                                     (targets_BxS, mask_BxS))
+
+
+OBJECTIVES = {"causal_lm": causal_lm}
