@@ -1,6 +1,7 @@
 """The one public flash-attention entry point: validation, padding, backend choice, custom_vjp.
 
-Backends (`hopper`: Mosaic GPU for sm90; `blocked`: BlockSpec kernels for Mosaic TPU and, with
+Backends (`hopper`: Mosaic GPU for sm90 (forward in hopper.py, backward in hopper_bwd.py, what both
+use in hopper_common.py); `blocked`: BlockSpec kernels for Mosaic TPU and, with
 `interpret`, for CPU tests) each provide `forward(q, k, v, segment_ids, problem) -> (out, lse)`
 and `backward(q, k, v, segment_ids, lse, delta, do, problem) -> (dq, dk, dv)`, plus
 `seq_multiple(problem, S)`: what the sequence is padded to. Layouts: q [B, S, H, D], k/v

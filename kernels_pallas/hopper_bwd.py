@@ -24,20 +24,8 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
-from kernels_pallas.hopper import (
-    LOG2E,
-    ROWS,
-    WGS,
-    _band,
-    _block_ranges,
-    _cta_range,
-    _mask,
-    _smem_tile,
-    _transposed,
-    _walk,
-    _zeros,
-    tiles,
-)
+from kernels_pallas import hopper_common as hc
+from kernels_pallas.hopper_common import LOG2E, ROWS, WGS, tiles
 
 
 def backward(q, k, v, segment_ids, lse, delta, do, problem):
@@ -86,7 +74,7 @@ def _two_products(shape, a1, b1, a2, b2):
         plgpu.wgmma(refs[0], a1, b1.transpose((1, 0)))
         plgpu.wgmma(refs[1], a2, b2.transpose((1, 0)))
 
-    return pl.run_state(issue)((plgpu.ACC.init(_zeros(shape)), plgpu.ACC.init(_zeros(shape))))
+    return pl.run_state(issue)((plgpu.ACC.init(hc.zeros(shape)), plgpu.ACC.init(hc.zeros(shape))))
 
 
 def _load_rows(loads, row_bar, row, issue):
@@ -138,7 +126,7 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
     bkv, ns, dtype = t.block_kv_dq, t.slots, q.dtype
     share = _share(D)
     n_kv, n_cta = S // bkv, S // share.cta_rows
-    band, segs = _band(problem), problem.has_segments
+    band, segs = hc.band(problem), problem.has_segments
     c = problem.sm_scale * LOG2E
 
     def flash_bwd_dq(*refs):  # the name profilers show
@@ -155,7 +143,7 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
         cta = n_cta - 1 - lax.axis_index("q")
         wg = lax.axis_index("wg")
         cta_r0 = cta * share.cta_rows
-        lo_cta, hi_cta = _cta_range(cta_r0, share.cta_rows, bkv, n_kv, band, segs)
+        lo_cta, hi_cta = hc.cta_range(cta_r0, share.cta_rows, bkv, n_kv, band, segs)
 
         @pl.when(wg < WGS)
         def _consumer():
@@ -174,7 +162,7 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
             lse_rows = plgpu.load(lse_smem.at[row], layout=row_layout)
             delta_rows = plgpu.load(delta_smem.at[row], layout=row_layout)
             seg_rows = plgpu.load(segq_smem.at[row], layout=row_layout) if segs else None
-            lo, hi, full_lo, full_hi = _block_ranges(r0, r0 + ROWS, bkv, n_kv, *band, segs)
+            lo, hi, full_lo, full_hi = hc.block_ranges(r0, r0 + ROWS, bkv, n_kv, *band, segs)
             shape = (ROWS, bkv)
 
             def step(j, dq_acc, kind):
@@ -189,7 +177,7 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
 
                 s, dp = _two_products(shape, qs, k_smem.at[slot], dos, v_smem.at[slot])
                 if kind == "masked":
-                    s = _mask(s, r0, j * bkv, band, seg_rows, segk_smem.at[slot] if segs else None)
+                    s = hc.mask(s, r0, j * bkv, band, seg_rows, segk_smem.at[slot] if segs else None)
                 p = jnp.exp2(s * c - lax.broadcast_in_dim(lse_rows, shape, [0]))
                 ds = p * (dp - lax.broadcast_in_dim(delta_rows, shape, [0]))
 
@@ -200,8 +188,8 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
                 plgpu.barrier_arrive(used.at[slot])
                 return dq_acc
 
-            dq_acc = _walk(lo_cta, hi_cta, lo, hi, full_lo, full_hi, step,
-                           _zeros((ROWS, share.cols)))
+            dq_acc = hc.walk(lo_cta, hi_cta, lo, hi, full_lo, full_hi, step,
+                           hc.zeros((ROWS, share.cols)))
             _store_rows([((dq_acc * problem.sm_scale).astype(dtype), qs, dq_ref.at[rows])],
                         done, share, wg)
 
@@ -223,8 +211,8 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
 
     nr = share.row_tiles
     scratch = [
-        _smem_tile((nr, ROWS, D), dtype), _smem_tile((nr, ROWS, D), dtype),
-        _smem_tile((ns, bkv, D), dtype), _smem_tile((ns, bkv, D), dtype),
+        hc.smem_tile((nr, ROWS, D), dtype), hc.smem_tile((nr, ROWS, D), dtype),
+        hc.smem_tile((ns, bkv, D), dtype), hc.smem_tile((ns, bkv, D), dtype),
         plgpu.SMEM((nr, ROWS), jnp.float32), plgpu.SMEM((nr, ROWS), jnp.float32),
         plgpu.SMEM((nr, ROWS), jnp.int32), plgpu.SMEM((ns, bkv), jnp.int32),
         plgpu.Barrier(num_barriers=5 * WGS), plgpu.Barrier(num_arrivals=WGS), *_stream(ns, 3),
@@ -245,7 +233,7 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
     bq, ns, dtype = t.block_q_dkv, t.slots, q.dtype
     share = _share(D)
     n_q, n_cta = S // bq, S // share.cta_rows
-    band, segs = _transposed(_band(problem)), problem.has_segments  # rows are keys here
+    band, segs = hc.transposed(hc.band(problem)), problem.has_segments  # rows are keys here
     c = problem.sm_scale * LOG2E
 
     def flash_bwd_dkv(*refs):  # the name profilers show
@@ -261,7 +249,7 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
         cta = lax.axis_index("kv")  # early key tiles see the most queries: already first
         wg = lax.axis_index("wg")
         cta_r0 = cta * share.cta_rows
-        lo_cta, hi_cta = _cta_range(cta_r0, share.cta_rows, bq, n_q, band, segs)
+        lo_cta, hi_cta = hc.cta_range(cta_r0, share.cta_rows, bq, n_q, band, segs)
         n_steps = hi_cta - lo_cta  # per q head of the group
 
         @pl.when(wg < WGS)
@@ -277,7 +265,7 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
             _load_rows(loads, row_bar, row, share.issues(wg))
             seg_rows = (plgpu.load(segk_smem.at[row], layout=plgpu.Layout.WGMMA.reduce(1))
                         if segs else None)
-            lo, hi, full_lo, full_hi = _block_ranges(r0, r0 + ROWS, bq, n_q, *band, segs)
+            lo, hi, full_lo, full_hi = hc.block_ranges(r0, r0 + ROWS, bq, n_q, *band, segs)
             shape = (ROWS, bq)
             col_layout = plgpu.Layout.WGMMA.reduce(0)
 
@@ -293,7 +281,7 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
 
                     sT, dpT = _two_products(shape, ks, q_smem.at[slot], vs, do_smem.at[slot])
                     if kind == "masked":
-                        sT = _mask(sT, r0, j * bq, band, seg_rows,
+                        sT = hc.mask(sT, r0, j * bq, band, seg_rows,
                                    segq_smem.at[slot] if segs else None)
                     lse_cols = plgpu.load(lse_smem.at[slot], layout=col_layout)
                     delta_cols = plgpu.load(delta_smem.at[slot], layout=col_layout)
@@ -311,9 +299,9 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
                     plgpu.barrier_arrive(used.at[slot])
                     return dk_acc, dv_acc
 
-                return _walk(lo_cta, hi_cta, lo, hi, full_lo, full_hi, step, carry)
+                return hc.walk(lo_cta, hi_cta, lo, hi, full_lo, full_hi, step, carry)
 
-            acc = _zeros((ROWS, share.cols))
+            acc = hc.zeros((ROWS, share.cols))
             dk_acc, dv_acc = lax.fori_loop(0, R, head, (acc, acc))
             _store_rows([((dk_acc * problem.sm_scale).astype(dtype), ks, dk_ref.at[rows]),
                          (dv_acc.astype(dtype), vs, dv_ref.at[rows])], done, share, wg)
@@ -343,9 +331,9 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
 
     nr = share.row_tiles
     scratch = [
-        _smem_tile((nr, ROWS, D), dtype), _smem_tile((nr, ROWS, D), dtype),
+        hc.smem_tile((nr, ROWS, D), dtype), hc.smem_tile((nr, ROWS, D), dtype),
         plgpu.SMEM((nr, ROWS), jnp.int32),
-        _smem_tile((ns, bq, D), dtype), _smem_tile((ns, bq, D), dtype),
+        hc.smem_tile((ns, bq, D), dtype), hc.smem_tile((ns, bq, D), dtype),
         plgpu.SMEM((ns, bq), jnp.float32), plgpu.SMEM((ns, bq), jnp.float32),
         plgpu.SMEM((ns, bq), jnp.int32),
         plgpu.Barrier(num_barriers=3 * WGS), plgpu.Barrier(num_arrivals=WGS), *_stream(ns, 5),
