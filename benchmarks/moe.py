@@ -70,8 +70,8 @@ def train_throughput(cfg, steps):
     return {"dispatch": cfg.model.dispatch, "step_ms": dt * 1e3, "tokens_per_sec": tps,
             "mfu": mfu(tps, f_tok, peak, 1), "compile_s": compile_s,
             "active_flops_per_token": f_tok, "params": fns.param_count,
-            "loss": float(m["loss"]), "dropped_frac": float(m["moe_dropped_frac"]),
-            "load_max": float(m["moe_load_max"])}
+            "loss": float(m["loss"]), "dropped_frac": float(m["stats"]["moe_dropped_frac"]),
+            "load_max": float(m["stats"]["moe_load_max"])}
 
 
 def matmul_timings(m, tokens, dtype):
