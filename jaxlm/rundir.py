@@ -22,6 +22,7 @@ from jaxlm.config import Config, ConfigError, dump_yaml, flatten, to_dict
 # else, and is refused.
 SAFE_ON_RESUME = (
     "train.steps", "train.eval_every", "train.eval_batches", "train.run_dir",
+    "train.on_nonfinite", "train.max_skipped_steps",
     "train.microbatches",          # gradient accumulation: the same batch and update
     "optim.lr", "optim.schedule", "optim.warmup_steps", "optim.min_lr_ratio",  # the lr schedule
     "checkpoint.", "log.", "runtime.", "distributed.",

@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxlm import pipeline
+from jaxlm import nonfinite, pipeline
 from jaxlm.config import Config
 from jaxlm.models import build_model, moe
 from jaxlm.optim import learning_rate_schedule, make_optimizer
@@ -139,6 +139,8 @@ def build_step_fns(cfg: Config, mesh: Mesh) -> StepFns:
                        "lr": schedule(state["step"]), "tokens": total_tokens, **moe_stats}
             new_state = {"params": new_params, "opt_state": opt_state,
                          "step": state["step"] + 1, "rng": jax.random.key_data(rng)}
+            new_state, metrics["nonfinite"] = nonfinite.guard(
+                state, new_state, loss, grads, skip=cfg.train.on_nonfinite == "skip")
             return new_state, metrics
 
     train_jit = jax.jit(train_step, in_shardings=(state_sh, batch_sh),

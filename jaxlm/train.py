@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return faults.EXIT_BAD_INPUT
-    except faults.RunStopped as e:  # a checkpoint that cannot be written
+    except faults.RunStopped as e:  # non-finite, a checkpoint that cannot be written
         return _stopped(str(e), e.code)
     except OSError as e:  # writing the run directory (logs, metrics): disk full, permissions, I/O
         return _stopped(f"cannot write {e.filename or 'to the run directory'}: "
@@ -97,12 +97,12 @@ def run(cfg: Config) -> dict:
 
 def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     import jax
-    import numpy as np
     from jaxlm import metrics as M
     from jaxlm.checkpoint import Checkpointer
     from jaxlm.data import DataIterator, build_datasets, eval_batches
     from jaxlm.sharding import local_batch_rows, make_mesh
     from jaxlm.step import abstract_batch, build_step_fns
+    from jaxlm import nonfinite
 
     # ---- checks before anything is written
     resume_changes = rundir.check(cfg)
@@ -183,6 +183,8 @@ def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     tokens_per_step = B * S
     writer = M.MetricsWriter(run_dir, cfg.log.jsonl, cfg.log.tensorboard)
     cleanup.callback(writer.close)
+    monitor = nonfinite.Monitor(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, say,
+                                eager=jax.process_count() == 1)
     writer.write(start, {"compile_time_s": compile_s})
     last: dict = {}
     if start >= cfg.train.steps:
@@ -203,14 +205,16 @@ def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     data_wait = 0.0  # seconds this window spent waiting for the data iterator
     for step in range(start + 1, cfg.train.steps + 1):
         t_data = time.perf_counter()
-        batch = train_iter.next()
+        batch = nonfinite.inject(train_iter.next(), step)  # a no-op unless a drill asks
         data_wait += time.perf_counter() - t_data
         state, pending = step_fn(state, to_global(batch))
+        monitor.record(step, pending["nonfinite"])
         window_steps += 1
         bar.update(1)
         is_last = step == cfg.train.steps
         if step % cfg.log.every_steps == 0 or is_last:
             host = jax.device_get(pending)  # waits for the device: closes the timing window
+            monitor.check()  # every step's non-finite flag so far, read while we sync anyway
             dt = (time.perf_counter() - window_start) / window_steps
             tps = tokens_per_step / dt
             last = {"loss": float(host["loss"]), "lr": float(host["lr"]),
@@ -220,8 +224,8 @@ def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
             last.update({k: float(v) for k, v in host.items() if k.startswith("moe_")})
             mem_b = M.peak_memory_bytes()
             last["peak_mem_gib"] = mem_b / 2**30 if mem_b else None
-            if not np.isfinite(last["loss"]):
-                raise FloatingPointError(f"loss became {last['loss']} at step {step}")
+            if monitor.skipped:
+                last["skipped_steps"] = monitor.skipped
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 or is_last:
                 last.update(evaluate())
             say(M.format_line(step, last))
@@ -234,6 +238,7 @@ def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
             writer.write(step, ev)
             window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
         if ckpt and (step % cfg.checkpoint.every_steps == 0 or is_last):
+            monitor.check()  # a non-finite state never reaches a checkpoint
             ckpt.save(step, state, {"iterator": train_iter.state(),
                                     "fingerprint": data.fingerprint})
         if ckpt:

@@ -94,11 +94,11 @@ def test_safe_changes_on_resume_are_reported_and_accepted(tmp_path):
     run_dir = _saved_run(tmp_path)
     cfg = tiny_config(f"train.run_dir={run_dir}", "train.steps=9", "optim.lr=0.02",
                       "log.every_steps=5", "checkpoint.every_steps=2", "mesh.data=2",
-                      "mesh.fsdp=4", "model.remat=full")
+                      "mesh.fsdp=4", "model.remat=full", "train.on_nonfinite=skip")
     assert rundir.check(cfg) == [
         "model.remat: 'none' -> 'full'", "mesh.data: -1 -> 2", "mesh.fsdp: 1 -> 4",
-        "optim.lr: 0.01 -> 0.02", "train.steps: 6 -> 9", "checkpoint.every_steps: 3 -> 2",
-        "log.every_steps: 1 -> 5"]
+        "optim.lr: 0.01 -> 0.02", "train.steps: 6 -> 9", "train.on_nonfinite: 'stop' -> 'skip'",
+        "checkpoint.every_steps: 3 -> 2", "log.every_steps: 1 -> 5"]
 
 
 def test_keys_newer_than_the_saved_config_compare_with_their_defaults(tmp_path):
