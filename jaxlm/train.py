@@ -61,8 +61,10 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return faults.EXIT_BAD_INPUT
-    except faults.RunStopped as e:  # non-finite, a checkpoint that cannot be written
+    except faults.RunStopped as e:  # preempted, non-finite, a checkpoint that cannot be written
         return _stopped(str(e), e.code)
+    except KeyboardInterrupt:  # Ctrl-C before the run could install its handler: nothing to save
+        return _stopped("interrupted before training started; nothing was saved", 130)
     except OSError as e:  # writing the run directory (logs, metrics): disk full, permissions, I/O
         return _stopped(f"cannot write {e.filename or 'to the run directory'}: "
                         f"{e.strerror or e}; the run stopped", faults.EXIT_WRITE_FAILED)
@@ -102,10 +104,11 @@ def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     from jaxlm.data import DataIterator, build_datasets, eval_batches
     from jaxlm.sharding import local_batch_rows, make_mesh
     from jaxlm.step import abstract_batch, build_step_fns
-    from jaxlm import nonfinite
+    from jaxlm import nonfinite, preemption
 
-    # ---- checks before anything is written
+    # ---- checks before anything is written; from here on SIGTERM/SIGINT stop at a step boundary
     resume_changes = rundir.check(cfg)
+    preempt = cleanup.enter_context(preemption.Preemption(jax.process_count() > 1))
 
     # ---- mesh and run directory
     sizes = check_against_devices(cfg, jax.device_count())
@@ -201,6 +204,7 @@ def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
                disable=True if not cfg.log.progress or jax.process_index() != 0 else None,
                file=sys.stdout)
     cleanup.callback(bar.close)
+    preempt.start(start)
     window_start, window_steps, pending = time.perf_counter(), 0, None
     data_wait = 0.0  # seconds this window spent waiting for the data iterator
     for step in range(start + 1, cfg.train.steps + 1):
@@ -237,12 +241,15 @@ def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
             say(M.format_line(step, ev))
             writer.write(step, ev)
             window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-        if ckpt and (step % cfg.checkpoint.every_steps == 0 or is_last):
+        preempted = preempt.reached(step) and not is_last
+        if ckpt and (step % cfg.checkpoint.every_steps == 0 or is_last or preempted):
             monitor.check()  # a non-finite state never reaches a checkpoint
             ckpt.save(step, state, {"iterator": train_iter.state(),
                                     "fingerprint": data.fingerprint})
         if ckpt:
             ckpt.poll()  # a background save that failed stops the run now
+        if preempted:
+            preempt.stop(step, ckpt)  # waits for the checkpoint to commit, raises RunStopped
     if ckpt:
         ckpt.wait()
     return {**last, "compile_time_s": compile_s, "state": state}
