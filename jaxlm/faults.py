@@ -1,4 +1,4 @@
-"""How a run ends when something goes wrong on purpose-built paths: exit codes, and the one line.
+"""How a run that hits a fault ends: documented exit codes and one line, not a traceback.
 
 A fault the run can name (preemption, a non-finite step, a checkpoint or log that cannot be
 written) raises `RunStopped` at a safe point; `python -m jaxlm.train` prints its one line and exits
@@ -28,7 +28,7 @@ class RunStopped(Exception):
         self.code = code
 
 
-def cause(exc: BaseException) -> str:
+def cause(exc: BaseException) -> str | None:
     """The OS reason behind an I/O error, however deep orbax/tensorstore wrapped it."""
     import os
     import re
