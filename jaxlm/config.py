@@ -27,8 +27,29 @@ from jaxlm.models.registry import families, family
 RENAMED = {"model.attention": "model.attention_impl"}
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first_line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
 class _Loader(yaml.SafeLoader):
-    """Safe YAML, but `1e-3` is a float as in YAML 1.2 (PyYAML's 1.1 rules need `1.0e-3`)."""
+    """Safe YAML, but `1e-3` is a float as in YAML 1.2 (PyYAML's 1.1 rules need `1.0e-3`), and a
+    key given twice in one mapping is an error (PyYAML would silently keep the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        first = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in first:
+                    raise _DuplicateKey(key, key_node.start_mark.line, first[key])
+                first[key] = key_node.start_mark.line
+            except TypeError:  # unhashable: SafeLoader says so below
+                pass
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -96,6 +117,9 @@ def _read_yaml(path: str) -> dict:
         tree = _yaml_load(p.read_text())
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config file: {e}") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}:{e.line + 1}: duplicate key {e.key!r} (already set on line "
+                          f"{e.first_line + 1}); give each key once") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
@@ -105,7 +129,8 @@ def _read_yaml(path: str) -> dict:
             problem += f" ({ctx} that starts on line {ctx_mark.line + 1})"
         raise ConfigError(f"{where}: malformed YAML: {problem}") from None
     if tree is None:
-        return {}
+        raise ConfigError(f"{path}: empty config file; expected a mapping of sections (model:, "
+                          f"train:, ...)")
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model:, train:, ...), "
                           f"got {type(tree).__name__}")

@@ -171,6 +171,11 @@ class TrainConfig:
     eval_every: int = field(default=200, metadata=bounds(0))  # 0: only at the end
     eval_batches: int = field(default=4, metadata=bounds(1))
     run_dir: str = "runs/default"
+    # a step whose loss, gradients or updated parameters are not finite: `stop` ends the run
+    # (exit code 3; the last checkpoint stays the latest), `skip` keeps the parameters and
+    # optimizer state of before that step and goes on, up to max_skipped_steps in a row
+    on_nonfinite: str = field(default="stop", metadata=choices("stop", "skip"))
+    max_skipped_steps: int = field(default=10, metadata=bounds(1))
 
 
 @dataclass

@@ -284,6 +284,8 @@ def log_to_file(run_dir: str | Path) -> Path:
     if not root.handlers:  # keep warnings on the console, where logging's last resort put them
         console = logging.StreamHandler(sys.stderr)
         console.setLevel(logging.WARNING)
+        from jaxlm.faults import console_filter
+        console.addFilter(console_filter)  # orbax's error tracebacks: in the file only
         setattr(console, _HANDLER_TAG, True)
         root.addHandler(console)
     handler = _ProcessLog(Path(run_dir), path)
@@ -323,6 +325,8 @@ class _ProcessLog(logging.Handler):
                 self._file.writelines(self._pending)
                 self._pending = []
             self._file.write(line)
+        except OSError:  # disk full, directory gone: the run reports that itself, in one line
+            self.emit = lambda record: None  # stop writing instead of a traceback per record
         except Exception:
             self.handleError(record)
 

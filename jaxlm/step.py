@@ -12,6 +12,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxlm import nonfinite
 from jaxlm.config import Config
 from jaxlm.objectives import OBJECTIVES
 from jaxlm.optim import learning_rate_schedule
@@ -110,10 +111,13 @@ def make_train_step(cfg: Config, mesh: Mesh, spec: StateSpec, loss_fn):
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         rng, _ = jax.random.split(jax.random.wrap_key_data(state["rng"]))
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state["step"]), "tokens": total_tokens, "stats": stats}
+        grad_norm = optax.tree.norm(grads)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+                   "tokens": total_tokens, "stats": stats}
         new_state = {"params": new_params, "opt_state": opt_state,
                      "step": state["step"] + 1, "rng": jax.random.key_data(rng)}
+        new_state, metrics["nonfinite"] = nonfinite.guard(state, new_state, loss, grad_norm,
+                                                          skip=cfg.train.on_nonfinite == "skip")
         return new_state, metrics
     return train_step
 

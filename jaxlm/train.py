@@ -6,6 +6,7 @@ config -> mesh -> data -> sharded state (fresh or resumed) -> compiled step -> l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import math
@@ -13,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from jaxlm import distributed
+from jaxlm import distributed, faults, rundir
 from jaxlm.config import Config, ConfigError, check_against_devices, diff_from_defaults, \
-    dump_yaml, load_config
+    load_config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,14 +53,32 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        rundir.check(cfg)  # fail before JAX starts or any log is written (run() checks again)
         configure_runtime(cfg)
         distributed.initialize(cfg.distributed)  # multi-process: before any other JAX call
         distributed.log_to_file(cfg.train.run_dir)
         run(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return faults.EXIT_BAD_INPUT
+    except faults.RunStopped as e:  # preempted, non-finite, a checkpoint that cannot be written
+        return _stopped(str(e), e.code)
+    except KeyboardInterrupt:  # Ctrl-C before the run could install its handler: nothing to save
+        return _stopped("interrupted before training started; nothing was saved", 130)
+    except OSError as e:  # writing the run directory (logs, metrics): disk full, permissions, I/O
+        return _stopped(f"cannot write {e.filename or 'to the run directory'}: "
+                        f"{e.strerror or e}; the run stopped", faults.EXIT_WRITE_FAILED)
+    return faults.EXIT_OK
+
+
+def _stopped(line: str, code: int) -> int:
+    """One line for a run that stopped on purpose (README: 'Faults and exit codes')."""
+    faults.log.info(line)  # the process log
+    if code == faults.EXIT_PREEMPTED:
+        print(line, flush=True)
+    else:
+        print(f"error: {line}", file=sys.stderr, flush=True)
+    return code
 
 
 def say(msg: str):
@@ -71,22 +90,30 @@ def say(msg: str):
 
 
 def run(cfg: Config) -> dict:
-    """Train as configured; returns the last logged metrics (used by tests and benchmarks)."""
+    """Train as configured; returns the last logged metrics (used by tests and benchmarks).
+    Raises ConfigError for bad input (nothing written), faults.RunStopped for a fault it stopped
+    on; either way the data reader, an in-flight checkpoint save and the loggers are closed."""
+    with contextlib.ExitStack() as cleanup:
+        return _run(cfg, cleanup)
+
+
+def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     import jax
-    import numpy as np
     from jaxlm import metrics as M
     from jaxlm.checkpoint import Checkpointer
     from jaxlm.data import DataIterator, build_datasets, eval_batches
     from jaxlm.parallel.sharding import local_batch_rows, make_mesh
     from jaxlm.step import abstract_batch, build_step_fns
+    from jaxlm import nonfinite, preemption
+
+    # ---- checks before anything is written; from here on SIGTERM/SIGINT stop at a step boundary
+    resume_changes = rundir.check(cfg)
+    preempt = cleanup.enter_context(preemption.Preemption(jax.process_count() > 1))
 
     # ---- mesh and run directory
     sizes = check_against_devices(cfg, jax.device_count())
     mesh = make_mesh(sizes, dcn_sizes=dataclasses.asdict(cfg.mesh.dcn))
     run_dir = Path(cfg.train.run_dir)
-    if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     changed = diff_from_defaults(cfg)
     say("config (changed from defaults):" + "".join(
         f"\n  {k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()
@@ -103,20 +130,33 @@ def run(cfg: Config) -> dict:
     data = build_datasets(cfg.data, cfg.model.vocab_size)
     train_iter = DataIterator(data.train, B, cfg.data.seed, prefetch=cfg.data.prefetch,
                               local_rows=rows)
+    cleanup.callback(train_iter.close)
     evals = eval_batches(data.eval, B, cfg.train.eval_batches, local_rows=rows)
 
-    # ---- state: fresh, or resumed from the latest checkpoint
+    # ---- state: fresh, or resumed from the newest intact checkpoint
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint) if cfg.checkpoint.enabled else None
-    latest = ckpt.latest_step() if ckpt and cfg.checkpoint.resume else None
-    if latest is not None:
-        state, data_state = ckpt.restore(latest, fns.abstract_state)
+    resumed = ckpt.restore_latest(fns.abstract_state, say) if ckpt and cfg.checkpoint.resume \
+        else None
+    if resumed is not None:
+        latest, state, data_state = resumed
         train_iter.restore(data_state["iterator"])
         if data_state.get("fingerprint") != data.fingerprint:
             say(f"warning: the data corpus differs from the one checkpoint {latest} was trained on")
-        say(f"resumed from step {latest} ({ckpt.directory / str(latest)})")
+        say(f"resumed from step {latest} ({ckpt.step_dir(latest)})")
     else:
         state = fns.init(cfg.train.seed)
     start = int(state["step"])
+    if ckpt:
+        cleanup.callback(_settle, ckpt)  # an in-flight save of a good state still commits
+
+    # ---- the run is accepted: its first writes
+    if jax.process_index() == 0:
+        dropped = rundir.prepare(cfg, start)
+        if dropped:
+            say(f"metrics.jsonl: dropped {dropped} records of steps after {start}, where this "
+                f"run continues")
+    if resume_changes:
+        say("changed on resume (allowed): " + "; ".join(resume_changes))
     say(f"model: {fns.param_count / 1e6:.2f}M parameters; run dir {run_dir}")
 
     def to_global(batch_np):  # only the fields the model reads (data.fields)
@@ -145,6 +185,9 @@ def run(cfg: Config) -> dict:
     peak = M.peak_flops(device.device_kind, cfg.log.peak_tflops)
     tokens_per_step = B * S
     writer = M.MetricsWriter(run_dir, cfg.log.jsonl, cfg.log.tensorboard)
+    cleanup.callback(writer.close)
+    monitor = nonfinite.Monitor(cfg.train.on_nonfinite, cfg.train.max_skipped_steps, say,
+                                eager=jax.process_count() == 1)
     writer.write(start, {"compile_time_s": compile_s})
     last: dict = {}
     if start >= cfg.train.steps:
@@ -160,18 +203,22 @@ def run(cfg: Config) -> dict:
                # None: tqdm shows the bar only on a terminal (CI logs stay readable)
                disable=True if not cfg.log.progress or jax.process_index() != 0 else None,
                file=sys.stdout)
+    cleanup.callback(bar.close)
+    preempt.start(start)
     window_start, window_steps, pending = time.perf_counter(), 0, None
     data_wait = 0.0  # seconds this window spent waiting for the data iterator
     for step in range(start + 1, cfg.train.steps + 1):
         t_data = time.perf_counter()
-        batch = train_iter.next()
+        batch = nonfinite.inject(train_iter.next(), step)  # a no-op unless a drill asks
         data_wait += time.perf_counter() - t_data
         state, pending = step_fn(state, to_global(batch))
+        monitor.record(step, pending["nonfinite"])
         window_steps += 1
         bar.update(1)
         is_last = step == cfg.train.steps
         if step % cfg.log.every_steps == 0 or is_last:
             host = jax.device_get(pending)  # waits for the device: closes the timing window
+            monitor.check()  # every step's non-finite flag so far, read while we sync anyway
             dt = (time.perf_counter() - window_start) / window_steps
             tps = tokens_per_step / dt
             last = {"loss": float(host["loss"]), "lr": float(host["lr"]),
@@ -182,8 +229,8 @@ def run(cfg: Config) -> dict:
             last.update(stats)
             mem_b = M.peak_memory_bytes()
             last["peak_mem_gib"] = mem_b / 2**30 if mem_b else None
-            if not np.isfinite(last["loss"]):
-                raise FloatingPointError(f"loss became {last['loss']} at step {step}")
+            if monitor.skipped:
+                last["skipped_steps"] = monitor.skipped
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 or is_last:
                 last.update(evaluate())
             say(M.format_line(step, last, stats))
@@ -195,16 +242,27 @@ def run(cfg: Config) -> dict:
             say(M.format_line(step, ev))
             writer.write(step, ev)
             window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-        if ckpt and (step % cfg.checkpoint.every_steps == 0 or is_last):
+        preempted = preempt.reached(step) and not is_last
+        if ckpt and (step % cfg.checkpoint.every_steps == 0 or is_last or preempted):
+            monitor.check()  # a non-finite state never reaches a checkpoint
             ckpt.save(step, state, {"iterator": train_iter.state(),
                                     "fingerprint": data.fingerprint})
-    bar.close()
-    train_iter.close()
+        if ckpt:
+            ckpt.poll()  # a background save that failed stops the run now
+        if preempted:
+            preempt.stop(step, ckpt)  # waits for the checkpoint to commit, raises RunStopped
     if ckpt:
         ckpt.wait()
-        ckpt.close()
-    writer.close()
     return {**last, "compile_time_s": compile_s, "state": state}
+
+
+def _settle(ckpt):
+    """On the way out (also after a fault): let an in-flight save of a good state commit."""
+    try:
+        ckpt.wait()
+    except faults.RunStopped as e:  # a second fault: keep the first one's exit line
+        faults.log.error(str(e))
+    ckpt.close()
 
 
 def memory_report(abstract_state, analysis) -> str:

@@ -9,7 +9,9 @@
 # Output lines are prefixed with [p<i>]; each process also writes <run_dir>/logs/process_<i>.log.
 # When a process fails, jax.distributed stops the others (distributed.heartbeat_timeout_s); any
 # still running JAXLM_LOCAL_GRACE_S seconds later (default 300) are killed, and the script exits
-# with the first failure's status. Ctrl-C stops all of them.
+# with the first failure's status. Ctrl-C (or SIGTERM) is passed on as SIGTERM: every process
+# saves a checkpoint at the same step and exits 75; any still running JAXLM_LOCAL_STOP_S seconds
+# later (default 120) are killed.
 # Environment: PYTHON (default python3), JAXLM_PORT (default: a free port).
 set -euo pipefail
 
@@ -21,6 +23,7 @@ num_processes=$1 devices=$2
 shift 2
 python=${PYTHON:-python3}
 grace=${JAXLM_LOCAL_GRACE_S:-300}
+stop_wait=${JAXLM_LOCAL_STOP_S:-120}
 free_port='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 port=${JAXLM_PORT:-$("$python" -c "$free_port")}
 
@@ -31,12 +34,18 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 export XLA_FLAGS=$(sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g' <<<"${XLA_FLAGS:-}")
 
 pids=()
-stop_all() {
+stop_all() {  # stop_all SECONDS: SIGTERM, then SIGKILL whatever still runs SECONDS later
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  sleep 2
+  for ((t = 0; t < $1 * 10; t++)); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || return 0
+    sleep 0.1
+  done
   for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
 }
-trap 'echo "local.sh: interrupted; stopping all processes" >&2; stop_all; exit 130' INT TERM
+trap 'echo "local.sh: interrupted; each process saves a checkpoint, then stops" >&2
+      stop_all "$stop_wait"; exit 130' INT TERM
 
 for ((i = 0; i < num_processes; i++)); do
   JAXLM_COORDINATOR=127.0.0.1:$port JAXLM_NUM_PROCESSES=$num_processes JAXLM_PROCESS_ID=$i \
@@ -62,7 +71,7 @@ while ((running > 0)); do
   done
   if ((status != 0 && running > 0 && SECONDS - failed_at >= grace)); then
     echo "local.sh: $running process(es) still running ${grace} s after a failure; killing them" >&2
-    stop_all
+    stop_all 2
   fi
   sleep 0.2
 done

@@ -125,6 +125,17 @@ LOAD_CASES = [
          files={"list.yaml": "- model\n- train\n"}, configs=["{tmp}/list.yaml"]),
     Case("top-level-scalar", [], ["{tmp}/s.yaml: expected a mapping of sections", "got str"],
          files={"s.yaml": "just some text\n"}, configs=["{tmp}/s.yaml"]),
+    Case("duplicate-key", [], ["{tmp}/dup.yaml:4: duplicate key 'steps' (already set on line 2)"],
+         files={"dup.yaml": "train:\n  steps: 3\n  seed: 1\n  steps: 5\n"},
+         configs=["{tmp}/dup.yaml"]),
+    Case("duplicate-section", [], ["{tmp}/dup.yaml:3: duplicate key 'model' (already set on "
+                                   "line 1)"],
+         files={"dup.yaml": "model:\n  d_model: 64\nmodel:\n  num_layers: 2\n"},
+         configs=["{tmp}/dup.yaml"]),
+    Case("empty-file", [], ["{tmp}/empty.yaml: empty config file"],
+         files={"empty.yaml": ""}, configs=["{tmp}/empty.yaml"]),
+    Case("comments-only-file", [], ["{tmp}/c.yaml: empty config file"],
+         files={"c.yaml": "# nothing here yet\n"}, configs=[TINY, "{tmp}/c.yaml"]),
     Case("not-utf8", [], ["{tmp}/bin.yaml: cannot read config file", "utf-8"],
          files={"bin.yaml": b"\xff\xfe\x00model: 1\n"}, configs=["{tmp}/bin.yaml"]),
     # ---- override syntax

@@ -193,6 +193,7 @@ def test_slurm_sbatch_directives():
     directives = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, flags=re.M))
     assert {"job-name", "nodes", "ntasks-per-node", "gpus-per-node", "time"} <= set(directives)
     assert directives["ntasks-per-node"] == directives["gpus-per-node"]  # one process per GPU
+    assert directives["signal"] == "TERM@120"  # time to save a checkpoint before the limit
     assert re.search(r"^srun .*-m jaxlm\.train \"\$@\"$", text, flags=re.M)
     assert "NCCL_DEBUG" in text
     subprocess.run(["bash", "-n", str(LAUNCH / "slurm.sbatch")], check=True)
@@ -235,6 +236,7 @@ def test_kubernetes_manifest_maps_every_pod_to_its_process():
     spec, pod = job["spec"], job["spec"]["template"]["spec"]
     assert spec["completionMode"] == "Indexed" and pod["subdomain"] == svc_name
     assert pod["restartPolicy"] == "Never"
+    assert pod["terminationGracePeriodSeconds"] >= 60  # SIGTERM, then time to save a checkpoint
     (container,) = pod["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
     n = int(env["JAXLM_NUM_PROCESSES"])

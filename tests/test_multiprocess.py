@@ -280,3 +280,43 @@ def test_an_exception_on_one_process_stops_all_without_waiting_for_shutdown(tmp_
     log1 = (tmp_path / "logs" / "process_1.log").read_text()
     assert "ERROR jaxlm: uncaught exception" in log1
     assert "RuntimeError: injected failure on process 1" in log1
+
+
+def test_sigterm_to_one_process_checkpoints_the_same_step_on_every_process(xla_cache, tmp_path):
+    """A scheduler signals processes independently: SIGTERM to process 1 alone makes both save one
+    checkpoint at the same step (JAX's preemption sync point) and exit 75; it restores in one
+    process."""
+    args = [*TINY, *COMMON, f"train.run_dir={tmp_path}", xla_cache, "train.steps=100000",
+            "checkpoint.every_steps=100000"]
+    console = tmp_path / "console.txt"
+    proc = local_sh(2, 4, *args, grace_s=600, output=console)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        while 3 not in losses(tmp_path):
+            assert proc.poll() is None, console.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no step 3 in time"
+            time.sleep(0.05)
+        log1 = (tmp_path / "logs" / "process_1.log").read_text()
+        os.kill(int(re.search(r"process 1 of 2: pid (\d+)", log1).group(1)), signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = console.read_text()
+    assert proc.returncode == 75, out[-4000:]
+    for i in (0, 1):
+        assert f"local.sh: process {i} exited with status 75" in out
+    saved = {int(s) for s in re.findall(r"^\[p[01]\] preempted by a preemption notice \(SIGTERM "
+                                        r"to one of the processes\): checkpoint of step (\d+) "
+                                        r"saved to ", out, flags=re.M)}
+    assert len(saved) == 1, out[-4000:]
+    (step,) = saved
+    assert step > 3 and max(losses(tmp_path)) == step
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [str(step)]
+    from helpers import mesh_for
+    from jaxlm.checkpoint import Checkpointer
+    from jaxlm.step import build_step_fns
+    cfg = tiny_config(*COMMON)
+    restored = Checkpointer(tmp_path / "checkpoints", cfg.checkpoint).restore_latest(
+        build_step_fns(cfg, mesh_for(cfg)).abstract_state, print)
+    assert restored[0] == step and int(restored[1]["step"]) == step

@@ -1,0 +1,121 @@
+"""Non-finite steps: found on device every step, acted on by the host without a new sync.
+
+`guard` runs inside the jitted train step: it returns a small int flag (which of loss, gradients,
+updated parameters is not finite) and, with `train.on_nonfinite=skip`, selects the previous
+parameters and optimizer state on device (one `jnp.where` per leaf, fused into the update), so the
+step stays one dispatch. `Monitor` reads the flags on the host only when they are already there
+(single process), or at points where the loop syncs anyway (log steps, and before every
+checkpoint, so a non-finite state never reaches a checkpoint). `inject` is the documented
+fault-injection hook that makes a real step non-finite for tests and drills.
+"""
+from __future__ import annotations
+
+import collections
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.faults import EXIT_NONFINITE, RunStopped
+
+LOSS, GRADIENTS, UPDATE = 1, 2, 4  # bits of the flag
+_NAMES = ((LOSS, "loss"), (GRADIENTS, "gradients"), (UPDATE, "updated parameters"))
+INJECT_ENV = "JAXLM_FAULT_NONFINITE"
+
+
+def _all_finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def guard(old_state: dict, new_state: dict, loss, grad_norm, skip: bool):
+    """(state, flag) for one train step. flag: 0 if the loss, every gradient and every updated
+    parameter are finite, else LOSS | GRADIENTS | UPDATE bits. The gradients are judged by their
+    global norm, which the step computes anyway (it is non-finite iff some gradient is, or their
+    squares overflow). With `skip`, a flagged step keeps old_state's params and opt_state (step
+    and rng still advance, so the data moves on)."""
+    flag = (jnp.where(jnp.isfinite(loss), 0, LOSS)
+            + jnp.where(jnp.isfinite(grad_norm), 0, GRADIENTS)
+            + jnp.where(_all_finite(new_state["params"]), 0, UPDATE)).astype(jnp.int32)
+    if skip:
+        bad = flag != 0
+        keep = lambda old, new: jnp.where(bad, old, new)  # noqa: E731
+        new_state = {**new_state,
+                     "params": jax.tree.map(keep, old_state["params"], new_state["params"]),
+                     "opt_state": jax.tree.map(keep, old_state["opt_state"],
+                                               new_state["opt_state"])}
+    return new_state, flag
+
+
+def describe(flag: int) -> str:
+    """'loss', 'loss and gradients', 'loss, gradients and updated parameters'."""
+    names = [name for bit, name in _NAMES if flag & bit]
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+class Monitor:
+    """Applies train.on_nonfinite to the flags of past steps, in step order.
+
+    `record` keeps each step's flag; with `eager` (one process) it also reads those the device
+    has already finished, which costs no sync. `check` reads all of them, blocking: call it where
+    the loop syncs anyway. A multi-process run reads only in `check`, at the same steps on every
+    process, so all of them stop at the same step."""
+
+    def __init__(self, policy: str, max_skipped: int, say, eager: bool):
+        self.policy, self.max_skipped, self.say, self.eager = policy, max_skipped, say, eager
+        self.skipped = 0        # in total
+        self.in_a_row = 0
+        self._flags = collections.deque()
+
+    def record(self, step: int, flag):
+        self._flags.append((step, flag))
+        if self.eager:
+            self._read(block=False)
+
+    def check(self):
+        self._read(block=True)
+
+    def _read(self, block: bool):
+        while self._flags and (block or self._flags[0][1].is_ready()):
+            step, flag = self._flags.popleft()
+            value = int(np.asarray(flag))
+            if not value:
+                self.in_a_row = 0
+                continue
+            what = describe(value)
+            if self.policy == "stop":
+                raise RunStopped(
+                    f"non-finite {what} at step {step} (train.on_nonfinite=stop); the run "
+                    f"stopped before saving anything later, so the latest checkpoint holds the "
+                    f"last good state", EXIT_NONFINITE)
+            self.skipped += 1
+            self.in_a_row += 1
+            self.say(f"step {step}: non-finite {what}; step skipped, parameters and optimizer "
+                     f"state unchanged ({self.in_a_row} in a row, {self.skipped} in total)")
+            if self.in_a_row >= self.max_skipped:
+                raise RunStopped(
+                    f"{self.in_a_row} non-finite steps in a row, the last at step {step} "
+                    f"({what}; train.max_skipped_steps={self.max_skipped}); the run stopped, and "
+                    f"its checkpoints hold only finite states", EXIT_NONFINITE)
+
+
+def inject(batch: dict, step: int) -> dict:
+    """Fault injection for tests and drills: JAXLM_FAULT_NONFINITE="5,9:inf" makes step 5's loss
+    NaN (its loss mask times NaN: gradients NaN too) and step 9's loss inf (one token's mask weight
+    3e38: the weighted NLL overflows while the gradients stay finite), through the real step,
+    gradients and optimizer. Unset, as in every real run: the batch unchanged."""
+    spec = os.environ.get(INJECT_ENV)
+    if not spec:
+        return batch
+    for item in spec.split(","):
+        at, _, kind = item.strip().partition(":")
+        if at.strip() != str(step):
+            continue
+        mask = np.array(batch["loss_mask"], np.float32)
+        if kind.strip() == "inf":
+            if jax.process_index() == 0:  # one token in the whole global batch
+                mask[0, 0] = 3e38
+        else:
+            mask *= np.float32(np.nan)
+        return {**batch, "loss_mask": mask}
+    return batch
