@@ -28,7 +28,8 @@ def step_bytes(config, overrides, batch):
     mesh = make_mesh({"data": 1, "stage": 1, "fsdp": 1, "sequence": 1, "expert": 1, "tensor": 1},
                      jax.devices()[:1])
     fns = build_step_fns(cfg, mesh)
-    batch_spec = abstract_batch(cfg, fns.batch_sharding, SyntheticDataset.fields)  # the 1B preset's
+    fields = SyntheticDataset(cfg.model.vocab_size, cfg.data.seq_len).fields  # the 1B preset's
+    batch_spec = abstract_batch(cfg, fns.batch_sharding, fields)
     m = fns.train_step.lower(fns.abstract_state, batch_spec).compile().memory_analysis()
     return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
             + m.temp_size_in_bytes)

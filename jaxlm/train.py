@@ -119,9 +119,10 @@ def run(cfg: Config) -> dict:
     start = int(state["step"])
     say(f"model: {fns.param_count / 1e6:.2f}M parameters; run dir {run_dir}")
 
-    def to_global(batch_np):  # only the fields the model reads (data.fields)
-        return {k: jax.make_array_from_process_local_data(fns.batch_sharding, batch_np[k], (B, S))
-                for k in data.fields}
+    def to_global(batch_np):  # only the fields the model reads (data.fields), [B, length] each
+        return {k: jax.make_array_from_process_local_data(fns.batch_sharding, batch_np[k],
+                                                          (B, length))
+                for k, (length, _) in data.fields.items()}
 
     eval_arrays = [to_global(b) for b in evals]
 

@@ -7,13 +7,14 @@ a config needs it.
 from jaxlm.data.corpus import Corpus, load_stdlib_corpus, stdlib_root
 from jaxlm.data.loader import DataBundle, DataIterator, build_datasets, eval_batches
 from jaxlm.data.mixture import Mixture
-from jaxlm.data.packing import FIELDS, PackedDataset, RowDataset, SyntheticDataset, pack_documents
+from jaxlm.data.packing import (FIELDS, Fields, PackedDataset, RowDataset, SyntheticDataset,
+                                field_specs, pack_documents)
 from jaxlm.data.tokenizer import (ByteTokenizer, HuggingFaceTokenizer, SentencePieceTokenizer,
                                   load_tokenizer)
 
 __all__ = [
     "ByteTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "load_tokenizer", "Corpus",
-    "load_stdlib_corpus", "stdlib_root", "FIELDS", "RowDataset", "PackedDataset",
-    "SyntheticDataset", "pack_documents", "Mixture", "DataBundle", "build_datasets",
-    "DataIterator", "eval_batches",
+    "load_stdlib_corpus", "stdlib_root", "FIELDS", "Fields", "field_specs", "RowDataset",
+    "PackedDataset", "SyntheticDataset", "pack_documents", "Mixture", "DataBundle",
+    "build_datasets", "DataIterator", "eval_batches",
 ]

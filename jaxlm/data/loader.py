@@ -8,7 +8,7 @@ import numpy as np
 
 from jaxlm.config import ConfigError, DataConfig
 from jaxlm.data.mixture import Mixture, Planner, as_mixture, check_position, initial_position
-from jaxlm.data.packing import RowDataset
+from jaxlm.data.packing import Fields, RowDataset
 from jaxlm.data.prefetch import Prefetcher
 from jaxlm.data.sources import build_source
 from jaxlm.data.tokenizer import check_vocab, load_tokenizer
@@ -22,9 +22,9 @@ class DataBundle:
     fingerprint: str  # a resumed run compares this to detect a changed corpus
 
     @property
-    def fields(self) -> tuple[str, ...]:
-        """The batch fields a model reads (segment_ids only where rows can hold several
-        documents)."""
+    def fields(self) -> Fields:
+        """The batch fields a model reads, name -> (length, dtype), each [rows, length]
+        (segment_ids only where rows can hold several documents)."""
         return self.train.fields
 
 
