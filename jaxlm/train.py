@@ -100,7 +100,11 @@ def run(cfg: Config) -> dict:
     fns = build_step_fns(cfg, mesh)
     B, S = cfg.train.global_batch_size, cfg.data.seq_len
     rows = local_batch_rows(fns.batch_sharding, B)
-    data = build_datasets(cfg.data, cfg.model.vocab_size)
+    data = build_datasets(cfg.data, cfg.model.vocab_size, cfg.model.objective)
+    for k, (length, _) in data.fields.items():  # seq_len was checked with the mesh
+        if length % sizes["sequence"]:
+            raise ConfigError(f"data.target_len: the decoder fields ({k}) are {length} long "
+                              f"(0: derived), not divisible by mesh.sequence={sizes['sequence']}")
     train_iter = DataIterator(data.train, B, cfg.data.seed, prefetch=cfg.data.prefetch,
                               local_rows=rows)
     evals = eval_batches(data.eval, B, cfg.train.eval_batches, local_rows=rows)
