@@ -21,14 +21,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def step_bytes(config, overrides, batch):
     import jax
     from jaxlm.config import load_config
-    from jaxlm.data import SyntheticDataset
+    from jaxlm.data import synthetic_dataset
     from jaxlm.parallel.sharding import make_mesh
     from jaxlm.step import abstract_batch, build_step_fns
     cfg = load_config([config], [*overrides, f"train.global_batch_size={batch}"])
     mesh = make_mesh({"data": 1, "stage": 1, "fsdp": 1, "sequence": 1, "expert": 1, "tensor": 1},
                      jax.devices()[:1])
     fns = build_step_fns(cfg, mesh)
-    batch_spec = abstract_batch(cfg, fns.batch_sharding, SyntheticDataset.fields)  # the 1B preset's
+    fields = synthetic_dataset(cfg.data, cfg.model.vocab_size, cfg.model.objective).fields
+    batch_spec = abstract_batch(cfg, fns.batch_sharding, fields)  # the 1B preset's
     m = fns.train_step.lower(fns.abstract_state, batch_spec).compile().memory_analysis()
     return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
             + m.temp_size_in_bytes)

@@ -39,7 +39,7 @@ def train_throughput(cfg, steps):
     import jax
     import numpy as np
     from jaxlm.config import MESH_AXES
-    from jaxlm.data import SyntheticDataset
+    from jaxlm.data import synthetic_dataset
     from jaxlm.metrics import mfu, peak_flops
     from jaxlm.parallel.sharding import make_mesh
     from jaxlm.step import build_step_fns
@@ -48,7 +48,7 @@ def train_throughput(cfg, steps):
     fns = build_step_fns(cfg, mesh)
     state = fns.init(0)
     B, S = cfg.train.global_batch_size, cfg.data.seq_len
-    data = SyntheticDataset(cfg.model.vocab_size, S)
+    data = synthetic_dataset(cfg.data, cfg.model.vocab_size, cfg.model.objective)
     rows = [data.get(np.arange(i * B, (i + 1) * B)) for i in range(2)]
     batches = [jax.device_put({k: r[k] for k in data.fields}, fns.batch_sharding) for r in rows]
     t0 = time.perf_counter()

@@ -21,9 +21,9 @@ def choices(*values):
     return {"choices": values}
 
 
-def bounds(lo=None, hi=None):
-    """Field metadata: lo <= value <= hi (None: open)."""
-    return {"min": lo, "max": hi}
+def bounds(lo=None, hi=None, exclusive=False):
+    """Field metadata: lo <= value <= hi (None: no bound); lo < value < hi when `exclusive`."""
+    return {"min": lo, "max": hi, "exclusive": exclusive}
 
 
 def check_field(key: str, value, meta) -> None:
@@ -35,6 +35,11 @@ def check_field(key: str, value, meta) -> None:
         allowed = ", ".join(map(str, meta["choices"]))
         raise ConfigError(f"{key}: {value!r} is not one of: {allowed}")
     lo, hi = meta.get("min"), meta.get("max")
+    if meta.get("exclusive") and ((lo is not None and value <= lo)
+                                  or (hi is not None and value >= hi)):
+        raise ConfigError(f"{key}: {value!r} is out of range; expected a value strictly "
+                          + " and ".join(([f"above {lo}"] if lo is not None else [])
+                                         + ([f"below {hi}"] if hi is not None else [])))
     if lo is not None and value < lo:
         raise ConfigError(f"{key}: {value!r} is below the minimum {lo}")
     if hi is not None and value > hi:

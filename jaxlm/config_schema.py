@@ -115,6 +115,13 @@ class DataConfig:
     cache_dir: str = "~/.cache/jaxlm/data"  # local corpora as tfds datasets, tokenized arrays
     mixture: list = field(default_factory=list)  # [{source: files, path: ..., weight: 0.7}, ...]
     prefetch: int = field(default=2, metadata=bounds(0))  # batches read ahead on a thread
+    # masked LM (model objective mlm): the share of regular tokens selected for prediction
+    mlm_probability: float = field(default=0.15, metadata=bounds(0.0, 1.0, exclusive=True))
+    # span corruption (objective seq2seq, T5): the share of a piece's tokens that is noise, the
+    # mean noise span length, and the decoder length (0: that of a full-length piece)
+    noise_density: float = field(default=0.15, metadata=bounds(0.0, 1.0, exclusive=True))
+    mean_noise_span_length: float = field(default=3.0, metadata=bounds(1.0))
+    target_len: int = field(default=0, metadata=bounds(0))
 
     def sources(self) -> list[tuple[DataConfig, float]]:
         """(config, weight) of each source: this config alone, or each mixture entry merged onto

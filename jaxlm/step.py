@@ -123,7 +123,8 @@ def make_train_step(cfg: Config, mesh: Mesh, spec: StateSpec, loss_fn):
 
 
 def abstract_batch(cfg: Config, sharding: NamedSharding, fields) -> dict:
-    """The batch the step is compiled for: [B, S] arrays of the data's fields."""
-    B, S = cfg.train.global_batch_size, cfg.data.seq_len
-    return {k: jax.ShapeDtypeStruct((B, S), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                    sharding=sharding) for k in fields}
+    """The batch the step is compiled for: a [B, length] array of each of the data's fields
+    (name -> (length, dtype), jaxlm.data's `fields`)."""
+    B = cfg.train.global_batch_size
+    return {k: jax.ShapeDtypeStruct((B, length), dtype, sharding=sharding)
+            for k, (length, dtype) in fields.items()}

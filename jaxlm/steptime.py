@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxlm.config import Config
-from jaxlm.data import SyntheticDataset
+from jaxlm.data import synthetic_dataset
 from jaxlm.step import build_step_fns
 
 
@@ -30,7 +30,7 @@ class StepTiming:
 def time_train_step(cfg: Config, mesh: Mesh, steps: int = 10, warmup: int = 3) -> StepTiming:
     fns = build_step_fns(cfg, mesh)
     state = fns.init(cfg.train.seed)
-    data = SyntheticDataset(cfg.model.vocab_size, cfg.data.seq_len, seed=0)
+    data = synthetic_dataset(cfg.data, cfg.model.vocab_size, cfg.model.objective)
     B = cfg.train.global_batch_size
     rows = [data.get(np.arange(i * B, (i + 1) * B)) for i in range(2)]
     batches = [jax.device_put({k: r[k] for k in data.fields}, fns.batch_sharding) for r in rows]

@@ -127,7 +127,11 @@ def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     fns = build_step_fns(cfg, mesh)
     B, S = cfg.train.global_batch_size, cfg.data.seq_len
     rows = local_batch_rows(fns.batch_sharding, B)
-    data = build_datasets(cfg.data, cfg.model.vocab_size)
+    data = build_datasets(cfg.data, cfg.model.vocab_size, cfg.model.objective)
+    for k, (length, _) in data.fields.items():  # seq_len was checked with the mesh
+        if length % sizes["sequence"]:
+            raise ConfigError(f"data.target_len: the decoder fields ({k}) are {length} long "
+                              f"(0: derived), not divisible by mesh.sequence={sizes['sequence']}")
     train_iter = DataIterator(data.train, B, cfg.data.seed, prefetch=cfg.data.prefetch,
                               local_rows=rows)
     cleanup.callback(train_iter.close)
@@ -159,9 +163,10 @@ def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
         say("changed on resume (allowed): " + "; ".join(resume_changes))
     say(f"model: {fns.param_count / 1e6:.2f}M parameters; run dir {run_dir}")
 
-    def to_global(batch_np):  # only the fields the model reads (data.fields)
-        return {k: jax.make_array_from_process_local_data(fns.batch_sharding, batch_np[k], (B, S))
-                for k in data.fields}
+    def to_global(batch_np):  # only the fields the model reads (data.fields), [B, length] each
+        return {k: jax.make_array_from_process_local_data(fns.batch_sharding, batch_np[k],
+                                                          (B, length))
+                for k, (length, _) in data.fields.items()}
 
     eval_arrays = [to_global(b) for b in evals]
 

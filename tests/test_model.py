@@ -155,7 +155,7 @@ def test_remat_really_saves_activation_memory():
 
     from helpers import tiny_config
     from jaxlm.config import MESH_AXES
-    from jaxlm.data import FIELDS
+    from jaxlm.data import FIELDS, field_specs
     from jaxlm.parallel.sharding import make_mesh
     from jaxlm.step import abstract_batch, build_step_fns
 
@@ -166,7 +166,8 @@ def test_remat_really_saves_activation_memory():
         mesh = make_mesh({a: 1 for a in MESH_AXES}, jax.devices()[:1])
         fns = build_step_fns(cfg, mesh)
         lowered = fns.train_step.lower(fns.abstract_state,
-                                       abstract_batch(cfg, fns.batch_sharding, FIELDS))
+                                       abstract_batch(cfg, fns.batch_sharding,
+                                                      field_specs(FIELDS, cfg.data.seq_len)))
         return lowered.compile().memory_analysis().temp_size_in_bytes
 
     none, dots, full = temp_bytes("none"), temp_bytes("save_dots"), temp_bytes("full")

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         else:
             from jaxlm.data.loader import build_datasets
             cfg = load_config(args.config, args.overrides)
-            bundle = build_datasets(cfg.data, cfg.model.vocab_size)
+            bundle = build_datasets(cfg.data, cfg.model.vocab_size, cfg.model.objective)
             print(f"data ready: {bundle.train.num_rows:,} train rows, {bundle.eval.num_rows:,} "
                   f"eval rows of {cfg.data.seq_len + 1} tokens; fingerprint {bundle.fingerprint}")
     except ConfigError as e:

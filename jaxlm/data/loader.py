@@ -1,6 +1,7 @@
 """Config -> datasets, and deterministic, resumable batch iteration split across processes."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -8,10 +9,12 @@ import numpy as np
 
 from jaxlm.config import ConfigError, DataConfig
 from jaxlm.data.mixture import Mixture, Planner, as_mixture, check_position, initial_position
-from jaxlm.data.packing import RowDataset
+from jaxlm.data.packing import Fields, RowDataset
 from jaxlm.data.prefetch import Prefetcher
 from jaxlm.data.sources import build_source
+from jaxlm.data.special_ids import SpecialIds
 from jaxlm.data.tokenizer import check_vocab, load_tokenizer
+from jaxlm.data.transforms import objective_transform
 
 
 @dataclass
@@ -20,27 +23,30 @@ class DataBundle:
     eval: RowDataset | Mixture
     tokenizer: object | None  # None when every source is synthetic
     fingerprint: str  # a resumed run compares this to detect a changed corpus
+    special_ids: SpecialIds | None = None  # the objective's mask/sentinel/pad ids (not causal)
 
     @property
-    def fields(self) -> tuple[str, ...]:
-        """The batch fields a model reads (segment_ids only where rows can hold several
-        documents)."""
+    def fields(self) -> Fields:
+        """The batch fields a model reads, name -> (length, dtype), each [rows, length]
+        (segment_ids only where rows can hold several documents)."""
         return self.train.fields
 
 
-def build_datasets(cfg: DataConfig, vocab_size: int) -> DataBundle:
-    """Train/eval datasets for `cfg.source` (a mixture: one per entry, drawn by weight); the
-    model's vocab must cover the tokenizer's."""
+def build_datasets(cfg: DataConfig, vocab_size: int, objective: str = "causal_lm") -> DataBundle:
+    """Train/eval datasets for `cfg.source` (a mixture: one per entry, drawn by weight), as the
+    model `objective` reads them (transforms.DATA_OBJECTIVES: tests build any of them); the
+    model's vocab must cover the tokenizer's and every special id the objective emits."""
     sources = cfg.sources()
     tokenizer = None
     if any(src.source != "synthetic" for src, _ in sources):
         tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_path)
         check_vocab(tokenizer, vocab_size)
+    transform = objective_transform(cfg, objective, tokenizer, vocab_size)
     trains, evals, prints, names = [], [], [], []
     for i, (src, weight) in enumerate(sources):
         name = f"data.mixture[{i}] ({src.source})" if cfg.source == "mixture" else \
             f"data.source={src.source}"
-        train, held_out, fp = build_source(src, tokenizer, vocab_size)
+        train, held_out, fp = build_source(src, tokenizer, vocab_size, transform.reserved_top)
         sizes = (f"data.max_bytes={src.max_bytes}, " if src.source == "stdlib" else "") + \
             f"data.seq_len={src.seq_len}"
         if train.num_rows < 1:
@@ -50,15 +56,28 @@ def build_datasets(cfg: DataConfig, vocab_size: int) -> DataBundle:
             raise ConfigError(f"{name}: the eval split has no full row of data.seq_len+1 tokens "
                               f"({sizes}); raise data.eval_fraction, add data or lower "
                               f"data.seq_len")
+        train, held_out = transform.apply(train, 0, i), transform.apply(held_out, 1, i)
+        for split, ds in (("train", train), ("eval", held_out)):
+            if ds.num_rows < 1:
+                raise ConfigError(f"{name}: the {split} split has no {objective} example "
+                                  f"({sizes}); add data")
         trains.append(train), evals.append(held_out), names.append(name)
         prints.append(f"{fp}:{weight!r}")
     fingerprint = (prints[0].split(":")[0] if len(sources) == 1 else
                    hashlib.sha256(" ".join(prints).encode()).hexdigest()[:16])
+    fingerprint = transform.fingerprint(fingerprint)
     if len(sources) == 1:
-        return DataBundle(trains[0], evals[0], tokenizer, fingerprint)
+        return DataBundle(trains[0], evals[0], tokenizer, fingerprint, transform.special_ids)
     weights = [w for _, w in sources]
     return DataBundle(Mixture(trains, weights, names), Mixture(evals, weights, names), tokenizer,
-                      fingerprint)
+                      fingerprint, transform.special_ids)
+
+
+def synthetic_dataset(cfg: DataConfig, vocab_size: int, objective: str = "causal_lm"):
+    """The train rows of `cfg` with data.source=synthetic at seed 0: what benchmarks time the
+    step on (device-resident batches of the objective's fields)."""
+    synthetic = dataclasses.replace(cfg, source="synthetic", seed=0, mixture=[])
+    return build_datasets(synthetic, vocab_size, objective).train
 
 
 def _local_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxlm.config import ConfigError
-from jaxlm.data.packing import FIELDS, RowDataset, seeded_rng
+from jaxlm.data.packing import Fields, RowDataset, seeded_rng
 
 BLOCK = 4096  # source draws are made per block of global rows
 MIX_TAG = 0x6D6978  # keeps the source draws apart from the per-source permutations
@@ -41,10 +41,16 @@ class Mixture:
         return sum(d.num_rows for d in self.datasets)
 
     @property
-    def fields(self) -> tuple[str, ...]:
-        """The fields a model reads: those any source needs (segment ids if any source packs)."""
-        needed = {f for d in self.datasets for f in d.fields}
-        return tuple(f for f in FIELDS if f in needed)
+    def fields(self) -> Fields:
+        """The fields a model reads: those any source needs (segment ids if any source packs),
+        each with the one (length, dtype) every source that has it agrees on."""
+        out: Fields = {}
+        for name, d in zip(self.names, self.datasets):
+            for k, spec in d.fields.items():
+                if out.setdefault(k, spec) != spec:
+                    raise ValueError(f"{name}: field {k} is {spec}, another source's is "
+                                     f"{out[k]}")
+        return out
 
     def get(self, src_B: np.ndarray, rows_B: np.ndarray) -> dict[str, np.ndarray]:
         """Rows `rows_B[i]` of sources `src_B[i]`, in that order."""

@@ -3,6 +3,10 @@
 Packing concatenates documents (each ending in eos) and cuts the stream into rows of
 seq_len + 1 tokens. Only the compact token stream and the document start offsets are kept;
 the five per-row fields are computed (vectorised) when a batch is requested.
+
+Every dataset says which fields a model reads and their shapes: `fields` maps a name to
+(length, numpy dtype), each field being [rows, length] (objectives such as seq2seq give the
+decoder fields another length than the encoder's).
 """
 from __future__ import annotations
 
@@ -10,15 +14,23 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+FIELDS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")  # a causal LM row's
+
+Fields = dict[str, tuple[int, np.dtype]]  # name -> (length, dtype) of a [rows, length] field
+
+
+def field_specs(names, length: int) -> Fields:
+    """`names` as [rows, length] fields: loss_mask float32, every other field int32."""
+    return {k: (length, np.dtype(np.float32 if k == "loss_mask" else np.int32)) for k in names}
 
 
 class RowDataset(Protocol):
-    """What DataIterator needs; `get` returns the FIELDS, each [len(row_ids), seq_len]."""
+    """What DataIterator needs; `get` returns at least the `fields`, each [len(row_ids),
+    length]."""
     num_rows: int
     seq_len: int
     iid_rows: bool  # rows are already independent random draws: no shuffle needed
-    fields: tuple[str, ...]  # the FIELDS a model needs to read (see SyntheticDataset)
+    fields: Fields  # what a model needs to read (see SyntheticDataset)
 
     def get(self, row_ids: np.ndarray) -> dict[str, np.ndarray]: ...
 
@@ -28,7 +40,7 @@ def seeded_rng(*keys: int) -> np.random.Generator:
     return np.random.default_rng([int(k) % 2**64 for k in keys])
 
 
-def _check_rows(row_ids, num_rows: int) -> np.ndarray:
+def check_rows(row_ids, num_rows: int) -> np.ndarray:
     rows_B = np.asarray(row_ids, dtype=np.int64).reshape(-1)
     if rows_B.size and (rows_B.min() < 0 or rows_B.max() >= num_rows):
         raise IndexError(f"row ids must be in [0, {num_rows}), got {rows_B.min()}..{rows_B.max()}")
@@ -39,7 +51,6 @@ class PackedDataset:
     """Rows cut from one token stream; `doc_starts_D` are the stream offsets of each document."""
 
     iid_rows = False
-    fields = FIELDS
 
     def __init__(self, tokens_N: np.ndarray, doc_starts_D: np.ndarray, seq_len: int):
         if seq_len < 1:
@@ -47,13 +58,14 @@ class PackedDataset:
         self.tokens_N = tokens_N
         self.doc_starts_D = np.asarray(doc_starts_D, dtype=np.int64)
         self.seq_len = seq_len
+        self.fields = field_specs(FIELDS, seq_len)
         self.num_rows = len(tokens_N) // (seq_len + 1)  # the remainder at the end is dropped
 
     def __len__(self) -> int:
         return self.num_rows
 
     def get(self, row_ids: np.ndarray) -> dict[str, np.ndarray]:
-        rows_B = _check_rows(row_ids, self.num_rows)
+        rows_B = check_rows(row_ids, self.num_rows)
         width = self.seq_len + 1
         row_start_B = rows_B * width
         where_BxW = row_start_B[:, None] + np.arange(width)  # stream offset of every token
@@ -85,31 +97,43 @@ def pack_documents(documents: Sequence[str | bytes], tokenizer, seq_len: int) ->
 
 class SyntheticDataset:
     """Random tokens for benchmarks: row i is drawn from (seed, split, i), so any row can be
-    produced on demand and the dataset is effectively unbounded. One document per row."""
+    produced on demand and the dataset is effectively unbounded. One document per row.
+
+    Tokens are drawn from [3, vocab_size - reserved_top): ids 0-2 are pad, bos, eos, and an
+    objective that takes its special ids (mask, sentinels) from the top of the vocab reserves
+    them (0 keeps the causal LM rows as they always were)."""
 
     iid_rows = True
-    # one document per row: its segment ids are all 1, and a model that is not given them runs
-    # attention without segment masking (cheaper on some kernels: cuDNN needs a dense mask)
-    fields = tuple(f for f in FIELDS if f != "segment_ids")
 
     def __init__(self, vocab_size: int, seq_len: int, seed: int = 0, split: int = 0,
-                 num_rows: int = 2**31 - 1):
-        if vocab_size <= 3:
-            raise ValueError(f"synthetic data needs vocab_size > 3 (ids 0-2 are special), "
-                             f"got {vocab_size}")
+                 num_rows: int = 2**31 - 1, reserved_top: int = 0):
+        if vocab_size - reserved_top <= 3:
+            raise ValueError(f"synthetic data needs vocab_size > 3 + reserved_top (ids 0-2 are "
+                             f"special), got vocab_size {vocab_size}, reserved_top "
+                             f"{reserved_top}")
         self.vocab_size, self.seq_len, self.seed, self.split = vocab_size, seq_len, seed, split
-        self.num_rows = num_rows
+        self.num_rows, self.reserved_top = num_rows, reserved_top
+        # one document per row: its segment ids are all 1, and a model that is not given them
+        # runs attention without segment masking (cheaper on some kernels: cuDNN needs a dense
+        # mask)
+        self.fields = field_specs([f for f in FIELDS if f != "segment_ids"], seq_len)
 
     def __len__(self) -> int:
         return self.num_rows
 
-    def get(self, row_ids: np.ndarray) -> dict[str, np.ndarray]:
-        rows_B = _check_rows(row_ids, self.num_rows)
+    def tokens(self, row_ids: np.ndarray) -> np.ndarray:
+        """[B, seq_len + 1] raw tokens of the rows."""
+        rows_B = check_rows(row_ids, self.num_rows)
         tokens_BxW = np.empty((len(rows_B), self.seq_len + 1), dtype=np.int32)
+        top = self.vocab_size - self.reserved_top
         for b, i in enumerate(rows_B):
             rng = seeded_rng(self.seed, self.split, i)
-            tokens_BxW[b] = rng.integers(3, self.vocab_size, self.seq_len + 1, dtype=np.int32)
-        shape = (len(rows_B), self.seq_len)
+            tokens_BxW[b] = rng.integers(3, top, self.seq_len + 1, dtype=np.int32)
+        return tokens_BxW
+
+    def get(self, row_ids: np.ndarray) -> dict[str, np.ndarray]:
+        tokens_BxW = self.tokens(row_ids)
+        shape = (len(tokens_BxW), self.seq_len)
         return {
             "inputs": tokens_BxW[:, :-1],
             "targets": tokens_BxW[:, 1:],

@@ -22,15 +22,18 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def build_source(cfg: DataConfig, tokenizer, vocab_size: int):
-    """(train, eval, fingerprint) for one non-mixture source."""
+def build_source(cfg: DataConfig, tokenizer, vocab_size: int, reserved_top: int = 0):
+    """(train, eval, fingerprint) for one non-mixture source; synthetic rows draw no token from
+    the top `reserved_top` ids (special ids an objective took from there)."""
     if cfg.source == "synthetic":
         if vocab_size <= 3:
             raise ConfigError(f"model.vocab_size={vocab_size} is too small for synthetic data "
                               f"(ids 0-2 are special; need at least 4)")
-        return (SyntheticDataset(vocab_size, cfg.seq_len, cfg.seed, split=0),
-                SyntheticDataset(vocab_size, cfg.seq_len, cfg.seed, split=1),
-                _sha(f"synthetic seed={cfg.seed} vocab={vocab_size} seq_len={cfg.seq_len}"))
+        reserved = f" reserved_top={reserved_top}" if reserved_top else ""
+        return (SyntheticDataset(vocab_size, cfg.seq_len, cfg.seed, 0, reserved_top=reserved_top),
+                SyntheticDataset(vocab_size, cfg.seq_len, cfg.seed, 1, reserved_top=reserved_top),
+                _sha(f"synthetic seed={cfg.seed} vocab={vocab_size} seq_len={cfg.seq_len}"
+                     f"{reserved}"))
     if cfg.source == "stdlib":
         corpus = load_stdlib_corpus(cfg.max_bytes, cfg.eval_fraction)
         fp = corpus.fingerprint if tokenizer.name == "byte" else _sha(

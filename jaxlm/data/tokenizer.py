@@ -1,7 +1,9 @@
 """Tokenizers behind one small interface: byte-level (no files), SentencePiece, Hugging Face.
 
 Packing only needs `encode_batch`, `eos_id` and `vocab_size`; `fingerprint` keys the token cache,
-so a changed tokenizer file never reuses tokens made by the old one.
+so a changed tokenizer file never reuses tokens made by the old one. Masked LM and span corruption
+also ask for `mask_id`, `sentinel_id(i)` and `special_ids()`: a tokenizer file that lacks a needed
+token is one ConfigError naming the file and the token, raised only when an objective asks.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ NUM_SPECIAL = 3  # pad, bos, eos come before the 256 byte ids
 # Names tried, in order, for the end-of-document token of a tokenizer.json without a
 # tokenizer_config.json beside it.
 EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
+MASK_NAMES = ("[MASK]", "<mask>")  # the masked-LM token, tried in order (BERT's, RoBERTa's)
+SENTINEL = "<extra_id_{}>"  # span-corruption sentinel i (T5's "extra ids")
 
 
 def _text(doc: str | bytes) -> str:
@@ -29,14 +33,24 @@ def _threads() -> int:
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens: pad=0, bos=1, eos=2, byte b -> b + 3 (vocab 259)."""
+    """UTF-8 bytes as tokens: pad=0, bos=1, eos=2, byte b -> b + 3 (vocab 259). Masked LM and
+    span corruption use "extra ids" above the byte vocabulary: mask 259, sentinel i 260 + i (the
+    model's vocab_size must reach them; the tokenizer's own vocab_size stays 259)."""
 
     name = "byte"
     pad_id = 0
     bos_id = 1
     eos_id = 2
     vocab_size = 256 + NUM_SPECIAL
+    mask_id = vocab_size
     fingerprint = "byte-v1"
+
+    def sentinel_id(self, i: int) -> int:
+        return self.vocab_size + 1 + i
+
+    def special_ids(self) -> list[int]:
+        """Ids of the special tokens a text can contain (never masked or noised)."""
+        return [self.pad_id, self.bos_id, self.eos_id]
 
     def encode(self, text: str | bytes) -> np.ndarray:
         """Token ids (int32) of the UTF-8 bytes; no bos/eos is added."""
@@ -60,7 +74,41 @@ def _file_fingerprint(path: Path, kind: str) -> str:
     return kind + "-" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-class SentencePieceTokenizer:
+class _NamedTokens:
+    """mask_id and sentinel_id(i) of a tokenizer file, by looking the tokens up (`token_id`)."""
+
+    def token_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+    @property
+    def mask_id(self) -> int:
+        found = [i for i in map(self.token_id, MASK_NAMES) if i is not None]
+        if not found:
+            raise ConfigError(f"{self.path}: the {self.name} tokenizer has no mask token "
+                              f"(looked for {' and '.join(MASK_NAMES)}); the mlm objective needs "
+                              f"one: add it to the tokenizer")
+        return found[0]
+
+    def sentinel_id(self, i: int) -> int:
+        found = self.token_id(SENTINEL.format(i))
+        if found is None:
+            raise ConfigError(f"{self.path}: the {self.name} tokenizer has no sentinel token "
+                              f"{SENTINEL.format(i)}; the seq2seq objective needs "
+                              f"{SENTINEL.format(0)} .. {SENTINEL.format(i)} at least: add them "
+                              f"to the tokenizer")
+        return found
+
+    def _named_specials(self) -> list[int]:
+        """The mask and sentinel tokens this file has (they never count as regular text)."""
+        ids = [self.token_id(n) for n in MASK_NAMES]
+        i = 0
+        while (sentinel := self.token_id(SENTINEL.format(i))) is not None:
+            ids.append(sentinel)
+            i += 1
+        return [t for t in ids if t is not None]
+
+
+class SentencePieceTokenizer(_NamedTokens):
     """A SentencePiece `.model`; encodes batches on all cores (the C++ side drops the GIL)."""
 
     name = "sentencepiece"
@@ -93,11 +141,20 @@ class SentencePieceTokenizer:
         ids_N = np.asarray(ids, dtype=np.int64).reshape(-1)
         return self._sp.decode([int(i) for i in ids_N if 0 <= i < self.vocab_size])
 
+    def token_id(self, token: str) -> int | None:
+        i = self._sp.piece_to_id(token)  # an unknown piece maps to unk: check it round-trips
+        return i if self._sp.id_to_piece(i) == token else None
+
+    def special_ids(self) -> list[int]:
+        """Control pieces (pad, bos, eos) plus the mask and sentinel pieces the model has."""
+        control = [i for i in range(self.vocab_size) if self._sp.is_control(i)]
+        return sorted(set(control + [self.pad_id, self.eos_id] + self._named_specials()))
+
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer({self.path}, vocab_size={self.vocab_size})"
 
 
-class HuggingFaceTokenizer:
+class HuggingFaceTokenizer(_NamedTokens):
     """A Hugging Face `tokenizer.json` (the `tokenizers` library; no transformers needed).
 
     The eos token comes from a `tokenizer_config.json` beside the file, else the first of
@@ -147,6 +204,14 @@ class HuggingFaceTokenizer:
     def decode(self, ids) -> str:
         ids_N = np.asarray(ids, dtype=np.int64).reshape(-1)
         return self._tok.decode([int(i) for i in ids_N if 0 <= i < self.vocab_size])
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def special_ids(self) -> list[int]:
+        """The added tokens marked special, pad and eos, and the mask and sentinel tokens."""
+        added = [i for i, t in self._tok.get_added_tokens_decoder().items() if t.special]
+        return sorted(set(added + [self.pad_id, self.eos_id] + self._named_specials()))
 
     def __repr__(self) -> str:
         return f"HuggingFaceTokenizer({self.path}, vocab_size={self.vocab_size})"
