@@ -64,7 +64,7 @@ def train_throughput(cfg, steps):
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t0) / steps
     tps = B * S / dt
-    f_tok = cfg.model.flops_per_token(S)
+    f_tok = cfg.model.run_flops_per_token(cfg.data)
     peak = peak_flops(jax.devices()[0].device_kind, cfg.log.peak_tflops)
     m = jax.device_get(m)
     return {"dispatch": cfg.model.dispatch, "step_ms": dt * 1e3, "tokens_per_sec": tps,

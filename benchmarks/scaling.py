@@ -42,7 +42,7 @@ def measure(config_files, overrides, n, steps):
     cfg = load_config(config_files, overrides)
     mesh = make_mesh(check_against_devices(cfg, n), jax.devices()[:n])
     t = time_train_step(cfg, mesh, steps=steps)
-    f = cfg.model.flops_per_token(cfg.data.seq_len)
+    f = cfg.model.run_flops_per_token(cfg.data)
     mem = peak_memory_bytes()
     return {"devices": n, "step_s": t.step_s, "tokens_per_sec": t.tokens_per_sec,
             "tokens_per_sec_per_device": t.tokens_per_sec / n,

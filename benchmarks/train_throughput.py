@@ -30,13 +30,13 @@ SHAPES = {  # jaxlm overrides, ref_models.py overrides, MaxText overrides
 }
 
 
-def run_jaxlm(overrides):
+def run_jaxlm(overrides, config="configs/llama-1b.yaml"):
     import jax
     from jaxlm.config import check_against_devices, load_config
     from jaxlm.parallel.sharding import make_mesh
     from jaxlm.steptime import time_train_step
     from jaxlm.train import configure_runtime, run
-    cfg = load_config(["configs/llama-1b.yaml"],
+    cfg = load_config([config],
                       ["train.steps=40", "log.every_steps=20", "log.progress=false",
                        "log.tensorboard=false", f"train.run_dir=/tmp/bench-{time.time_ns()}",
                        *overrides])
@@ -51,11 +51,12 @@ def run_jaxlm(overrides):
             "compile_s": last["compile_time_s"], "peak_mem_gib": last["peak_mem_gib"],
             "bare_step_ms": bare * 1e3,
             "host_overhead": (last["step_time_s"] - bare) / last["step_time_s"],
-            "flops_per_token": cfg.model.flops_per_token(cfg.data.seq_len)}
+            "flops_per_token": cfg.model.run_flops_per_token(cfg.data)}
 
 
-def run_worker(overrides, label):
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *overrides],
+def run_worker(overrides, label, config="configs/llama-1b.yaml"):
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker",
+                          f"--config={config}", *overrides],
                          capture_output=True, text=True, timeout=900)
     for line in out.stdout.splitlines():
         if line.startswith("WORKER "):
@@ -93,6 +94,19 @@ def fmt(v, f):
     return "-" if v is None else format(v, f)
 
 
+def print_table(rows):
+    """A Markdown table of trainer rows (a failed one shows the end of its error)."""
+    print("| trainer | tokens/s | step ms | MFU | compile s | peak mem GiB | host overhead |\n"
+          "|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['name']} | failed: {r['error'][-300:]!r} |")
+            continue
+        print(f"| {r['name']} | {r['tokens_per_sec']:,.0f} | {fmt(r['step_ms'], '.1f')} | "
+              f"{fmt(r['mfu'], '.1%')} | {fmt(r['compile_s'], '.1f')} | "
+              f"{fmt(r.get('peak_mem_gib'), '.1f')} | {fmt(r.get('host_overhead'), '.1%')} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="1b")
@@ -100,10 +114,11 @@ def main():
     ap.add_argument("--variant", action="append", default=None,
                     help="a jaxlm variant: space-separated overrides (repeatable)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--config", default="configs/llama-1b.yaml", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.worker:  # one trainer per process: each gets the whole GPU memory
-        print("WORKER " + json.dumps(run_jaxlm(args.overrides)), flush=True)
+        print("WORKER " + json.dumps(run_jaxlm(args.overrides, args.config)), flush=True)
         return
     variants = [v.split() for v in (args.variant or [""])]
     all_rows = {}
@@ -117,15 +132,8 @@ def main():
             if "error" not in r and f_tok:
                 r["mfu"] = r["tokens_per_sec"] * f_tok / 989.4e12
         all_rows[shape] = rows
-        print(f"\n### shape {shape}\n| trainer | tokens/s | step ms | MFU | compile s | "
-              f"peak mem GiB | host overhead |\n|---|---|---|---|---|---|---|")
-        for r in rows:
-            if "error" in r:
-                print(f"| {r['name']} | failed: {r['error'][-300:]!r} |")
-                continue
-            print(f"| {r['name']} | {r['tokens_per_sec']:,.0f} | {fmt(r['step_ms'], '.1f')} | "
-                  f"{fmt(r['mfu'], '.1%')} | {fmt(r['compile_s'], '.1f')} | "
-                  f"{fmt(r.get('peak_mem_gib'), '.1f')} | {fmt(r.get('host_overhead'), '.1%')} |")
+        print(f"\n### shape {shape}")
+        print_table(rows)
         for j in (r for r in rows if r["name"].startswith("jaxlm") and "error" not in r):
             for r in rows:
                 if not r["name"].startswith("jaxlm") and "error" not in r:

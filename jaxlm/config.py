@@ -217,6 +217,7 @@ def validate(cfg: Config) -> None:
     """Per-field ranges and choices, then relations between fields (no devices needed)."""
     check_fields(cfg)
     cfg.model.validate()
+    cfg.model.check_seq_len(cfg.data.seq_len)
     t = cfg.train
     if t.global_batch_size % t.microbatches:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "

@@ -37,6 +37,7 @@ DEFAULT_RULES = [
     # different tokens, like fsdp); expert weights take `expert` on their expert dim first
     ["expert", "expert"],
     ["embed", ["fsdp", "expert"]],
+    ["lora", ["fsdp", "expert"]],  # MLA's low-rank latent dims: split like embed where free
     ["vocab", "tensor"],
     ["heads", "tensor"],
     ["kv_heads", "tensor"],

@@ -32,18 +32,16 @@ def guard(old_state: dict, new_state: dict, loss, grad_norm, skip: bool):
     """(state, flag) for one train step. flag: 0 if the loss, every gradient and every updated
     parameter are finite, else LOSS | GRADIENTS | UPDATE bits. The gradients are judged by their
     global norm, which the step computes anyway (it is non-finite iff some gradient is, or their
-    squares overflow). With `skip`, a flagged step keeps old_state's params and opt_state (step
-    and rng still advance, so the data moves on)."""
+    squares overflow). With `skip`, a flagged step keeps old_state's params, opt_state and
+    model_state (step and rng still advance, so the data moves on)."""
     flag = (jnp.where(jnp.isfinite(loss), 0, LOSS)
             + jnp.where(jnp.isfinite(grad_norm), 0, GRADIENTS)
             + jnp.where(_all_finite(new_state["params"]), 0, UPDATE)).astype(jnp.int32)
     if skip:
         bad = flag != 0
         keep = lambda old, new: jnp.where(bad, old, new)  # noqa: E731
-        new_state = {**new_state,
-                     "params": jax.tree.map(keep, old_state["params"], new_state["params"]),
-                     "opt_state": jax.tree.map(keep, old_state["opt_state"],
-                                               new_state["opt_state"])}
+        new_state = {k: v if k in ("step", "rng") else jax.tree.map(keep, old_state[k], v)
+                     for k, v in new_state.items()}
     return new_state, flag
 
 

@@ -4,7 +4,8 @@ An objective takes a model (the protocol of jaxlm/models/protocol.py), a batch a
 plan (None: one device group runs the whole stack), and returns the summed token loss, the number
 of tokens it covers and the stack's aux terms. It alone decides between the plain stack and a
 pipeline schedule over `stage` (GPipe, circular, 1F1B), so no model ever imports the pipeline.
-A family names its objective (`ModelConfig.objective`); masked LM and seq2seq join here.
+A family names its objective (`ModelConfig.objective`): causal LM, masked LM (BERT) or seq2seq
+(T5); jaxlm/data builds each one's batch.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.models.protocol import DecoderLM
+from jaxlm.nn.stack import add_aux
 from jaxlm.parallel import pipeline
 
 
@@ -56,6 +58,45 @@ def causal_lm(model: DecoderLM, batch: dict, plan: pipeline.Plan | None = None) 
     return Loss(nll, jnp.sum(mask_BxS), aux)
 
 
+def masked_lm(model: DecoderLM, batch: dict, plan: pipeline.Plan | None = None) -> Loss:
+    """Masked LM (BERT): predict the original token at the masked positions (jaxlm/data/mlm.py
+    builds the batch: inputs masked, targets the originals, loss_mask the chosen positions); the
+    fraction predicted right is logged as mlm_accuracy."""
+    if plan is not None:
+        raise ValueError("masked LM runs without a pipeline (its families refuse mesh.stage > 1)")
+    h_BxSxD, inputs = model.embed_tokens(batch["inputs"], batch["positions"],
+                                         batch.get("segment_ids"))
+    h_BxSxD, aux, _ = model.stack()(h_BxSxD, inputs)
+    return _predictions(model.logits(h_BxSxD), batch, aux, "mlm_accuracy")
+
+
+def seq2seq(model, batch: dict, plan: pipeline.Plan | None = None) -> Loss:
+    """Encoder-decoder (T5 span corruption, jaxlm/data/span_corruption.py): the encoder reads
+    inputs; the decoder reads decoder_inputs and the encoder output, and predicts targets where
+    loss_mask is 1. Token accuracy of those predictions is logged as seq2seq_accuracy."""
+    if plan is not None:
+        raise ValueError("seq2seq runs without a pipeline (its families refuse mesh.stage > 1)")
+    memory_BxSxD, aux = model.encode(batch["inputs"], batch["positions"],
+                                     batch.get("segment_ids"))
+    h_BxTxD, inputs = model.embed_tokens(
+        batch["decoder_inputs"], batch["decoder_positions"], batch.get("decoder_segment_ids"),
+        memory_BxSxD=memory_BxSxD, memory_segment_ids_BxS=batch.get("segment_ids"))
+    h_BxTxD, decoder_aux, _ = model.stack()(h_BxTxD, inputs)
+    return _predictions(model.logits(h_BxTxD), batch, add_aux(aux, decoder_aux),
+                        "seq2seq_accuracy")
+
+
+def _predictions(logits_BxSxV, batch, aux, accuracy_name) -> Loss:
+    """Loss of logits against batch targets where loss_mask is 1, plus their accuracy as a stat
+    (a per-batch mean; averaged over microbatches like every stat)."""
+    mask_BxS = batch["loss_mask"].astype(jnp.float32)
+    tokens = jnp.sum(mask_BxS)
+    right_BxS = (jnp.argmax(logits_BxSxV, axis=-1) == batch["targets"]).astype(jnp.float32)
+    accuracy = jnp.sum(right_BxS * mask_BxS) / jnp.maximum(tokens, 1.0)
+    aux = add_aux(aux, {"stats": {accuracy_name: jax.lax.stop_gradient(accuracy)}})
+    return Loss(token_nll(logits_BxSxV, batch["targets"], mask_BxS), tokens, aux)
+
+
 def _pipeline_layer(stack):
     """(layer(state, h, inputs) -> h, stacked state): the stack's unit function as the pipeline
     schedules run it, h in and h out."""
@@ -86,4 +127,4 @@ def _one_f_one_b_nll(model, plan, h_BxSxD, inputs, targets_BxS, mask_BxS):
                                      (targets_BxS, mask_BxS))
 
 
-OBJECTIVES = {"causal_lm": causal_lm}
+OBJECTIVES = {"causal_lm": causal_lm, "mlm": masked_lm, "seq2seq": seq2seq}

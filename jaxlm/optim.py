@@ -6,7 +6,7 @@ import optax
 
 from jaxlm.config import OptimConfig
 
-NO_DECAY_AXES = {"norm"}  # norms (and biases, when a family has them) are not decayed
+NO_DECAY_AXES = {"norm"}  # norm scales (and LayerNorm biases) are not decayed; nor are biases
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -24,11 +24,18 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
 
 
+def is_bias(name: str) -> bool:
+    return name == "bias" or name.startswith("b_")  # jaxlm.nn names its biases so
+
+
 def decay_mask(logical_specs):
     """True where weight decay applies: every parameter whose logical axes include no NO_DECAY
-    axis (judged by names, not ndim, so stacked [layers, d] norm scales are still excluded)."""
-    return jax.tree.map(lambda spec: not (set(spec) & NO_DECAY_AXES), logical_specs,
-                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    axis and that is not a bias (judged by names, not ndim, so stacked [layers, d] norm scales
+    and [layers, heads, head_dim] biases are still excluded)."""
+    def decays(path, spec):
+        return not (set(spec) & NO_DECAY_AXES) and not is_bias(str(getattr(path[-1], "key", "")))
+    return jax.tree_util.tree_map_with_path(
+        decays, logical_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int, logical_specs) -> optax.GradientTransformation:

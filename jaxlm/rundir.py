@@ -27,7 +27,7 @@ SAFE_ON_RESUME = (
     "optim.lr", "optim.schedule", "optim.warmup_steps", "optim.min_lr_ratio",  # the lr schedule
     "checkpoint.", "log.", "runtime.", "distributed.",
     "mesh.", "pipeline.",          # layout: a checkpoint restores onto any mesh
-    "model.attention", "model.remat", "model.scan_unroll",  # how the same math is computed
+    "model.attention_impl", "model.remat", "model.scan_unroll",  # how the same math is computed
     "data.prefetch", "data.cache_dir",
 )
 
@@ -47,7 +47,8 @@ def check(cfg: Config) -> list[str]:
         raise ConfigError(f"{saved}: cannot read the saved config of the run being resumed: "
                           f"{str(e).splitlines()[0]}") from None
     old = flatten(old) if isinstance(old, dict) else {}
-    new, defaults = flatten(to_dict(cfg)), flatten(to_dict(Config()))
+    new = flatten(to_dict(cfg))
+    defaults = flatten(to_dict(Config(model=type(cfg.model)())))  # this family's defaults
     changed = {k: (old.get(k, defaults[k]), v) for k, v in new.items()
                if old.get(k, defaults[k]) != v}
     refused = [k for k in changed if not _safe(k)]

@@ -2,8 +2,10 @@
 before anything is allocated), the optimizer, and an initialiser that creates it already sharded.
 
 The state is a plain pytree: {'params': pure dict, 'opt_state': optax state, 'step': int32,
-'rng': uint32[2]}. The model is rebuilt from params with `nnx.merge` inside each traced function,
-so jit sees only arrays and the graph definition stays static.
+'rng': uint32[2]}, plus 'model_state' where the model has variables that are not trained by
+gradients but updated by its forward pass (MoE's balancing bias). The model is rebuilt from them
+with `nnx.merge` inside each traced function, so jit sees only arrays and the graph definition
+stays static.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ class StateSpec:
 
 def build_state(cfg: Config, mesh: Mesh) -> StateSpec:
     abstract_model = nnx.eval_shape(lambda: build_model(cfg.model, nnx.Rngs(0)))
-    graphdef, abstract_params_state = nnx.split(abstract_model)
+    graphdef, abstract_params_state, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
     logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params_state))
     abstract_params = nnx.to_pure_dict(abstract_params_state)
     param_sh = _checked_param_shardings(cfg, mesh, abstract_params, logical)
@@ -44,13 +46,20 @@ def build_state(cfg: Config, mesh: Mesh) -> StateSpec:
     state_sh = {"params": param_sh,
                 "opt_state": _optimizer_shardings(cfg, mesh, tx, abstract_params, param_sh),
                 "step": replicated, "rng": replicated}
+    has_model_state = bool(jax.tree.leaves(abstract_rest))
+    if has_model_state:
+        state_sh["model_state"] = tree_shardings(
+            nnx.to_pure_dict(nnx.get_partition_spec(abstract_rest)), mesh, cfg.mesh.rules)
 
     def init(seed):
         params_key, state_key = jax.random.split(jax.random.key(seed))
         model = build_model(cfg.model, nnx.Rngs(params=params_key))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-                "rng": jax.random.key_data(state_key)}
+        state = {"params": params, "opt_state": tx.init(params),
+                 "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(state_key)}
+        if has_model_state:
+            state["model_state"] = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+        return state
 
     abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

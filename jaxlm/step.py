@@ -44,26 +44,32 @@ def build_step_fns(cfg: Config, mesh: Mesh) -> StepFns:
                     in_shardings=(spec.shardings, batch_sh),
                     out_shardings=(spec.shardings, replicated), donate_argnums=0)
 
-    def eval_step(params, batch):
-        nll, tokens, _ = loss_fn(params, batch)
+    def eval_step(state, batch):
+        (nll, tokens, _), _ = loss_fn(state["params"], batch, state.get("model_state"))
         return nll, tokens
 
-    evaluate = jax.jit(eval_step, in_shardings=(spec.shardings["params"], batch_sh),
+    evaluate = jax.jit(eval_step, in_shardings=(spec.shardings, batch_sh),
                        out_shardings=replicated)
     return StepFns(spec.graphdef, spec.optimizer, spec.abstract_state, spec.shardings, batch_sh,
                    spec.init, train, evaluate, spec.param_count)
 
 
 def make_loss_fn(cfg: Config, mesh: Mesh, graphdef):
-    """(params, batch) -> objectives.Loss, traced under the mesh's rules, with the stack run as
-    the mesh's pipeline plan says."""
+    """(params, batch, model_state) -> (objectives.Loss, the model state after the forward
+    pass), traced under the mesh's rules, with the stack run as the mesh's pipeline plan says.
+    model_state: the variables the forward pass updates (None for models without any)."""
     objective = OBJECTIVES[cfg.model.objective]
     plan = Plan.of(mesh, cfg.pipeline)
     rules = cfg.mesh.rules
 
-    def loss_fn(params, batch):
+    def loss_fn(params, batch, model_state=None):
         with use_rules(mesh, rules):
-            return objective(nnx.merge(graphdef, params), batch, plan)
+            model = nnx.merge(graphdef, params, model_state or {})
+            loss = objective(model, batch, plan)
+        if model_state is None:
+            return loss, None
+        updated = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+        return loss, jax.lax.stop_gradient(updated)
     return loss_fn
 
 
@@ -79,20 +85,23 @@ def make_train_step(cfg: Config, mesh: Mesh, spec: StateSpec, loss_fn):
         params = state["params"]
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
-        def grads_of(mb):
-            def objective(p):  # -> (objective, (mean token NLL, aux stats))
-                nll, _, aux = loss_fn(p, mb)
+        def grads_of(mb, model_state):
+            def objective(p):  # -> (objective, (mean token NLL, aux stats, model state))
+                (nll, _, aux), model_state_out = loss_fn(p, mb, model_state)
                 token_loss = nll / total_tokens
-                if not aux:
-                    return token_loss, (token_loss, {})
+                if not aux.get("losses"):
+                    stats = jax.tree.map(lambda s: s / micro, aux.get("stats", {}))
+                    return token_loss, (token_loss, stats, model_state_out)
                 extra = sum(aux["losses"].values())
                 return (token_loss + extra / micro,
-                        (token_loss, jax.tree.map(lambda s: s / micro, aux["stats"])))
-            (_, (loss, stats)), grads = jax.value_and_grad(objective, has_aux=True)(params)
-            return loss, stats, grads
+                        (token_loss, jax.tree.map(lambda s: s / micro, aux["stats"]),
+                         model_state_out))
+            (_, (loss, stats, model_state)), grads = jax.value_and_grad(
+                objective, has_aux=True)(params)
+            return loss, stats, grads, model_state
 
         if micro == 1:
-            loss, stats, grads = grads_of(batch)
+            loss, stats, grads, model_state = grads_of(batch, state.get("model_state"))
         else:
             # Strided split [B] -> [B/M, M] keeps every microbatch spread over all data shards.
             def split(x):
@@ -101,11 +110,13 @@ def make_train_step(cfg: Config, mesh: Mesh, spec: StateSpec, loss_fn):
                     return constrain(x, (None,) + BATCH_NAMES)
             mbs = jax.tree.map(split, batch)
 
-            def body(carry, mb):
-                loss, stats, grads = grads_of(mb)
-                return jax.tree.map(jnp.add, carry, (loss, grads)), stats
-            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-            (loss, grads), stats_M = jax.lax.scan(body, zeros, mbs)
+            def body(carry, mb):  # the model state a microbatch updates is the next one's
+                loss, grads, model_state = carry
+                l, stats, g, model_state = grads_of(mb, model_state)
+                return (loss + l, jax.tree.map(jnp.add, grads, g), model_state), stats
+            init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params),
+                    state.get("model_state"))
+            (loss, grads, model_state), stats_M = jax.lax.scan(body, init, mbs)
             stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats_M)
 
         updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -116,6 +127,8 @@ def make_train_step(cfg: Config, mesh: Mesh, spec: StateSpec, loss_fn):
                    "tokens": total_tokens, "stats": stats}
         new_state = {"params": new_params, "opt_state": opt_state,
                      "step": state["step"] + 1, "rng": jax.random.key_data(rng)}
+        if model_state is not None:
+            new_state["model_state"] = model_state
         new_state, metrics["nonfinite"] = nonfinite.guard(state, new_state, loss, grad_norm,
                                                           skip=cfg.train.on_nonfinite == "skip")
         return new_state, metrics

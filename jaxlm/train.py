@@ -173,7 +173,7 @@ def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     def evaluate():
         nll, count = 0.0, 0.0
         for b in eval_arrays:
-            n, c = fns.eval_step(state["params"], b)
+            n, c = fns.eval_step(state, b)
             nll, count = nll + float(n), count + float(c)
         loss = nll / max(count, 1.0)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
@@ -186,7 +186,7 @@ def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     say(f"train step compiled in {compile_s:.1f} s")
     say(memory_report(fns.abstract_state, step_fn.memory_analysis()))
 
-    flops_tok = cfg.model.flops_per_token(cfg.data.seq_len)
+    flops_tok = cfg.model.run_flops_per_token(cfg.data)
     peak = M.peak_flops(device.device_kind, cfg.log.peak_tflops)
     tokens_per_step = B * S
     writer = M.MetricsWriter(run_dir, cfg.log.jsonl, cfg.log.tensorboard)

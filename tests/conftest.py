@@ -10,6 +10,12 @@ import pytest  # noqa: E402
 
 assert jax.device_count() == 8, "tests need 8 simulated CPU devices"
 
+# One compilation cache for the session: tests that build the same model on the same mesh (each
+# family's reference runs, the resume runs) compile each program once.
+import tempfile  # noqa: E402
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jaxlm-test-xla-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
 
 @pytest.fixture(scope="session")
 def xla_cache_dir(tmp_path_factory):

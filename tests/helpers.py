@@ -8,6 +8,7 @@ import numpy as np
 
 from jaxlm.config import MESH_AXES, check_against_devices, load_config
 from jaxlm.data import ByteTokenizer, pack_documents
+from jaxlm.data.transforms import objective_transform
 from jaxlm.parallel.sharding import make_mesh
 from jaxlm.step import build_step_fns, make_loss_fn
 
@@ -18,15 +19,41 @@ TINY = ["model.vocab_size=300", "model.d_model=32", "model.num_layers=2", "model
         "train.eval_batches=1", "checkpoint.every_steps=3", "checkpoint.async_save=false"]
 
 
+# Each family's tiny model keys (TINY's are Llama's), for the tests every family runs.
+FAMILY_TINY = {
+    "llama": [],
+    "gpt2": ["model.family=gpt2", "model.max_positions=32"],
+    "bert": ["model.family=bert", "model.ffn_dim=64", "model.max_positions=32"],
+    "t5": ["model.family=t5", "model.head_dim=8", "model.ffn_dim=64", "model.relative_buckets=8",
+           "model.relative_max_distance=16"],
+    "deepseek": ["model.family=deepseek", "model.q_lora_rank=16", "model.kv_lora_rank=16",
+                 "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4", "model.v_head_dim=8",
+                 "model.ffn_dim=64", "model.num_layers=3", "model.num_dense_layers=1",
+                 "model.num_experts=4", "model.experts_per_token=2", "model.expert_ffn_dim=16",
+                 "model.num_groups=2", "model.groups_per_token=1", "model.routed_scale=2.0",
+                 "model.bias_update_rate=0.01"],
+}
+LLAMA_ONLY = ("model.num_kv_heads=", "model.ffn_dim=")
+
+
 def tiny_config(*overrides):
     return load_config(None, TINY + list(overrides))
 
 
+def family_config(family, *overrides):
+    """TINY for any family: the shared sizes, the family's own keys."""
+    base = [o for o in TINY if family == "llama" or not o.startswith(LLAMA_ONLY)]
+    return load_config(None, base + FAMILY_TINY[family] + list(overrides))
+
+
 def packed_batches(cfg, n, seed=0):
-    """n global batches of real packed text with several documents per row."""
+    """n global batches of real packed text with several documents per row, as the config's
+    objective reads them (masked, or span-corrupted into encoder and decoder sides)."""
     rng = np.random.default_rng(seed)
     docs = [bytes(rng.integers(32, 127, rng.integers(5, 40)).astype(np.uint8)) for _ in range(400)]
     ds = pack_documents(docs, ByteTokenizer(), cfg.data.seq_len)
+    ds = objective_transform(cfg.data, cfg.model.objective, ByteTokenizer(),
+                             cfg.model.vocab_size).apply(ds, split=0, source=0)
     B = cfg.train.global_batch_size
     return [ds.get(np.arange(i * B, (i + 1) * B)) for i in range(n)]
 
@@ -56,10 +83,11 @@ def train_on_mesh(cfg, mesh, batches) -> Run:
 
     loss_fn = make_loss_fn(cfg, mesh, fns.graphdef)
 
-    def grad_fn(params, batch):
-        return jax.grad(lambda p: loss_fn(p, batch).nll_sum)(params)
+    def grad_fn(params, model_state, batch):
+        return jax.grad(lambda p: loss_fn(p, batch, model_state)[0].nll_sum)(params)
 
-    grads = jax.device_get(jax.jit(grad_fn)(state["params"], put(batches[0])))
+    grads = jax.device_get(jax.jit(grad_fn)(state["params"], state.get("model_state"),
+                                            put(batches[0])))
     metrics = []
     for b in batches:
         state, m = fns.train_step(state, put(b))

@@ -95,10 +95,10 @@ LOAD_CASES = [
          files={"old.yaml": "model:\n  attention: auto\n"}, configs=["{tmp}/old.yaml"]),
     # ---- model families: each has its own keys
     Case("unknown-family", ["model.family=gpt3"],
-         ["model.family: 'gpt3' is not one of: llama, mixtral"]),
+         ["model.family: 'gpt3' is not one of: bert, deepseek, gpt2, llama, mixtral, t5"]),
     Case("key-of-another-family", ["model.num_experts=8"],
          ["unknown key 'model.num_experts' for model.family=llama; it belongs to "
-          "model.family=mixtral"]),
+          "model.family=deepseek or mixtral"]),
     Case("family-not-a-string", ["model.family=3"],
          ["model.family: expected a string, got 3"]),
     Case("data-source-choice", ["data.source=c4"],

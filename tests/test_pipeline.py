@@ -42,12 +42,12 @@ def reference():
     cfg = tiny_config(*BASE)
     batches = packed_batches(cfg, 3)
     ref = train_on_mesh(cfg, mesh_for(cfg, 1), batches)
-    return batches, ref, _eval(cfg, mesh_for(cfg, 1), ref.state["params"], batches[0])
+    return batches, ref, _eval(cfg, mesh_for(cfg, 1), ref.state, batches[0])
 
 
-def _eval(cfg, mesh, params, batch):
+def _eval(cfg, mesh, state, batch):
     fns = build_step_fns(cfg, mesh)
-    return jax.device_get(fns.eval_step(params, jax.device_put(batch, fns.batch_sharding)))
+    return jax.device_get(fns.eval_step(state, jax.device_put(batch, fns.batch_sharding)))
 
 
 @pytest.mark.parametrize("name,schedule", GRID)
@@ -61,7 +61,7 @@ def test_pipeline_matches_single_device(reference, name, schedule):
     got = train_on_mesh(cfg, mesh, batches)
     assert_same_training(ref, got)
     if schedule == "1f1b":
-        np.testing.assert_allclose(_eval(cfg, mesh, got.state["params"], batches[0]), ref_eval,
+        np.testing.assert_allclose(_eval(cfg, mesh, got.state, batches[0]), ref_eval,
                                    rtol=2e-5)
 
 

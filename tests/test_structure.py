@@ -135,7 +135,7 @@ def test_the_checks_see_cycles_and_forbidden_imports(tmp_path):
 def test_registry_finds_every_family_folder():
     from jaxlm.models.registry import families
     folders = {p.parent.name for p in (REPO / "jaxlm" / "models").glob("*/__init__.py")}
-    assert set(families()) == folders == {"llama", "mixtral"}
+    assert set(families()) == folders == {"bert", "deepseek", "gpt2", "llama", "mixtral", "t5"}
     for name, fam in families().items():
         assert fam.config().family == name
 

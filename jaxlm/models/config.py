@@ -53,6 +53,9 @@ class ModelConfig:
     def check_mesh(self, sizes: dict[str, int]) -> None:
         """Checks that need the resolved mesh axis sizes (a family's parallelism limits)."""
 
+    def check_seq_len(self, seq_len: int) -> None:
+        """Checks against data.seq_len (e.g. a table of learned positions)."""
+
     def matmul_params(self) -> int:
         """Parameters that take part in a matmul per token (the 6N of the FLOPs formula)."""
         raise NotImplementedError
@@ -61,11 +64,30 @@ class ModelConfig:
         """Training FLOPs per token: model FLOPs only, never recomputation."""
         raise NotImplementedError
 
+    def run_flops_per_token(self, data) -> float:
+        """FLOPs per token of data.seq_len for a run with this data config: what MFU uses."""
+        return self.flops_per_token(data.seq_len)
 
-def attention_flops(num_layers: int, seq_len: int, width: int, causal: bool) -> float:
-    """Training FLOPs per token of QK^T and PV: 12 * L * S * (heads * head_dim), halved when
-    causal (forward 4·S·width per layer, backward twice that)."""
-    flops = 12 * num_layers * seq_len * width
+
+def check_heads(d_model: int, num_heads: int) -> None:
+    """Families whose head dim is d_model / num_heads."""
+    if d_model % num_heads:
+        raise ConfigError(f"model.d_model={d_model} is not divisible by model.num_heads={num_heads}")
+
+
+def check_learned_positions(seq_len: int, max_positions: int) -> None:
+    """Families with a table of learned positions cannot read rows longer than it."""
+    if seq_len > max_positions:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_positions={max_positions}, "
+                          f"the learned position table's length")
+
+
+def attention_flops(num_layers: int, seq_len: int, width: int, causal: bool,
+                    v_width: int | None = None) -> float:
+    """Training FLOPs per token of QK^T and PV: 6 * L * S * (qk width + v width), i.e.
+    12 * L * S * (heads * head_dim) when the values are as wide as the keys; halved when causal
+    (forward 2·S·width per product per layer, backward twice that)."""
+    flops = 6 * num_layers * seq_len * (width + (width if v_width is None else v_width))
     return flops / 2 if causal else flops
 
 

@@ -54,55 +54,75 @@ class MaskSpec:
         return ok_BxSxT
 
 
-def resolve_impl(impl: str, dtype) -> str:
+def resolve_impl(impl: str, dtype, has_bias: bool = False) -> str:
+    """`auto`: pallas on Hopper (cudnn when there is a logit bias, which the kernel does not
+    take), cudnn on other GPUs, for 16-bit inputs; else xla."""
     if impl != "auto":
         return impl
     if jax.default_backend() != "gpu" or jnp.dtype(dtype).itemsize != 2:
         return "xla"
     from kernels_pallas.flash import on_hopper
-    return "pallas" if on_hopper() else "cudnn"
+    return "pallas" if on_hopper() and not has_bias else "cudnn"
 
 
-def attend(q_BxSxHxK, k_BxTxGxK, v_BxTxGxK, mask: MaskSpec, *, bias=None, cache=None, impl="xla"):
-    """Multi-head attention with GQA (H a multiple of G kv heads). Returns ([B, S, H, K], the
-    updated cache or None)."""
+def attend(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask: MaskSpec, *, bias=None, cache=None, impl="xla",
+           scale=None):
+    """Multi-head attention with GQA (H a multiple of G kv heads); the values' head dim V may
+    differ from the queries' and keys' K (MLA). Logits are scaled by `scale` (None:
+    1/sqrt(K)). Returns ([B, S, H, V], the updated cache or None)."""
+    scale = q_BxSxHxK.shape[-1] ** -0.5 if scale is None else scale
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; expected one of "
                          f"{', '.join(ATTENTION_IMPLS)}")
     if cache is not None:  # decoding: bandwidth-bound, read through the reference path
-        cache, mask = cache.update(k_BxTxGxK, v_BxTxGxK, mask)
-        return _attend_xla(q_BxSxHxK, cache.k_BxTxGxK, cache.v_BxTxGxK, mask, bias), cache
-    impl = resolve_impl(impl, q_BxSxHxK.dtype)
+        cache, mask = cache.update(k_BxTxGxK, v_BxTxGxV, mask)
+        return _attend_xla(q_BxSxHxK, cache.k_BxTxGxK, cache.v_BxTxGxK, mask, bias,
+                           scale), cache
+    impl = resolve_impl(impl, q_BxSxHxK.dtype, has_bias=bias is not None)
     if impl == "xla":
-        return _attend_xla(q_BxSxHxK, k_BxTxGxK, v_BxTxGxK, mask, bias), None
+        return _attend_xla(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask, bias, scale), None
     if mask.q_offset is not None:
         raise ValueError(f"attention impl={impl} has no query offset; use xla")
-    if impl == "cudnn":
-        return _attend_cudnn(q_BxSxHxK, k_BxTxGxK, v_BxTxGxK, mask, bias), None
-    if bias is not None or mask.kv_segment_ids is not None:
+    if impl == "pallas" and (bias is not None or mask.kv_segment_ids is not None):
         raise ValueError("attention impl=pallas takes neither a logit bias nor separate key "
                          "segments (cross-attention); use xla or cudnn")
-    return _attend_pallas(q_BxSxHxK, k_BxTxGxK, v_BxTxGxK, mask), None
+    # the kernels take one head dim for q, k and v (pallas: one of KERNEL_HEAD_DIMS): pad with
+    # zero columns, which change neither q.k (the scale is passed as it was) nor the output's
+    # first V columns
+    K, V = q_BxSxHxK.shape[-1], v_BxTxGxV.shape[-1]
+    D = max(K, V)
+    if impl == "pallas":
+        D = next((d for d in KERNEL_HEAD_DIMS if d >= D), D)
+    q, k, v = (_pad_last(x, D) for x in (q_BxSxHxK, k_BxTxGxK, v_BxTxGxV))
+    fn = _attend_cudnn if impl == "cudnn" else _attend_pallas
+    return fn(q, k, v, mask, bias, scale)[..., :V], None
 
 
-def _attend_xla(q_BxSxHxK, k_BxTxGxK, v_BxTxGxK, mask: MaskSpec, bias):
+KERNEL_HEAD_DIMS = (64, 128, 256)  # what kernels_pallas flash attention takes
+
+
+def _pad_last(x, n):
+    return x if x.shape[-1] == n else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])])
+
+
+def _attend_xla(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask: MaskSpec, bias, scale):
     B, S, H, K = q_BxSxHxK.shape
     G = k_BxTxGxK.shape[2]
     T = k_BxTxGxK.shape[1]
     q_BxSxGxRxK = q_BxSxHxK.reshape(B, S, G, H // G, K)
     logits_BxGxRxSxT = jnp.einsum("bsgrk,btgk->bgrst", q_BxSxGxRxK, k_BxTxGxK,
-                                  preferred_element_type=jnp.float32) * (K ** -0.5)
+                                  preferred_element_type=jnp.float32) * scale
     if bias is not None:
         bias_BxGxRxSxT = bias.reshape(bias.shape[0], G, H // G, S, T)
         logits_BxGxRxSxT = logits_BxGxRxSxT + bias_BxGxRxSxT.astype(jnp.float32)
     ok_BxSxT = mask.allowed(S, T)
     logits_BxGxRxSxT = jnp.where(ok_BxSxT[:, None, None], logits_BxGxRxSxT, MASKED)
-    probs = jax.nn.softmax(logits_BxGxRxSxT, axis=-1).astype(v_BxTxGxK.dtype)
-    out_BxSxGxRxK = jnp.einsum("bgrst,btgk->bsgrk", probs, v_BxTxGxK)
-    return out_BxSxGxRxK.reshape(B, S, H, K)
+    probs = jax.nn.softmax(logits_BxGxRxSxT, axis=-1).astype(v_BxTxGxV.dtype)
+    out_BxSxGxRxV = jnp.einsum("bgrst,btgv->bsgrv", probs, v_BxTxGxV)
+    return out_BxSxGxRxV.reshape(B, S, H, v_BxTxGxV.shape[-1])
 
 
-def _attend_cudnn(q_BxSxHxK, k_BxTxGxK, v_BxTxGxK, mask: MaskSpec, bias):
+def _attend_cudnn(q_BxSxHxK, k_BxTxGxK, v_BxTxGxK, mask: MaskSpec, bias, scale):
     dense = None
     if mask.q_segment_ids is not None:
         kv_seg = mask.q_segment_ids if mask.kv_segment_ids is None else mask.kv_segment_ids
@@ -111,12 +131,13 @@ def _attend_cudnn(q_BxSxHxK, k_BxTxGxK, v_BxTxGxK, mask: MaskSpec, bias):
     if mask.sliding_window is not None:
         w = mask.sliding_window - 1
         window = (w, 0 if mask.causal else w)
+    bias = None if bias is None else bias.astype(q_BxSxHxK.dtype)  # cuDNN wants one dtype
     return jax.nn.dot_product_attention(q_BxSxHxK, k_BxTxGxK, v_BxTxGxK, bias=bias, mask=dense,
-                                        is_causal=mask.causal, local_window_size=window,
-                                        implementation="cudnn")
+                                        scale=scale, is_causal=mask.causal,
+                                        local_window_size=window, implementation="cudnn")
 
 
-def _attend_pallas(q_BxSxHxK, k_BxSxGxK, v_BxSxGxK, mask: MaskSpec):
+def _attend_pallas(q_BxSxHxK, k_BxSxGxK, v_BxSxGxK, mask: MaskSpec, bias, scale):
     """The kernel is one device's program: on a mesh it runs per shard (shard_map), with batch and
     heads split the way the activation rules already split them."""
     from kernels_pallas.flash import flash_attention
@@ -124,7 +145,7 @@ def _attend_pallas(q_BxSxHxK, k_BxSxGxK, v_BxSxGxK, mask: MaskSpec):
 
     def call(q, k, v, *seg):
         return flash_attention(q, k, v, causal=mask.causal, segment_ids=seg[0] if seg else None,
-                               sliding_window=mask.sliding_window)
+                               sliding_window=mask.sliding_window, sm_scale=scale)
 
     args = (q_BxSxHxK, k_BxSxGxK, v_BxSxGxK) + (() if segment_ids_BxS is None else
                                                  (segment_ids_BxS,))

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.nn.attend import MaskSpec, attend
-from jaxlm.nn.param import param
+from jaxlm.nn.kv_cache import KVCache
+from jaxlm.nn.param import param, zeros_param
 from jaxlm.nn.rope import rope
 from jaxlm.parallel.sharding import constrain
 
@@ -31,6 +32,9 @@ class AttentionConfig:
     out_std: float
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    qkv_bias: bool = False     # biases on q/k/v (GPT-2, BERT, Qwen2)
+    o_bias: bool = False       # bias on the output projection (GPT-2, BERT)
+    scale: float | None = None  # logit scale; None: 1/sqrt(head_dim) (T5 uses 1)
 
 
 class Attention(nnx.Module):
@@ -43,6 +47,12 @@ class Attention(nnx.Module):
         self.wk = param(rngs, (D, G, K), ("embed", "kv_heads", "head_dim"), c.std, pdt)
         self.wv = param(rngs, (D, G, K), ("embed", "kv_heads", "head_dim"), c.std, pdt)
         self.wo = param(rngs, (H, K, D), ("heads", "head_dim", "embed"), c.out_std, pdt)
+        if c.qkv_bias:
+            self.b_q = zeros_param((H, K), ("heads", "head_dim"), pdt)
+            self.b_k = zeros_param((G, K), ("kv_heads", "head_dim"), pdt)
+            self.b_v = zeros_param((G, K), ("kv_heads", "head_dim"), pdt)
+        if c.o_bias:
+            self.b_o = zeros_param((D,), ("embed",), pdt)
         self.c = c
 
     def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS, *, memory_BxTxD=None,
@@ -54,11 +64,21 @@ class Attention(nnx.Module):
         q = jnp.einsum("bsd,dhk->bshk", x_BxSxD, self.wq[...].astype(dt))
         k = jnp.einsum("bsd,dgk->bsgk", kv_BxTxD, self.wk[...].astype(dt))
         v = jnp.einsum("bsd,dgk->bsgk", kv_BxTxD, self.wv[...].astype(dt))
+        if c.qkv_bias:
+            q, k, v = (x + b[...].astype(dt) for x, b in ((q, self.b_q), (k, self.b_k),
+                                                          (v, self.b_v)))
         if c.rope_theta is not None and memory_BxTxD is None:
             q, k = rope(q, positions_BxS, c.rope_theta), rope(k, positions_BxS, c.rope_theta)
         q, k, v = constrain(q, Q_NAMES), constrain(k, KV_NAMES), constrain(v, KV_NAMES)
         mask = MaskSpec(causal=c.causal, sliding_window=c.sliding_window,
                         q_segment_ids=segment_ids_BxS, kv_segment_ids=memory_segment_ids_BxT)
-        out_BxSxHxK, cache = attend(q, k, v, mask, bias=bias, cache=cache, impl=c.impl)
+        out_BxSxHxK, cache = attend(q, k, v, mask, bias=bias, cache=cache, impl=c.impl,
+                                    scale=c.scale)
         out_BxSxHxK = constrain(out_BxSxHxK, Q_NAMES)
-        return jnp.einsum("bshk,hkd->bsd", out_BxSxHxK, self.wo[...].astype(dt)), cache
+        y_BxSxD = jnp.einsum("bshk,hkd->bsd", out_BxSxHxK, self.wo[...].astype(dt))
+        return (y_BxSxD + self.b_o[...].astype(dt) if c.o_bias else y_BxSxD), cache
+
+    def empty_cache(self, batch: int, max_len: int) -> KVCache:
+        """A KV cache for this layer as self-attention: `max_len` slots per row."""
+        c = self.c
+        return KVCache.empty(batch, max_len, c.num_kv_heads, c.head_dim, c.dtype)

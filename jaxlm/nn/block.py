@@ -1,7 +1,8 @@
-"""THE block every family is assembled from: attention, an optional cross-attention, and a
-feed-forward (dense SwiGLU MLP or Mixture of Experts), each a residual branch with pre- or
-post-norm. A block returns (h, aux, cache): aux holds already-weighted loss terms and stats
-({} for a dense block), cache the attention's KV cache (None unless one was passed in)."""
+"""THE block every family is assembled from: attention (grouped-query or latent), an optional
+cross-attention, and a feed-forward (dense MLP or Mixture of Experts), each a residual branch
+with pre- or post-norm (RMSNorm or LayerNorm). A block returns (h, aux, cache): aux holds
+already-weighted loss terms and stats ({} for a dense block), cache the attention's KV cache
+(None unless one was passed in)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,10 +11,10 @@ import jax
 from flax import nnx, struct
 
 from jaxlm.nn.attention import Attention, AttentionConfig
-from jaxlm.nn.kv_cache import KVCache
+from jaxlm.nn.mla import MLA, MLAConfig
 from jaxlm.nn.mlp import MLP, MLPConfig
 from jaxlm.nn.moe import MoE, MoEConfig
-from jaxlm.nn.norms import RMSNorm
+from jaxlm.nn.norms import make_norm
 from jaxlm.parallel.sharding import constrain
 
 RESIDUAL = ("act_batch", "act_res_seq", "act_embed")  # logical names of the residual stream
@@ -27,27 +28,30 @@ class LayerInputs:
     segment_ids_BxS: jax.Array | None = None         # packed documents; None: one per row
     memory_BxTxD: jax.Array | None = None            # cross-attention source (encoder output)
     memory_segment_ids_BxT: jax.Array | None = None
+    attention_bias: jax.Array | None = None          # [1 or B, H, S, S] self-attention logit bias
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
     d_model: int
-    attention: AttentionConfig
+    attention: AttentionConfig | MLAConfig
     ffn: MLPConfig | MoEConfig
     norm_eps: float
     param_dtype: object
     post_norm: bool = False                         # norm after the residual add (BERT)
     cross_attention: AttentionConfig | None = None  # attends over LayerInputs.memory (T5)
+    norm: str = "rms"                               # rms | layer
 
 
 class Block(nnx.Module):
     def __init__(self, c: BlockConfig, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(c.d_model, c.norm_eps, c.param_dtype)
-        self.attn = Attention(c.attention, rngs)
+        norm = lambda: make_norm(c.norm, c.d_model, c.norm_eps, c.param_dtype)  # noqa: E731
+        self.attn_norm = norm()
+        self.attn = (MLA if isinstance(c.attention, MLAConfig) else Attention)(c.attention, rngs)
         if c.cross_attention is not None:
-            self.cross_norm = RMSNorm(c.d_model, c.norm_eps, c.param_dtype)
+            self.cross_norm = norm()
             self.cross_attn = Attention(c.cross_attention, rngs)
-        self.mlp_norm = RMSNorm(c.d_model, c.norm_eps, c.param_dtype)
+        self.mlp_norm = norm()
         if isinstance(c.ffn, MoEConfig):
             self.moe = MoE(c.ffn, rngs)
         else:
@@ -56,7 +60,8 @@ class Block(nnx.Module):
 
     def __call__(self, h_BxSxD, inputs: LayerInputs, cache=None):
         h_BxSxD, cache = self._residual(self.attn_norm, h_BxSxD, lambda x: self.attn(
-            x, inputs.positions_BxS, inputs.segment_ids_BxS, cache=cache))
+            x, inputs.positions_BxS, inputs.segment_ids_BxS, bias=inputs.attention_bias,
+            cache=cache))
         if self.c.cross_attention is not None:
             h_BxSxD, _ = self._residual(self.cross_norm, h_BxSxD, lambda x: self.cross_attn(
                 x, None, inputs.segment_ids_BxS, memory_BxTxD=inputs.memory_BxTxD,
@@ -67,10 +72,9 @@ class Block(nnx.Module):
             h_BxSxD, aux = self._residual(self.mlp_norm, h_BxSxD, lambda x: (self.mlp(x), {}))
         return h_BxSxD, aux, cache
 
-    def empty_cache(self, batch: int, max_len: int) -> KVCache:
+    def empty_cache(self, batch: int, max_len: int):
         """A KV cache for this block's self-attention: `max_len` slots per row."""
-        a = self.c.attention
-        return KVCache.empty(batch, max_len, a.num_kv_heads, a.head_dim, a.dtype)
+        return self.attn.empty_cache(batch, max_len)
 
     def _residual(self, norm, h_BxSxD, branch):
         """h + branch(norm(h)) (pre-norm) or norm(h + branch(h)) (post-norm); the branch returns

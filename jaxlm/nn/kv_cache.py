@@ -20,9 +20,11 @@ class KVCache:
     lengths_B: jax.Array
 
     @classmethod
-    def empty(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
-        kv = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
-        return cls(kv, kv, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch,), jnp.int32))
+    def empty(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype,
+              v_head_dim: int | None = None) -> "KVCache":
+        k = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
+        v = jnp.zeros((batch, max_len, kv_heads, v_head_dim or head_dim), dtype)
+        return cls(k, v, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch,), jnp.int32))
 
     def update(self, k_BxSxGxK, v_BxSxGxK, mask: MaskSpec) -> tuple["KVCache", MaskSpec]:
         """Append S new tokens to every row (padding among them keeps segment 0, so it takes a

@@ -1,14 +1,22 @@
-"""The dense feed-forward: SwiGLU, down(silu(gate(x)) * up(x))."""
+"""The dense feed-forward: gated (SwiGLU, GeGLU: down(act(gate(x)) * up(x))) or plain
+(down(act(up(x))), GPT-2/BERT), with or without biases."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.nn.param import param
+from jaxlm.nn.param import param, zeros_param
 from jaxlm.parallel.sharding import constrain
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # erf (BERT)
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # GPT-2, T5 "gelu_new"
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,21 +27,37 @@ class MLPConfig:
     out_std: float
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    activation: str = "silu"
+    gated: bool = True
+    bias: bool = False
 
 
 class MLP(nnx.Module):
     """gate/up column-parallel ('mlp' on `tensor`), down row-parallel back to embed."""
 
     def __init__(self, c: MLPConfig, rngs: nnx.Rngs):
-        self.w_gate = param(rngs, (c.d_model, c.ffn_dim), ("embed", "mlp"), c.std, c.param_dtype)
-        self.w_up = param(rngs, (c.d_model, c.ffn_dim), ("embed", "mlp"), c.std, c.param_dtype)
-        self.w_down = param(rngs, (c.ffn_dim, c.d_model), ("mlp", "embed"), c.out_std,
-                            c.param_dtype)
-        self.dtype = c.dtype
+        D, F, pdt = c.d_model, c.ffn_dim, c.param_dtype
+        if c.gated:
+            self.w_gate = param(rngs, (D, F), ("embed", "mlp"), c.std, pdt)
+        self.w_up = param(rngs, (D, F), ("embed", "mlp"), c.std, pdt)
+        self.w_down = param(rngs, (F, D), ("mlp", "embed"), c.out_std, pdt)
+        if c.bias:
+            if c.gated:
+                self.b_gate = zeros_param((F,), ("mlp",), pdt)
+            self.b_up = zeros_param((F,), ("mlp",), pdt)
+            self.b_down = zeros_param((D,), ("embed",), pdt)
+        self.c = c
 
     def __call__(self, x_BxSxD):
-        dt = self.dtype
-        gate_BxSxF = jnp.einsum("bsd,df->bsf", x_BxSxD, self.w_gate[...].astype(dt))
-        up_BxSxF = jnp.einsum("bsd,df->bsf", x_BxSxD, self.w_up[...].astype(dt))
-        h_BxSxF = constrain(jax.nn.silu(gate_BxSxF) * up_BxSxF, ("act_batch", "act_seq", "act_mlp"))
-        return jnp.einsum("bsf,fd->bsd", h_BxSxF, self.w_down[...].astype(dt))
+        c, dt = self.c, self.c.dtype
+        act = ACTIVATIONS[c.activation]
+        up_BxSxF = self._project(x_BxSxD, "up")
+        h_BxSxF = act(self._project(x_BxSxD, "gate")) * up_BxSxF if c.gated else act(up_BxSxF)
+        h_BxSxF = constrain(h_BxSxF, ("act_batch", "act_seq", "act_mlp"))
+        y_BxSxD = jnp.einsum("bsf,fd->bsd", h_BxSxF, self.w_down[...].astype(dt))
+        return y_BxSxD + self.b_down[...].astype(dt) if c.bias else y_BxSxD
+
+    def _project(self, x_BxSxD, name):
+        dt = self.c.dtype
+        y_BxSxF = jnp.einsum("bsd,df->bsf", x_BxSxD, getattr(self, f"w_{name}")[...].astype(dt))
+        return y_BxSxF + getattr(self, f"b_{name}")[...].astype(dt) if self.c.bias else y_BxSxF

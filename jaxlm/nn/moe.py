@@ -48,16 +48,41 @@ class MoEConfig:
     aux_loss_weight: float = 0.0   # x the load-balancing loss, added to the objective
     z_loss_weight: float = 0.0     # x the router z-loss
     num_moe_layers: int = 1        # losses and stats are divided by it: a stack's sum is the mean
+    # DeepSeek-V3 routing: experts in num_groups groups, a token picks among the experts of its
+    # best groups_per_token groups; the combine weights times routed_scale
+    num_groups: int = 1
+    groups_per_token: int = 1
+    routed_scale: float = 1.0
+    # > 0: auxiliary-loss-free balancing: a bias added to the scores to pick experts (not to
+    # weight them), moved by this much after every forward pass toward the uniform load
+    bias_update_rate: float = 0.0
+
+    @classmethod
+    def of(cls, f, d_model: int, ffn_dim: int, std: float, out_std: float, dtype, param_dtype,
+           num_moe_layers: int) -> "MoEConfig":
+        """From a family config's MoE fields (jaxlm/models/moe_fields.py)."""
+        return cls(d_model, f.num_experts, f.experts_per_token, f.expert_ffn_dim or ffn_dim,
+                   f.num_shared_experts, f.router, f.dispatch, f.capacity_factor, std, out_std,
+                   jnp.dtype(dtype), jnp.dtype(param_dtype), f.aux_loss_weight, f.z_loss_weight,
+                   num_moe_layers, f.num_groups, f.groups_per_token, f.routed_scale,
+                   f.bias_update_rate)
+
+
+class SelectionBias(nnx.Variable):
+    """Not trained by gradients: updated by the forward pass (MoE's balancing bias). The step
+    carries such variables in the train state's `model_state`."""
 
 
 # ---------------------------------------------------------------- routing and aux losses
 
-def route(x_TxD, w_router_DxE, k: int, kind: str):
+def route(x_TxD, w_router_DxE, k: int, kind: str, bias_E=None, groups=(1, 1), scale=1.0):
     """Router in fp32. Returns combine weights [T,k] (normalised over the k picks when k > 1 or
     for sigmoid scores; a single softmax pick keeps its raw probability, as in Switch, so the
-    router still gets a gradient from the output),
-    expert ids [T,k], per-token probabilities [T,E] (summing to 1, for the balance loss) and the
-    raw logits [T,E] (for the z-loss)."""
+    router still gets a gradient from the output), expert ids [T,k], per-token probabilities
+    [T,E] (summing to 1, for the balance loss) and the raw logits [T,E] (for the z-loss).
+    `bias_E` shifts the scores that pick the experts (not the weights); `groups` =
+    (num_groups, groups_per_token) limits each token to the experts of its best groups, a
+    group's score being the sum of its two best (DeepSeek-V3); `scale` multiplies the weights."""
     logits_TxE = jnp.einsum("td,de->te", x_TxD.astype(jnp.float32),
                             w_router_DxE.astype(jnp.float32))
     if kind == "softmax":
@@ -66,10 +91,23 @@ def route(x_TxD, w_router_DxE, k: int, kind: str):
     else:  # sigmoid (DeepSeek-V3): independent scores; the balance loss uses them normalised
         scores_TxE = jax.nn.sigmoid(logits_TxE)
         probs_TxE = scores_TxE / jnp.sum(scores_TxE, axis=-1, keepdims=True)
-    top_TxK, experts_TxK = jax.lax.top_k(scores_TxE, k)
+    choice_TxE = scores_TxE if bias_E is None else scores_TxE + jax.lax.stop_gradient(bias_E)
+    num_groups, groups_per_token = groups
+    if num_groups > 1:
+        T, E = choice_TxE.shape
+        grouped_TxGxM = choice_TxE.reshape(T, num_groups, E // num_groups)
+        group_score_TxG = jnp.sum(jax.lax.top_k(grouped_TxGxM, 2)[0], axis=-1)
+        best_TxG = jax.lax.top_k(group_score_TxG, groups_per_token)[1]
+        keep_TxG = jnp.zeros((T, num_groups), bool).at[jnp.arange(T)[:, None], best_TxG].set(True)
+        choice_TxE = jnp.where(jnp.repeat(keep_TxG, E // num_groups, axis=1), choice_TxE, -jnp.inf)
+    if bias_E is None and num_groups == 1:
+        top_TxK, experts_TxK = jax.lax.top_k(scores_TxE, k)
+    else:
+        experts_TxK = jax.lax.top_k(choice_TxE, k)[1]
+        top_TxK = jnp.take_along_axis(scores_TxE, experts_TxK, axis=-1)
     if k > 1 or kind == "sigmoid":
         top_TxK = top_TxK / jnp.sum(top_TxK, axis=-1, keepdims=True)
-    return top_TxK, experts_TxK, probs_TxE, logits_TxE
+    return top_TxK * scale if scale != 1.0 else top_TxK, experts_TxK, probs_TxE, logits_TxE
 
 
 def load_balance_loss(probs_TxE, experts_TxK):
@@ -199,14 +237,23 @@ class MoE(nnx.Module):
         if c.num_shared_experts:
             self.shared = MLP(MLPConfig(D, c.num_shared_experts * F, c.std, c.out_std, c.dtype,
                                         pdt), rngs)
+        if c.bias_update_rate:
+            self.selection_bias = SelectionBias(jnp.zeros((E,), jnp.float32), out_sharding=(None,),
+                                                eager_sharding=False)
         self.c = c
 
     def __call__(self, x_BxSxD):
         c = self.c
         B, S, D = x_BxSxD.shape
         x_TxD = x_BxSxD.reshape(B * S, D)
+        bias_E = self.selection_bias[...] if c.bias_update_rate else None
         weights_TxK, experts_TxK, probs_TxE, logits_TxE = route(
-            x_TxD, self.router[...], c.experts_per_token, c.router)
+            x_TxD, self.router[...], c.experts_per_token, c.router, bias_E,
+            (c.num_groups, c.groups_per_token), c.routed_scale)
+        if c.bias_update_rate:  # toward uniform load: raise the bias of underloaded experts
+            load_E = expert_load(experts_TxK, c.num_experts)
+            self.selection_bias[...] = jax.lax.stop_gradient(
+                bias_E + c.bias_update_rate * jnp.sign(1.0 / c.num_experts - load_E))
         ws = tuple(w[...].astype(c.dtype) for w in (self.w_gate, self.w_up, self.w_down))
         axis, ep = mesh_axis_of("expert")
         if c.dispatch == "dropless":

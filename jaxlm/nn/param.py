@@ -22,6 +22,11 @@ def ones_param(shape, names, dtype) -> nnx.Param:
     return nnx.Param(jnp.ones(shape, dtype), out_sharding=tuple(names), eager_sharding=False)
 
 
+def zeros_param(shape, names, dtype) -> nnx.Param:
+    """Biases start at zero. Name them `b_*` (or `bias`): the optimizer does not decay them."""
+    return nnx.Param(jnp.zeros(shape, dtype), out_sharding=tuple(names), eager_sharding=False)
+
+
 def scaled_out_std(std: float, num_layers: int) -> float:
     """Residual-branch output projections start smaller so the residual stream's variance does not
     grow with depth (GPT-2 / Megatron init)."""

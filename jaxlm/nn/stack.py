@@ -31,10 +31,11 @@ class StackConfig:
 
 
 def add_aux(a: dict, b: dict) -> dict:
-    """Sum of two units' aux trees ({} is zero)."""
-    if not a or not b:
-        return a or b
-    return jax.tree.map(jnp.add, a, b)
+    """Sum of two aux trees: terms present in both are added, the others kept ({} is zero)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = v if k not in a else add_aux(a[k], v) if isinstance(v, dict) else a[k] + v
+    return out
 
 
 class Group(nnx.Module):
@@ -90,24 +91,27 @@ class Stack:
 
     def __call__(self, h_BxSxD, inputs: LayerInputs, cache=None):
         """Every unit in order: (h, summed aux, cache). `cache` holds each unit's cache
-        (stacked on the leading axis when scanned, a list otherwise)."""
+        (stacked on the leading axis when scanned, a list otherwise). Variables a unit updates
+        in its forward pass (non-parameters, e.g. MoE's balancing bias) are updated in place."""
+        apply = self._unit_call()
         if not self.c.scan:
-            apply = self._unit_call()
             aux, caches = {}, []
             for i, unit in enumerate(self.layers):
                 h_BxSxD, a, unit_cache = apply(unit, h_BxSxD, inputs,
                                                None if cache is None else cache[i])
                 aux, caches = add_aux(aux, a), caches + [unit_cache]
             return h_BxSxD, aux, None if cache is None else caches
-        unit, stacked = self.layer_fn()
+        graphdef, stacked = nnx.split(self.layers)
 
         def body(h, xs):
             unit_state, unit_cache = xs
-            h, a, unit_cache = unit(unit_state, h, inputs, unit_cache)
-            return h, (a, unit_cache)
+            unit = nnx.merge(graphdef, unit_state)
+            h, a, unit_cache = apply(unit, h, inputs, unit_cache)
+            return h, (a, unit_cache, nnx.state(unit, nnx.Not(nnx.Param)))
 
-        h_BxSxD, (aux_U, cache) = jax.lax.scan(body, h_BxSxD, (stacked, cache),
-                                               unroll=self.c.unroll)
+        h_BxSxD, (aux_U, cache, updated_U) = jax.lax.scan(body, h_BxSxD, (stacked, cache),
+                                                          unroll=self.c.unroll)
+        nnx.update(self.layers, updated_U)
         return h_BxSxD, jax.tree.map(lambda a: jnp.sum(a, axis=0), aux_U), cache
 
     def _unit_call(self):
@@ -119,3 +123,26 @@ class Stack:
         # not needed; unrolled (a Python loop, or unroll > 1) it is, or remat is a no-op.
         rolled = self.c.scan and self.c.unroll == 1
         return nnx.remat(apply, policy=REMAT_POLICIES[self.c.remat], prevent_cse=not rolled)
+
+
+class Chain:
+    """Stacks run one after the other (e.g. DeepSeek's dense first layers, then its MoE layers),
+    called like one Stack; its cache is a tuple of theirs. Not one homogeneous stack, so the
+    pipeline schedules cannot split it."""
+
+    def __init__(self, stacks: list[Stack]):
+        self.stacks = stacks
+
+    def layer_fn(self):
+        raise ValueError("a chain of differing stacks has no single per-unit function for the "
+                         "pipeline schedules to split")
+
+    def empty_cache(self, batch: int, max_len: int):
+        return tuple(s.empty_cache(batch, max_len) for s in self.stacks)
+
+    def __call__(self, h_BxSxD, inputs: LayerInputs, cache=None):
+        aux, caches = {}, []
+        for i, s in enumerate(self.stacks):
+            h_BxSxD, a, c = s(h_BxSxD, inputs, None if cache is None else cache[i])
+            aux, caches = add_aux(aux, a), caches + [c]
+        return h_BxSxD, aux, None if cache is None else tuple(caches)

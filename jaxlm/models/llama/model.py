@@ -1,41 +1,30 @@
 """Llama-style decoder: embedding, N x Block (RMSNorm, GQA attention with RoPE, RMSNorm, SwiGLU),
 RMSNorm, head. A thin assembly of jaxlm.nn layers behind the model protocol
-(jaxlm/models/protocol.py): `embed_tokens`, `stack()`, `logits`."""
+(jaxlm/models/protocol.py), with what decoders share in jaxlm/models/decoder.py."""
 from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.models.decoder import TokenLM
 from jaxlm.models.llama.config import LlamaConfig
 from jaxlm.nn import stack
 from jaxlm.nn.attention import AttentionConfig
-from jaxlm.nn.block import RESIDUAL, Block, BlockConfig, LayerInputs
+from jaxlm.nn.block import Block, BlockConfig
 from jaxlm.nn.mlp import MLPConfig
 from jaxlm.nn.norms import RMSNorm
-from jaxlm.nn.param import param, scaled_out_std
-from jaxlm.parallel.sharding import constrain
+from jaxlm.nn.param import scaled_out_std
 
 
-class Llama(nnx.Module):
+class Llama(TokenLM):
     def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
-        pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pdt)
+        self.init_embedding(cfg, rngs)
         blocks = self.unit_blocks()
         make_unit = ((lambda r: Block(blocks[0], r)) if len(blocks) == 1 else
                      (lambda r: stack.Group(blocks, r)))
         self.layers = stack.build(self.stack_config(), make_unit, rngs)
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
-        if not cfg.tie_embeddings:
-            self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-                                cfg.init_std, pdt)
-        self.dtype = dt
-
-    # ---------------------------------------------------------------- assembly
-
-    def stack_config(self) -> stack.StackConfig:
-        c = self.cfg
-        return stack.StackConfig(c.num_units, c.scan_layers, c.scan_unroll, c.remat)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, jnp.dtype(cfg.param_dtype))
+        self.init_head(rngs)
 
     def unit_blocks(self) -> list[BlockConfig]:
         """The blocks of one stack unit: one dense block (families with other layer patterns
@@ -58,31 +47,3 @@ class Llama(nnx.Module):
     @property
     def out_std(self) -> float:
         return scaled_out_std(self.cfg.init_std, self.cfg.num_layers)
-
-    # ---------------------------------------------------------------- the model protocol
-
-    def embed_tokens(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None):
-        """(residual stream [B, S, D], what every block reads)."""
-        B, S = tokens_BxS.shape
-        if positions_BxS is None:
-            positions_BxS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        # Gather the table's embed dim before the lookup (FSDP's all-gather): a lookup into a
-        # table sharded on embed would force the batch-sharded gradient to be resharded.
-        table_VxD = constrain(self.embed[...], ("vocab", None))
-        h_BxSxD = constrain(jnp.take(table_VxD, tokens_BxS, axis=0).astype(self.dtype), RESIDUAL)
-        return h_BxSxD, LayerInputs(positions_BxS, segment_ids_BxS)
-
-    def stack(self) -> stack.Stack:
-        return stack.Stack(self.stack_config(), self.layers)
-
-    def logits(self, h_BxSxD):
-        """The head: logits [B, S, V] in the compute dtype (the loss upcasts)."""
-        h_BxSxD = self.final_norm(h_BxSxD)
-        w_DxV = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
-        logits_BxSxV = jnp.einsum("bsd,dv->bsv", h_BxSxD, w_DxV.astype(self.dtype))
-        return constrain(logits_BxSxV, ("act_batch", "act_seq", "act_vocab"))
-
-    def __call__(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None):
-        h_BxSxD, inputs = self.embed_tokens(tokens_BxS, positions_BxS, segment_ids_BxS)
-        h_BxSxD, _, _ = self.stack()(h_BxSxD, inputs)
-        return self.logits(h_BxSxD)

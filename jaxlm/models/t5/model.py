@@ -1,0 +1,114 @@
+"""T5 v1.1: a shared token table; an encoder stack (RMSNorm pre-norm blocks, bidirectional
+attention with the encoder's relative position bias, gated-GELU MLP) with a final norm; a decoder
+stack (causal self-attention with its own relative bias, cross-attention over the encoder output,
+the same MLP) with a final norm; a head (untied in v1.1; tied: the output scaled by d^-1/2 as in
+the original T5). T5 does not scale attention logits by 1/sqrt(d_kv).
+
+Protocol: `encode` runs the encoder once; the decoder is the decoder-only protocol
+(`embed_tokens` with the encoder output as memory, `stack()`, `logits`), so decoding (KV cache,
+cross-attention over a fixed memory) reuses it."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.models.t5.config import T5Config
+from jaxlm.nn import stack
+from jaxlm.nn.attention import AttentionConfig
+from jaxlm.nn.block import RESIDUAL, Block, BlockConfig, LayerInputs
+from jaxlm.nn.mlp import MLPConfig
+from jaxlm.nn.norms import RMSNorm
+from jaxlm.nn.param import param, scaled_out_std
+from jaxlm.nn.relative_bias import RelativeBias, RelativeBiasConfig
+from jaxlm.parallel.sharding import constrain
+
+
+class T5(nnx.Module):
+    def __init__(self, cfg: T5Config, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+        self.dtype = dt
+        D, std = cfg.d_model, cfg.init_std
+        self.embed = param(rngs, (cfg.vocab_size, D), ("vocab", "embed"), std, pdt)
+        out_std = scaled_out_std(std, cfg.num_layers + cfg.decoder_layers)
+
+        def attention(causal):
+            return AttentionConfig(D, cfg.num_heads, cfg.num_heads, cfg.head_dim, rope_theta=None,
+                                   causal=causal, sliding_window=None, impl=cfg.attention_impl,
+                                   std=std, out_std=out_std, dtype=dt, param_dtype=pdt, scale=1.0)
+
+        def bias(bidirectional):
+            return RelativeBias(RelativeBiasConfig(cfg.num_heads, cfg.relative_buckets,
+                                                   cfg.relative_max_distance, bidirectional, std,
+                                                   pdt), rngs)
+        mlp = MLPConfig(D, cfg.ffn_dim, std, out_std, dt, pdt, activation="gelu_tanh")
+        encoder_block = BlockConfig(D, attention(False), mlp, cfg.norm_eps, pdt)
+        decoder_block = BlockConfig(D, attention(True), mlp, cfg.norm_eps, pdt,
+                                    cross_attention=attention(False))
+        self.encoder_bias = bias(True)
+        self.encoder_layers = stack.build(self._stack_config(cfg.num_layers),
+                                          lambda r: Block(encoder_block, r), rngs)
+        self.encoder_norm = RMSNorm(D, cfg.norm_eps, pdt)
+        self.decoder_bias = bias(False)
+        self.layers = stack.build(self._stack_config(cfg.decoder_layers),
+                                  lambda r: Block(decoder_block, r), rngs)
+        self.final_norm = RMSNorm(D, cfg.norm_eps, pdt)
+        if not cfg.tie_embeddings:
+            self.head = param(rngs, (D, cfg.vocab_size), ("embed", "vocab"), std, pdt)
+
+    def _stack_config(self, num_layers: int) -> stack.StackConfig:
+        c = self.cfg
+        return stack.StackConfig(num_layers, c.scan_layers, c.scan_unroll, c.remat)
+
+    def _embed(self, tokens_BxS):
+        table_VxD = constrain(self.embed[...], ("vocab", None))
+        return constrain(jnp.take(table_VxD, tokens_BxS, axis=0).astype(self.dtype), RESIDUAL)
+
+    @staticmethod
+    def _positions(tokens_BxS, positions_BxS):
+        B, S = tokens_BxS.shape
+        if positions_BxS is not None:
+            return positions_BxS
+        return jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+
+    def encode(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None):
+        """(the encoder's output [B, S, D] after its final norm, the encoder stack's aux)."""
+        S = tokens_BxS.shape[1]
+        index_S = jnp.arange(S)
+        inputs = LayerInputs(self._positions(tokens_BxS, positions_BxS), segment_ids_BxS,
+                             attention_bias=self.encoder_bias(index_S, index_S))
+        h_BxSxD, aux, _ = stack.Stack(self._stack_config(self.cfg.num_layers),
+                                      self.encoder_layers)(self._embed(tokens_BxS), inputs)
+        return self.encoder_norm(h_BxSxD), aux
+
+    def embed_tokens(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, *,
+                     memory_BxSxD=None, memory_segment_ids_BxS=None):
+        """The decoder's residual stream and what its blocks read (the encoder output as
+        memory)."""
+        index_T = jnp.arange(tokens_BxT.shape[1])
+        inputs = LayerInputs(self._positions(tokens_BxT, positions_BxT), segment_ids_BxT,
+                             memory_BxSxD, memory_segment_ids_BxS,
+                             attention_bias=self.decoder_bias(index_T, index_T))
+        return self._embed(tokens_BxT), inputs
+
+    def stack(self) -> stack.Stack:
+        return stack.Stack(self._stack_config(self.cfg.decoder_layers), self.layers)
+
+    def logits(self, h_BxTxD):
+        h_BxTxD = self.final_norm(h_BxTxD)
+        if self.cfg.tie_embeddings:
+            h_BxTxD = h_BxTxD * self.cfg.d_model ** -0.5
+            w_DxV = self.embed[...].T
+        else:
+            w_DxV = self.head[...]
+        logits_BxTxV = jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV.astype(self.dtype))
+        return constrain(logits_BxTxV, ("act_batch", "act_seq", "act_vocab"))
+
+    def __call__(self, tokens_BxS, decoder_tokens_BxT, positions_BxS=None, segment_ids_BxS=None,
+                 decoder_positions_BxT=None, decoder_segment_ids_BxT=None):
+        memory_BxSxD, _ = self.encode(tokens_BxS, positions_BxS, segment_ids_BxS)
+        h_BxTxD, inputs = self.embed_tokens(decoder_tokens_BxT, decoder_positions_BxT,
+                                            decoder_segment_ids_BxT, memory_BxSxD=memory_BxSxD,
+                                            memory_segment_ids_BxS=segment_ids_BxS)
+        h_BxTxD, _, _ = self.stack()(h_BxTxD, inputs)
+        return self.logits(h_BxTxD)

@@ -1,0 +1,92 @@
+"""Multi-head latent attention (DeepSeek-V2/V3): keys and values come from a compressed latent.
+
+Queries: x -> (optional low-rank: down to q_lora_rank, RMSNorm, up) -> heads of
+qk_nope_head_dim + qk_rope_head_dim. Keys/values: x -> a kv_lora_rank latent (RMSNorm) plus one
+RoPE key of qk_rope_head_dim shared by all heads; the latent goes up to each head's
+qk_nope_head_dim key part and v_head_dim value. RoPE touches only the decoupled rope parts. The
+logits are scaled by 1/sqrt(qk_nope_head_dim + qk_rope_head_dim); the values' head dim differs
+from the keys', which `attend` supports (kernels get both padded to one head dim).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.nn.attend import MaskSpec, attend
+from jaxlm.nn.attention import KV_NAMES, Q_NAMES
+from jaxlm.nn.kv_cache import KVCache
+from jaxlm.nn.norms import RMSNorm
+from jaxlm.nn.param import param
+from jaxlm.nn.rope import rope
+from jaxlm.parallel.sharding import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    d_model: int
+    num_heads: int
+    q_lora_rank: int          # 0: queries straight from x
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_theta: float
+    norm_eps: float
+    causal: bool
+    impl: str
+    std: float
+    out_std: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+class MLA(nnx.Module):
+    def __init__(self, c: MLAConfig, rngs: nnx.Rngs):
+        D, H, R, Kr, pdt = c.d_model, c.num_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.param_dtype
+        if c.q_lora_rank:
+            self.wq_a = param(rngs, (D, c.q_lora_rank), ("embed", "lora"), c.std, pdt)
+            self.q_norm = RMSNorm(c.q_lora_rank, c.norm_eps, pdt)
+            self.wq_b = param(rngs, (c.q_lora_rank, H, c.qk_head_dim), ("lora", "heads", "head_dim"),
+                              c.std, pdt)
+        else:
+            self.wq = param(rngs, (D, H, c.qk_head_dim), ("embed", "heads", "head_dim"), c.std, pdt)
+        self.wkv_a = param(rngs, (D, R + Kr), ("embed", "lora"), c.std, pdt)
+        self.kv_norm = RMSNorm(R, c.norm_eps, pdt)
+        self.wkv_b = param(rngs, (R, H, c.qk_nope_head_dim + c.v_head_dim),
+                           ("lora", "heads", "head_dim"), c.std, pdt)
+        self.wo = param(rngs, (H, c.v_head_dim, D), ("heads", "head_dim", "embed"), c.out_std, pdt)
+        self.c = c
+
+    def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS, *, bias=None, cache=None):
+        c, dt = self.c, self.c.dtype
+        Kn, R = c.qk_nope_head_dim, c.kv_lora_rank
+        if c.q_lora_rank:
+            q_lat_BxSxQ = self.q_norm(jnp.einsum("bsd,dq->bsq", x_BxSxD, self.wq_a[...].astype(dt)))
+            q = jnp.einsum("bsq,qhk->bshk", q_lat_BxSxQ, self.wq_b[...].astype(dt))
+        else:
+            q = jnp.einsum("bsd,dhk->bshk", x_BxSxD, self.wq[...].astype(dt))
+        kv_a_BxSxL = jnp.einsum("bsd,dl->bsl", x_BxSxD, self.wkv_a[...].astype(dt))
+        latent_BxSxR = self.kv_norm(kv_a_BxSxL[..., :R])
+        k_rope_BxSx1xKr = rope(kv_a_BxSxL[..., None, R:], positions_BxS, c.rope_theta)
+        kv_BxSxHxN = jnp.einsum("bsr,rhn->bshn", latent_BxSxR, self.wkv_b[...].astype(dt))
+        k_nope, v = kv_BxSxHxN[..., :Kn], kv_BxSxHxN[..., Kn:]
+        q = jnp.concatenate([q[..., :Kn], rope(q[..., Kn:], positions_BxS, c.rope_theta)], -1)
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BxSx1xKr, k_nope.shape[:3] + (
+            c.qk_rope_head_dim,))], -1)
+        q, k, v = constrain(q, Q_NAMES), constrain(k, KV_NAMES), constrain(v, KV_NAMES)
+        mask = MaskSpec(causal=c.causal, q_segment_ids=segment_ids_BxS)
+        out_BxSxHxV, cache = attend(q, k, v, mask, bias=bias, cache=cache, impl=c.impl,
+                                    scale=c.qk_head_dim ** -0.5)
+        out_BxSxHxV = constrain(out_BxSxHxV, Q_NAMES)
+        return jnp.einsum("bshv,hvd->bsd", out_BxSxHxV, self.wo[...].astype(dt)), cache
+
+    def empty_cache(self, batch: int, max_len: int) -> KVCache:
+        """Full per-head keys and values (the compressed-latent cache is the decoding issue's)."""
+        c = self.c
+        return KVCache.empty(batch, max_len, c.num_heads, c.qk_head_dim, c.dtype, c.v_head_dim)
