@@ -51,7 +51,13 @@ def build(vocab, d, layers, heads, seq):
             return F.cross_entropy(logits.float().view(-1, vocab), y.reshape(-1))
 
     torch.manual_seed(0)
-    return GPT2().cuda()
+    model = GPT2()
+    for p in model.parameters():  # GPT-2's init (and jaxlm's): N(0, 0.02) weights, zero biases
+        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.zeros_(p)
+    for block in model.blocks:  # LayerNorm scales back to 1
+        block.ln1.weight.data.fill_(1.0), block.ln2.weight.data.fill_(1.0)
+    model.ln_f.weight.data.fill_(1.0)
+    return model.cuda()
 
 
 def main():

@@ -54,15 +54,15 @@ class MaskSpec:
         return ok_BxSxT
 
 
-def resolve_impl(impl: str, dtype, has_bias: bool = False) -> str:
-    """`auto`: pallas on Hopper (cudnn when there is a logit bias, which the kernel does not
-    take), cudnn on other GPUs, for 16-bit inputs; else xla."""
+def resolve_impl(impl: str, dtype, kernel_fits: bool = True) -> str:
+    """`auto`: pallas on Hopper where the kernel fits the call (self-attention without a logit
+    bias), else cudnn on GPUs, for 16-bit inputs; xla otherwise."""
     if impl != "auto":
         return impl
     if jax.default_backend() != "gpu" or jnp.dtype(dtype).itemsize != 2:
         return "xla"
     from kernels_pallas.flash import on_hopper
-    return "pallas" if on_hopper() and not has_bias else "cudnn"
+    return "pallas" if on_hopper() and kernel_fits else "cudnn"
 
 
 def attend(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask: MaskSpec, *, bias=None, cache=None, impl="xla",
@@ -78,12 +78,13 @@ def attend(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask: MaskSpec, *, bias=None, cache=
         cache, mask = cache.update(k_BxTxGxK, v_BxTxGxV, mask)
         return _attend_xla(q_BxSxHxK, cache.k_BxTxGxK, cache.v_BxTxGxK, mask, bias,
                            scale), cache
-    impl = resolve_impl(impl, q_BxSxHxK.dtype, has_bias=bias is not None)
+    cross = mask.kv_segment_ids is not None or k_BxTxGxK.shape[1] != q_BxSxHxK.shape[1]
+    impl = resolve_impl(impl, q_BxSxHxK.dtype, kernel_fits=bias is None and not cross)
     if impl == "xla":
         return _attend_xla(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask, bias, scale), None
     if mask.q_offset is not None:
         raise ValueError(f"attention impl={impl} has no query offset; use xla")
-    if impl == "pallas" and (bias is not None or mask.kv_segment_ids is not None):
+    if impl == "pallas" and (bias is not None or cross):
         raise ValueError("attention impl=pallas takes neither a logit bias nor separate key "
                          "segments (cross-attention); use xla or cudnn")
     # the kernels take one head dim for q, k and v (pallas: one of KERNEL_HEAD_DIMS): pad with
