@@ -40,10 +40,10 @@ def tiny_config(*overrides):
     return load_config(None, TINY + list(overrides))
 
 
-def family_config(family, *overrides):
-    """TINY for any family: the shared sizes, the family's own keys."""
+def family_config(family, *overrides, files=()):
+    """TINY for any family: the shared sizes, the family's own keys (after `files`: presets)."""
     base = [o for o in TINY if family == "llama" or not o.startswith(LLAMA_ONLY)]
-    return load_config(None, base + FAMILY_TINY[family] + list(overrides))
+    return load_config(list(files), base + FAMILY_TINY[family] + list(overrides))
 
 
 def packed_batches(cfg, n, seed=0):

@@ -31,11 +31,16 @@ def references():
     return out
 
 
-@pytest.mark.parametrize("mesh", list(MESHES))
-@pytest.mark.parametrize("family", FAMILIES)
+GRID = [(f, m) for f in FAMILIES for m in MESHES] + [("gpt2", "tp_sp")]
+MESHES["tp_sp"] = ["--config=configs/mesh/tp_sp.yaml", ROOM]  # sequence parallel residual
+
+
+@pytest.mark.parametrize("family,mesh", GRID)
 def test_family_trains_like_one_device_on_a_mesh(references, family, mesh):
     batches, ref = references[family]
-    cfg = family_config(family, f"train.steps={STEPS.get(family, 3)}", *MESHES[mesh])
+    files = [o.split("=", 1)[1] for o in MESHES[mesh] if o.startswith("--config=")]
+    overrides = [o for o in MESHES[mesh] if not o.startswith("--config=")]
+    cfg = family_config(family, f"train.steps={STEPS.get(family, 3)}", *overrides, files=files)
     got = train_on_mesh(cfg, mesh_for(cfg), batches)
     assert_same_training(ref, got)
     if family == "deepseek":  # the balancing bias moved, the same way on the mesh
@@ -95,6 +100,16 @@ def test_bad_family_config_is_one_clear_error(family, overrides, message):
 def test_family_refuses_a_mesh_it_cannot_run(family, mesh, message):
     with pytest.raises(ConfigError, match=message):
         check_against_devices(family_config(family, *mesh), 8)
+
+
+def test_mla_rank_that_does_not_divide_its_mesh_axis_is_refused():
+    from jaxlm.step import build_step_fns
+    cfg = family_config("deepseek", "model.kv_lora_rank=6", "mesh.data=1", "mesh.fsdp=4",
+                        "mesh.tensor=2")
+    with pytest.raises(ConfigError, match=r"parameter dense_layers.attn.wkv_b with shape "
+                                          r"\(1, 6, 4, 16\).*dimension 6 is not divisible by "
+                                          r"mesh axes fsdp=4"):
+        build_step_fns(cfg, mesh_for(cfg))
 
 
 def test_gpt2_pipeline_trains_like_one_device(references):
