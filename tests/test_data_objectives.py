@@ -1,16 +1,15 @@
 """The masked-LM and span-corruption batches: statistics of the random draws, exact content
 (targets, reconstruction of the text), per-example layout, determinism by row / piece id, exact
 resume, special ids from each kind of tokenizer, and one-line errors for bad settings."""
-import json
-
 import numpy as np
 import pytest
 
 from jaxlm.config import ConfigError, DataConfig
-from jaxlm.data import ByteTokenizer, DataIterator, build_datasets, pack_documents
+from jaxlm.data import ByteTokenizer, build_datasets, pack_documents
 from jaxlm.data.span_corruption import SpanCorruptionDataset
 from jaxlm.data.span_plan import example_lengths, noise_counts, span_lengths
 from jaxlm.data.special_ids import special_ids
+from test_data_iterator import _run as _read  # batches of simulated processes, resumed
 
 TOK = ByteTokenizer()
 SIGMAS = 4.0  # statistical checks: within 4 standard deviations (about 6e-5 two-sided)
@@ -25,23 +24,6 @@ def _docs(seed, n, lo=1, hi=60):
     rng = np.random.default_rng(seed)
     return [bytes(rng.integers(32, 127, rng.integers(lo, hi)).astype(np.uint8))
             for _ in range(n)]
-
-
-def _read(dataset, batches, batch=8, procs=1, state=None, prefetch=0):
-    """`batches` global batches read by `procs` simulated processes, concatenated per batch."""
-    its = [DataIterator(dataset, batch, seed=7, process_index=p, process_count=procs,
-                        prefetch=prefetch) for p in range(procs)]
-    for it in its:
-        if state is not None:
-            it.restore(json.loads(json.dumps(state)))  # as a checkpoint stores it
-    out = []
-    for _ in range(batches):
-        parts = [it.next() for it in its]
-        out.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
-    state = its[0].state()
-    for it in its:
-        it.close()
-    return out, state
 
 
 def _same(a, b):
