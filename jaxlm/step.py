@@ -89,13 +89,11 @@ def make_train_step(cfg: Config, mesh: Mesh, spec: StateSpec, loss_fn):
             def objective(p):  # -> (objective, (mean token NLL, aux stats, model state))
                 (nll, _, aux), model_state_out = loss_fn(p, mb, model_state)
                 token_loss = nll / total_tokens
+                stats = jax.tree.map(lambda s: s / micro, aux.get("stats", {}))
                 if not aux.get("losses"):
-                    stats = jax.tree.map(lambda s: s / micro, aux.get("stats", {}))
                     return token_loss, (token_loss, stats, model_state_out)
-                extra = sum(aux["losses"].values())
-                return (token_loss + extra / micro,
-                        (token_loss, jax.tree.map(lambda s: s / micro, aux["stats"]),
-                         model_state_out))
+                extra = sum(aux["losses"].values())  # per microbatch: averaged over them
+                return token_loss + extra / micro, (token_loss, stats, model_state_out)
             (_, (loss, stats, model_state)), grads = jax.value_and_grad(
                 objective, has_aux=True)(params)
             return loss, stats, grads, model_state
