@@ -27,23 +27,36 @@ class TokenLM(nnx.Module):
             self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                               cfg.init_std, jnp.dtype(cfg.param_dtype))
 
-    def stack_config(self) -> stack.StackConfig:
+    def stack_config(self, num_units: int | None = None) -> stack.StackConfig:
+        """How a stack of `num_units` (default: the config's) is run."""
         c = self.cfg
-        return stack.StackConfig(c.num_units, c.scan_layers, c.scan_unroll, c.remat)
+        return stack.StackConfig(c.num_units if num_units is None else num_units,
+                                 c.scan_layers, c.scan_unroll, c.remat)
+
+    @staticmethod
+    def default_positions(tokens_BxS, positions_BxS=None):
+        """positions_BxS, or 0..S-1 in every row when None."""
+        if positions_BxS is not None:
+            return positions_BxS
+        B, S = tokens_BxS.shape
+        return jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+
+    def token_embedding(self, tokens_BxS, positions_BxS):
+        """The residual stream [B, S, D] the tokens start: table lookup plus what the family
+        adds (add_to_embedding), in the compute dtype."""
+        # Gather the table's embed dim before the lookup (FSDP's all-gather): a lookup into a
+        # table sharded on embed would force the batch-sharded gradient to be resharded.
+        table_VxD = constrain(self.embed[...], ("vocab", None))
+        h_BxSxD = self.add_to_embedding(jnp.take(table_VxD, tokens_BxS, axis=0), positions_BxS)
+        return constrain(h_BxSxD.astype(self.dtype), RESIDUAL)
 
     # ---------------------------------------------------------------- the model protocol
 
     def embed_tokens(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None):
         """(residual stream [B, S, D], what every block reads)."""
-        B, S = tokens_BxS.shape
-        if positions_BxS is None:
-            positions_BxS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        # Gather the table's embed dim before the lookup (FSDP's all-gather): a lookup into a
-        # table sharded on embed would force the batch-sharded gradient to be resharded.
-        table_VxD = constrain(self.embed[...], ("vocab", None))
-        h_BxSxD = self.add_to_embedding(jnp.take(table_VxD, tokens_BxS, axis=0), positions_BxS)
-        h_BxSxD = constrain(h_BxSxD.astype(self.dtype), RESIDUAL)
-        return h_BxSxD, LayerInputs(positions_BxS, segment_ids_BxS)
+        positions_BxS = self.default_positions(tokens_BxS, positions_BxS)
+        return (self.token_embedding(tokens_BxS, positions_BxS),
+                LayerInputs(positions_BxS, segment_ids_BxS))
 
     def add_to_embedding(self, h_BxSxD, positions_BxS):
         """What a family adds to the token embedding (learned positions); nothing by default."""

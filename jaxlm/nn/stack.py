@@ -9,6 +9,7 @@ the whole stack. Aux terms of the units are summed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,17 @@ def add_aux(a: dict, b: dict) -> dict:
     return out
 
 
+def run_in_order(calls, h_BxSxD, inputs: LayerInputs, cache=None):
+    """call(h, inputs, cache) -> (h, aux, cache) for each call in turn: (h, summed aux, the
+    tuple of their caches, or None when no cache was passed)."""
+    caches = (None,) * len(calls) if cache is None else cache
+    aux, new = {}, []
+    for call, one_cache in zip(calls, caches):
+        h_BxSxD, a, one_cache = call(h_BxSxD, inputs, one_cache)
+        aux, new = add_aux(aux, a), new + [one_cache]
+    return h_BxSxD, aux, None if cache is None else tuple(new)
+
+
 class Group(nnx.Module):
     """Blocks run in order as one stack unit (e.g. dense, dense, MoE), so a stack whose layers
     differ still scans one homogeneous unit. Its cache is a tuple of its blocks' caches."""
@@ -46,12 +58,7 @@ class Group(nnx.Module):
         self.blocks = nnx.List([Block(c, rngs) for c in configs])
 
     def __call__(self, h_BxSxD, inputs: LayerInputs, cache=None):
-        caches = (None,) * len(self.blocks) if cache is None else cache
-        aux, new = {}, []
-        for block, block_cache in zip(self.blocks, caches):
-            h_BxSxD, a, block_cache = block(h_BxSxD, inputs, block_cache)
-            aux, new = add_aux(aux, a), new + [block_cache]
-        return h_BxSxD, aux, None if cache is None else tuple(new)
+        return run_in_order(list(self.blocks), h_BxSxD, inputs, cache)
 
     def empty_cache(self, batch: int, max_len: int):
         return tuple(block.empty_cache(batch, max_len) for block in self.blocks)
@@ -85,22 +92,18 @@ class Stack:
     def empty_cache(self, batch: int, max_len: int):
         """Every unit's empty KV cache, laid out as `__call__` takes them."""
         if not self.c.scan:
-            return [unit.empty_cache(batch, max_len) for unit in self.layers]
+            return tuple(unit.empty_cache(batch, max_len) for unit in self.layers)
         one = self.layers.empty_cache(batch, max_len)  # the units are alike: stack one U times
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.c.num_units,) + x.shape), one)
 
     def __call__(self, h_BxSxD, inputs: LayerInputs, cache=None):
         """Every unit in order: (h, summed aux, cache). `cache` holds each unit's cache
-        (stacked on the leading axis when scanned, a list otherwise). Variables a unit updates
+        (stacked on the leading axis when scanned, a tuple otherwise). Variables a unit updates
         in its forward pass (non-parameters, e.g. MoE's balancing bias) are updated in place."""
         apply = self._unit_call()
         if not self.c.scan:
-            aux, caches = {}, []
-            for i, unit in enumerate(self.layers):
-                h_BxSxD, a, unit_cache = apply(unit, h_BxSxD, inputs,
-                                               None if cache is None else cache[i])
-                aux, caches = add_aux(aux, a), caches + [unit_cache]
-            return h_BxSxD, aux, None if cache is None else caches
+            calls = [functools.partial(apply, unit) for unit in self.layers]
+            return run_in_order(calls, h_BxSxD, inputs, cache)
         graphdef, stacked = nnx.split(self.layers)
 
         def body(h, xs):
@@ -141,8 +144,4 @@ class Chain:
         return tuple(s.empty_cache(batch, max_len) for s in self.stacks)
 
     def __call__(self, h_BxSxD, inputs: LayerInputs, cache=None):
-        aux, caches = {}, []
-        for i, s in enumerate(self.stacks):
-            h_BxSxD, a, c = s(h_BxSxD, inputs, None if cache is None else cache[i])
-            aux, caches = add_aux(aux, a), caches + [c]
-        return h_BxSxD, aux, None if cache is None else tuple(caches)
+        return run_in_order(self.stacks, h_BxSxD, inputs, cache)

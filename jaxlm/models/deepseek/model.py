@@ -30,7 +30,7 @@ class Deepseek(TokenLM):
         if cfg.num_dense_layers:
             dense = BlockConfig(D, mla, MLPConfig(D, cfg.ffn_dim, std, out_std, dt, pdt),
                                 cfg.norm_eps, pdt)
-            self.dense_layers = stack.build(self._dense_stack_config(),
+            self.dense_layers = stack.build(self.stack_config(cfg.num_dense_layers),
                                             lambda r: Block(dense, r), rngs)
         moe = BlockConfig(D, mla, MoEConfig.of(cfg, D, cfg.ffn_dim, std, out_std, dt, pdt,
                                                cfg.num_units), cfg.norm_eps, pdt)
@@ -38,12 +38,9 @@ class Deepseek(TokenLM):
         self.final_norm = RMSNorm(D, cfg.norm_eps, pdt)
         self.init_head(rngs)
 
-    def _dense_stack_config(self) -> stack.StackConfig:
-        c = self.cfg
-        return stack.StackConfig(c.num_dense_layers, c.scan_layers, c.scan_unroll, c.remat)
-
     def stack(self):
         moe = stack.Stack(self.stack_config(), self.layers)
         if not self.cfg.num_dense_layers:
             return moe
-        return stack.Chain([stack.Stack(self._dense_stack_config(), self.dense_layers), moe])
+        return stack.Chain([stack.Stack(self.stack_config(self.cfg.num_dense_layers),
+                                        self.dense_layers), moe])

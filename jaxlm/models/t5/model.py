@@ -12,24 +12,23 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.models.decoder import TokenLM
 from jaxlm.models.t5.config import T5Config
 from jaxlm.nn import stack
 from jaxlm.nn.attention import AttentionConfig
-from jaxlm.nn.block import RESIDUAL, Block, BlockConfig, LayerInputs
+from jaxlm.nn.block import Block, BlockConfig, LayerInputs
 from jaxlm.nn.mlp import MLPConfig
 from jaxlm.nn.norms import RMSNorm
-from jaxlm.nn.param import param, scaled_out_std
+from jaxlm.nn.param import scaled_out_std
 from jaxlm.nn.relative_bias import RelativeBias, RelativeBiasConfig
 from jaxlm.parallel.sharding import constrain
 
 
-class T5(nnx.Module):
+class T5(TokenLM):
     def __init__(self, cfg: T5Config, rngs: nnx.Rngs):
-        self.cfg = cfg
+        self.init_embedding(cfg, rngs)
         pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-        self.dtype = dt
         D, std = cfg.d_model, cfg.init_std
-        self.embed = param(rngs, (cfg.vocab_size, D), ("vocab", "embed"), std, pdt)
         out_std = scaled_out_std(std, cfg.num_layers + cfg.decoder_layers)
 
         def attention(causal):
@@ -46,53 +45,37 @@ class T5(nnx.Module):
         decoder_block = BlockConfig(D, attention(True), mlp, cfg.norm_eps, pdt,
                                     cross_attention=attention(False))
         self.encoder_bias = bias(True)
-        self.encoder_layers = stack.build(self._stack_config(cfg.num_layers),
+        self.encoder_layers = stack.build(self.stack_config(cfg.num_layers),
                                           lambda r: Block(encoder_block, r), rngs)
         self.encoder_norm = RMSNorm(D, cfg.norm_eps, pdt)
         self.decoder_bias = bias(False)
-        self.layers = stack.build(self._stack_config(cfg.decoder_layers),
+        self.layers = stack.build(self.stack_config(cfg.decoder_layers),
                                   lambda r: Block(decoder_block, r), rngs)
         self.final_norm = RMSNorm(D, cfg.norm_eps, pdt)
-        if not cfg.tie_embeddings:
-            self.head = param(rngs, (D, cfg.vocab_size), ("embed", "vocab"), std, pdt)
-
-    def _stack_config(self, num_layers: int) -> stack.StackConfig:
-        c = self.cfg
-        return stack.StackConfig(num_layers, c.scan_layers, c.scan_unroll, c.remat)
-
-    def _embed(self, tokens_BxS):
-        table_VxD = constrain(self.embed[...], ("vocab", None))
-        return constrain(jnp.take(table_VxD, tokens_BxS, axis=0).astype(self.dtype), RESIDUAL)
-
-    @staticmethod
-    def _positions(tokens_BxS, positions_BxS):
-        B, S = tokens_BxS.shape
-        if positions_BxS is not None:
-            return positions_BxS
-        return jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        self.init_head(rngs)
 
     def encode(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None):
         """(the encoder's output [B, S, D] after its final norm, the encoder stack's aux)."""
-        S = tokens_BxS.shape[1]
-        index_S = jnp.arange(S)
-        inputs = LayerInputs(self._positions(tokens_BxS, positions_BxS), segment_ids_BxS,
+        positions_BxS = self.default_positions(tokens_BxS, positions_BxS)
+        index_S = jnp.arange(tokens_BxS.shape[1])
+        inputs = LayerInputs(positions_BxS, segment_ids_BxS,
                              attention_bias=self.encoder_bias(index_S, index_S))
-        h_BxSxD, aux, _ = stack.Stack(self._stack_config(self.cfg.num_layers),
-                                      self.encoder_layers)(self._embed(tokens_BxS), inputs)
+        h_BxSxD, aux, _ = stack.Stack(self.stack_config(self.cfg.num_layers), self.encoder_layers)(
+            self.token_embedding(tokens_BxS, positions_BxS), inputs)
         return self.encoder_norm(h_BxSxD), aux
 
     def embed_tokens(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, *,
                      memory_BxSxD=None, memory_segment_ids_BxS=None):
         """The decoder's residual stream and what its blocks read (the encoder output as
         memory)."""
+        positions_BxT = self.default_positions(tokens_BxT, positions_BxT)
         index_T = jnp.arange(tokens_BxT.shape[1])
-        inputs = LayerInputs(self._positions(tokens_BxT, positions_BxT), segment_ids_BxT,
-                             memory_BxSxD, memory_segment_ids_BxS,
+        inputs = LayerInputs(positions_BxT, segment_ids_BxT, memory_BxSxD, memory_segment_ids_BxS,
                              attention_bias=self.decoder_bias(index_T, index_T))
-        return self._embed(tokens_BxT), inputs
+        return self.token_embedding(tokens_BxT, positions_BxT), inputs
 
     def stack(self) -> stack.Stack:
-        return stack.Stack(self._stack_config(self.cfg.decoder_layers), self.layers)
+        return stack.Stack(self.stack_config(self.cfg.decoder_layers), self.layers)
 
     def logits(self, h_BxTxD):
         h_BxTxD = self.final_norm(h_BxTxD)
