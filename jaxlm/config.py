@@ -93,15 +93,58 @@ def load_config(paths: list[str] | str | None = None, overrides: list[str] = ())
     for item in overrides:
         key, value = _parse_override(item)
         trees.append(("command line", _nest(key, value)))
-    cfg = Config(model=family(_family_of(trees)).config())
+    init_from = _init_from(trees)
+    if init_from:
+        cfg = _config_from_hf(init_from, trees)
+    else:
+        cfg = Config(model=family(_family_of(trees)).config())
     for source, tree in trees:
         _apply_tree(cfg, tree, source=source)
+    if init_from:
+        _check_hf_fields(cfg, init_from)
     validate(cfg)
     return cfg
 
 
-def _family_of(trees) -> str:
-    name = DEFAULT_FAMILY
+def _init_from(trees) -> str:
+    found = ""
+    for _, tree in trees:
+        model = tree.get("model") if isinstance(tree, dict) else None
+        if isinstance(model, dict) and model.get("init_from"):
+            found = str(model["init_from"])
+    return found
+
+
+def _config_from_hf(hf_dir: str, trees) -> Config:
+    """model.init_from: the model section starts from the HF config's fields (its family too),
+    and the data section reads the directory's tokenizer unless the config names one."""
+    from jaxlm.hf.registry import model_fields
+    fields = model_fields(hf_dir)
+    name = fields.pop("family")
+    named = _family_of(trees, default=name)
+    if named != name:
+        raise ConfigError(f"model.family={named!r}, but model.init_from={hf_dir} holds a "
+                          f"{name!r} model")
+    cfg = Config(model=family(name).config(**fields))
+    tokenizer = Path(hf_dir) / "tokenizer.json"
+    sets_tokenizer = any(isinstance(t.get("data"), dict) and "tokenizer" in t["data"]
+                         for _, t in trees if isinstance(t, dict))
+    if tokenizer.is_file() and not sets_tokenizer:
+        cfg.data.tokenizer, cfg.data.tokenizer_path = "huggingface", str(tokenizer)
+    return cfg
+
+
+def _check_hf_fields(cfg: Config, hf_dir: str) -> None:
+    from jaxlm.hf.registry import model_fields
+    for key, value in model_fields(hf_dir).items():
+        if getattr(cfg.model, key) != value:
+            raise ConfigError(f"model.{key}={getattr(cfg.model, key)!r} differs from "
+                              f"{Path(hf_dir) / 'config.json'} ({value!r}); with model.init_from "
+                              f"the architecture comes from there")
+
+
+def _family_of(trees, default: str = DEFAULT_FAMILY) -> str:
+    name = default
     for source, tree in trees:
         model = tree.get("model") if isinstance(tree, dict) else None
         if isinstance(model, dict) and "family" in model:

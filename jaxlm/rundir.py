@@ -28,6 +28,7 @@ SAFE_ON_RESUME = (
     "checkpoint.", "log.", "runtime.", "distributed.",
     "mesh.", "pipeline.",          # layout: a checkpoint restores onto any mesh
     "model.attention_impl", "model.remat", "model.scan_unroll",  # how the same math is computed
+    "model.init_from",             # only a fresh run reads it
     "data.prefetch", "data.cache_dir",
 )
 

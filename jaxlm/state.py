@@ -33,6 +33,8 @@ class StateSpec:
     shardings: Any              # NamedSharding per state leaf
     init: Callable              # seed -> state (jitted, sharded outputs)
     param_count: int
+    from_weights: Callable      # (weights, seed) -> state: given params (and model_state), the
+                                # optimizer fresh (fine-tuning imported weights)
 
 
 def build_state(cfg: Config, mesh: Mesh) -> StateSpec:
@@ -51,22 +53,29 @@ def build_state(cfg: Config, mesh: Mesh) -> StateSpec:
         state_sh["model_state"] = tree_shardings(
             nnx.to_pure_dict(nnx.get_partition_spec(abstract_rest)), mesh, cfg.mesh.rules)
 
-    def init(seed):
-        params_key, state_key = jax.random.split(jax.random.key(seed))
-        model = build_model(cfg.model, nnx.Rngs(params=params_key))
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        state = {"params": params, "opt_state": tx.init(params),
-                 "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(state_key)}
+    def from_weights(weights, seed):
+        state = {"params": weights["params"], "opt_state": tx.init(weights["params"]),
+                 "step": jnp.zeros((), jnp.int32),
+                 "rng": jax.random.key_data(jax.random.split(jax.random.key(seed))[1])}
         if has_model_state:
-            state["model_state"] = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+            state["model_state"] = weights["model_state"]
         return state
+
+    def init(seed):
+        model = build_model(cfg.model, nnx.Rngs(params=jax.random.split(jax.random.key(seed))[0]))
+        weights = {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                   "model_state": nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))}
+        return from_weights(weights, seed)
 
     abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         jax.eval_shape(init, 0), state_sh)
+    weights_sh = {k: v for k, v in state_sh.items() if k in ("params", "model_state")}
     return StateSpec(graphdef, tx, abstract_state, state_sh,
                      jax.jit(init, static_argnums=0, out_shardings=state_sh),
-                     sum(x.size for x in jax.tree.leaves(abstract_params)))
+                     sum(x.size for x in jax.tree.leaves(abstract_params)),
+                     jax.jit(from_weights, static_argnums=1, in_shardings=(weights_sh,),
+                             out_shardings=state_sh, donate_argnums=0))
 
 
 def _checked_param_shardings(cfg, mesh, abstract_params, logical):

@@ -33,6 +33,7 @@ class StepFns:
     train_step: Callable       # (state, batch) -> (state, metrics)   (jitted, donates state)
     eval_step: Callable        # (params, batch) -> (nll_sum, token_count)
     param_count: int
+    from_weights: Callable     # ({'params', 'model_state'}, seed) -> state, optimizer fresh
 
 
 def build_step_fns(cfg: Config, mesh: Mesh) -> StepFns:
@@ -51,7 +52,8 @@ def build_step_fns(cfg: Config, mesh: Mesh) -> StepFns:
     evaluate = jax.jit(eval_step, in_shardings=(spec.shardings, batch_sh),
                        out_shardings=replicated)
     return StepFns(spec.graphdef, spec.optimizer, spec.abstract_state, spec.shardings, batch_sh,
-                   spec.init, train, evaluate, spec.param_count)
+                   spec.init, train, evaluate, spec.param_count,
+                   spec.from_weights)
 
 
 def make_loss_fn(cfg: Config, mesh: Mesh, graphdef):

@@ -143,10 +143,18 @@ def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
         else None
     if resumed is not None:
         latest, state, data_state = resumed
-        train_iter.restore(data_state["iterator"])
-        if data_state.get("fingerprint") != data.fingerprint:
+        if data_state["iterator"]:  # empty: weights imported by jaxlm.convert, data from its start
+            train_iter.restore(data_state["iterator"])
+        elif data_state.get("fingerprint") is not None:
+            raise ConfigError(f"checkpoint {latest} has no data position to resume from")
+        if data_state.get("fingerprint") not in (data.fingerprint, None):
             say(f"warning: the data corpus differs from the one checkpoint {latest} was trained on")
         say(f"resumed from step {latest} ({ckpt.step_dir(latest)})")
+    elif cfg.model.init_from:
+        from jaxlm.hf.load import load
+        abstract = {k: v for k, v in fns.abstract_state.items() if k in ("params", "model_state")}
+        state = fns.from_weights(load(cfg.model.init_from, cfg.model, abstract), cfg.train.seed)
+        say(f"initialised from {cfg.model.init_from} (optimizer state fresh)")
     else:
         state = fns.init(cfg.train.seed)
     start = int(state["step"])

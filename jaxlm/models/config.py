@@ -35,6 +35,9 @@ class ModelConfig:
     # stay stacked either way, so checkpoints and the 'layers' axis do not change)
     scan_unroll: int = field(default=1, metadata=bounds(1))
     remat: str = field(default="none", metadata=choices("none", "full", "save_dots"))
+    # a Hugging Face model directory: the architecture fields come from its config.json and a
+    # fresh run starts from its weights (the optimizer state fresh); see jaxlm/hf
+    init_from: str = ""
 
     @property
     def num_units(self) -> int:
@@ -89,6 +92,26 @@ def attention_flops(num_layers: int, seq_len: int, width: int, causal: bool,
     (forward 2·S·width per product per layer, backward twice that)."""
     flops = 6 * num_layers * seq_len * (width + (width if v_width is None else v_width))
     return flops / 2 if causal else flops
+
+
+ROPE_SCALINGS = ("none", "llama3")  # jaxlm.nn.rope implements each
+
+
+@dataclass
+class RopeFields:
+    """The rotary embedding's fields a family config mixes in (Llama, Mixtral, DeepSeek)."""
+    rope_theta: float = field(default=10000.0, metadata=bounds(1.0))
+    # llama3: Llama 3.1's long-context frequency scaling (jaxlm.nn.rope.RopeScaling)
+    rope_scaling: str = field(default="none", metadata=choices(*ROPE_SCALINGS))
+    rope_scaling_factor: float = field(default=8.0, metadata=bounds(1.0))
+    rope_low_freq_factor: float = field(default=1.0, metadata=bounds(0.0))
+    rope_high_freq_factor: float = field(default=4.0, metadata=bounds(0.0))
+    rope_original_max_positions: int = field(default=8192, metadata=bounds(1))
+
+    def validate_rope(self) -> None:
+        if self.rope_scaling != "none" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ConfigError(f"model.rope_high_freq_factor={self.rope_high_freq_factor} must "
+                              f"exceed model.rope_low_freq_factor={self.rope_low_freq_factor}")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from flax import nnx
 from jaxlm.nn.attend import MaskSpec, attend
 from jaxlm.nn.kv_cache import KVCache
 from jaxlm.nn.param import param, zeros_param
-from jaxlm.nn.rope import rope
+from jaxlm.nn.rope import RopeScaling, rope
 from jaxlm.parallel.sharding import constrain
 
 Q_NAMES = ("act_batch", "act_seq", "act_heads", None)
@@ -35,6 +35,7 @@ class AttentionConfig:
     qkv_bias: bool = False     # biases on q/k/v (GPT-2, BERT, Qwen2)
     o_bias: bool = False       # bias on the output projection (GPT-2, BERT)
     scale: float | None = None  # logit scale; None: 1/sqrt(head_dim) (T5 uses 1)
+    rope_scaling: RopeScaling | None = None
 
 
 class Attention(nnx.Module):
@@ -68,7 +69,8 @@ class Attention(nnx.Module):
             q, k, v = (x + b[...].astype(dt) for x, b in ((q, self.b_q), (k, self.b_k),
                                                           (v, self.b_v)))
         if c.rope_theta is not None and memory_BxTxD is None:
-            q, k = rope(q, positions_BxS, c.rope_theta), rope(k, positions_BxS, c.rope_theta)
+            q = rope(q, positions_BxS, c.rope_theta, c.rope_scaling)
+            k = rope(k, positions_BxS, c.rope_theta, c.rope_scaling)
         q, k, v = constrain(q, Q_NAMES), constrain(k, KV_NAMES), constrain(v, KV_NAMES)
         mask = MaskSpec(causal=c.causal, sliding_window=c.sliding_window,
                         q_segment_ids=segment_ids_BxS, kv_segment_ids=memory_segment_ids_BxT)

@@ -19,7 +19,7 @@ from jaxlm.nn.attention import KV_NAMES, Q_NAMES
 from jaxlm.nn.kv_cache import KVCache
 from jaxlm.nn.norms import RMSNorm
 from jaxlm.nn.param import param
-from jaxlm.nn.rope import rope
+from jaxlm.nn.rope import RopeScaling, rope
 from jaxlm.parallel.sharding import constrain
 
 
@@ -40,6 +40,7 @@ class MLAConfig:
     out_std: float
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    rope_scaling: RopeScaling | None = None
 
     @property
     def qk_head_dim(self) -> int:
@@ -73,10 +74,12 @@ class MLA(nnx.Module):
             q = jnp.einsum("bsd,dhk->bshk", x_BxSxD, self.wq[...].astype(dt))
         kv_a_BxSxL = jnp.einsum("bsd,dl->bsl", x_BxSxD, self.wkv_a[...].astype(dt))
         latent_BxSxR = self.kv_norm(kv_a_BxSxL[..., :R])
-        k_rope_BxSx1xKr = rope(kv_a_BxSxL[..., None, R:], positions_BxS, c.rope_theta)
+        k_rope_BxSx1xKr = rope(kv_a_BxSxL[..., None, R:], positions_BxS, c.rope_theta,
+                               c.rope_scaling)
         kv_BxSxHxN = jnp.einsum("bsr,rhn->bshn", latent_BxSxR, self.wkv_b[...].astype(dt))
         k_nope, v = kv_BxSxHxN[..., :Kn], kv_BxSxHxN[..., Kn:]
-        q = jnp.concatenate([q[..., :Kn], rope(q[..., Kn:], positions_BxS, c.rope_theta)], -1)
+        q = jnp.concatenate([q[..., :Kn], rope(q[..., Kn:], positions_BxS, c.rope_theta,
+                                                           c.rope_scaling)], -1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BxSx1xKr, k_nope.shape[:3] + (
             c.qk_rope_head_dim,))], -1)
         q, k, v = constrain(q, Q_NAMES), constrain(k, KV_NAMES), constrain(v, KV_NAMES)

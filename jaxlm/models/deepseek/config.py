@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from jaxlm.config_fields import ConfigError, bounds, choices
-from jaxlm.models.config import ModelConfig, attention_flops
+from jaxlm.models.config import ModelConfig, RopeFields, attention_flops
 from jaxlm.models.moe_fields import MoEFields
 
 
 @dataclass
-class DeepseekConfig(MoEFields, ModelConfig):
+class DeepseekConfig(MoEFields, RopeFields, ModelConfig):
     family: str = "deepseek"
     num_heads: int = field(default=8, metadata=bounds(1))
     q_lora_rank: int = field(default=0, metadata=bounds(0))  # 0: queries without a low rank
@@ -18,7 +18,6 @@ class DeepseekConfig(MoEFields, ModelConfig):
     qk_nope_head_dim: int = field(default=64, metadata=bounds(1))
     qk_rope_head_dim: int = field(default=32, metadata=bounds(2))
     v_head_dim: int = field(default=64, metadata=bounds(1))
-    rope_theta: float = field(default=10000.0, metadata=bounds(1.0))
     norm_eps: float = field(default=1e-6, metadata=bounds(0.0))
     ffn_dim: int = field(default=1024, metadata=bounds(1))  # the dense layers' MLP
     num_dense_layers: int = field(default=1, metadata=bounds(0))  # DeepSeek's first_k_dense
@@ -40,6 +39,7 @@ class DeepseekConfig(MoEFields, ModelConfig):
 
     def validate(self) -> None:
         self.validate_moe()
+        self.validate_rope()
         if self.num_dense_layers >= self.num_layers:
             raise ConfigError(f"model.num_dense_layers={self.num_dense_layers} leaves no MoE "
                               f"layer of model.num_layers={self.num_layers}")

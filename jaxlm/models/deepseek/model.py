@@ -15,6 +15,7 @@ from jaxlm.nn.mlp import MLPConfig
 from jaxlm.nn.moe import MoEConfig
 from jaxlm.nn.norms import RMSNorm
 from jaxlm.nn.param import scaled_out_std
+from jaxlm.nn.rope import RopeScaling
 
 
 class Deepseek(TokenLM):
@@ -26,7 +27,7 @@ class Deepseek(TokenLM):
         mla = MLAConfig(D, cfg.num_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
                         cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.rope_theta, cfg.norm_eps,
                         causal=True, impl=cfg.attention_impl, std=std, out_std=out_std, dtype=dt,
-                        param_dtype=pdt)
+                        param_dtype=pdt, rope_scaling=RopeScaling.of(cfg))
         if cfg.num_dense_layers:
             dense = BlockConfig(D, mla, MLPConfig(D, cfg.ffn_dim, std, out_std, dt, pdt),
                                 cfg.norm_eps, pdt)

@@ -4,24 +4,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from jaxlm.config_fields import ConfigError, bounds
-from jaxlm.models.config import ModelConfig, attention_flops
+from jaxlm.models.config import ModelConfig, RopeFields, attention_flops
 
 
 @dataclass
-class LlamaConfig(ModelConfig):
+class LlamaConfig(RopeFields, ModelConfig):
     family: str = "llama"
     num_heads: int = field(default=4, metadata=bounds(1))
     num_kv_heads: int = field(default=4, metadata=bounds(1))
     head_dim: int = field(default=0, metadata=bounds(0))  # 0: d_model // num_heads
     ffn_dim: int = field(default=768, metadata=bounds(1))
-    rope_theta: float = field(default=10000.0, metadata=bounds(1.0))
     norm_eps: float = field(default=1e-6, metadata=bounds(0.0))
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    sliding_window: int = field(default=0, metadata=bounds(0))  # > 0: local attention (Mistral)
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
 
     def validate(self) -> None:
+        self.validate_rope()
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model.num_heads={self.num_heads} is not divisible by "
                               f"model.num_kv_heads={self.num_kv_heads}")

@@ -14,6 +14,7 @@ from jaxlm.nn.block import Block, BlockConfig
 from jaxlm.nn.mlp import MLPConfig
 from jaxlm.nn.norms import RMSNorm
 from jaxlm.nn.param import scaled_out_std
+from jaxlm.nn.rope import RopeScaling
 
 
 class Llama(TokenLM):
@@ -35,8 +36,10 @@ class Llama(TokenLM):
         c = self.cfg
         attention = AttentionConfig(
             c.d_model, c.num_heads, c.num_kv_heads, c.resolved_head_dim, rope_theta=c.rope_theta,
-            causal=True, sliding_window=None, impl=c.attention_impl, std=c.init_std,
-            out_std=self.out_std, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+            causal=True, sliding_window=c.sliding_window or None, impl=c.attention_impl,
+            std=c.init_std, out_std=self.out_std, dtype=jnp.dtype(c.dtype),
+            param_dtype=jnp.dtype(c.param_dtype), qkv_bias=c.qkv_bias,
+            rope_scaling=RopeScaling.of(c))
         return BlockConfig(c.d_model, attention, ffn, c.norm_eps, jnp.dtype(c.param_dtype))
 
     def mlp_config(self) -> MLPConfig:
