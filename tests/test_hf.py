@@ -207,3 +207,50 @@ def test_cli_errors_are_one_line_and_write_nothing(hf_models, tmp_path):
     assert not (tmp_path / "out").exists()
     r = cli("import", "--hf", hf_dir)
     assert r.returncode == 2 and "--out" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_sharded_load_equals_one_device(hf_models):
+    """Each device gets its own slice of every tensor (fsdp x tensor x expert): the same values
+    as a one-device load."""
+    import jax
+
+    from jaxlm.config import load_config
+    from jaxlm.hf.load import load
+    from jaxlm.parallel.sharding import make_mesh
+    from jaxlm.state import build_state
+    _, hf_dir = hf_models["mixtral"]
+    _, one = jaxlm_model(hf_dir)
+    cfg = load_config(None, [f"model.init_from={hf_dir}", "data.seq_len=64", "mesh.data=1",
+                             "mesh.fsdp=2", "mesh.tensor=2", "mesh.expert=2"])
+    mesh = make_mesh(dict(data=1, fsdp=2, tensor=2, sequence=1, expert=2, stage=1))
+    spec = build_state(cfg, mesh)
+    sharded = load(hf_dir, cfg.model, {"params": spec.abstract_state["params"]})["params"]
+    from flax import nnx
+    single = nnx.to_pure_dict(nnx.state(one, nnx.Param))
+    want = dict(jax.tree_util.tree_leaves_with_path(single))
+    shardings = dict(jax.tree_util.tree_leaves_with_path(spec.shardings["params"]))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(sharded):
+        assert leaf.sharding.is_equivalent_to(shardings[path], leaf.ndim), path
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want[path]))
+    wq = sharded["layers"]["attn"]["wq"]
+    assert len({str(s.index) for s in wq.addressable_shards}) > 1  # really split
+
+
+def test_init_from_reads_the_directory_tokenizer(hf_models, tmp_path):
+    """An HF directory's tokenizer.json becomes the data tokenizer unless the config names one."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from jaxlm.config import load_config
+    _, hf_dir = hf_models["llama"]
+    d = tmp_path / "with_tokenizer"
+    shutil.copytree(hf_dir, d)
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "def": 1, "x": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+    cfg = load_config(None, [f"model.init_from={d}"])
+    assert (cfg.data.tokenizer, cfg.data.tokenizer_path) == ("huggingface",
+                                                           str(d / "tokenizer.json"))
+    cfg = load_config(None, [f"model.init_from={d}", "data.tokenizer=byte"])
+    assert cfg.data.tokenizer == "byte"
