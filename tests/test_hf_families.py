@@ -122,10 +122,24 @@ def _tensors(directory):
     return out
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "t5_v11", "t5", "deepseek_no_q_lora"])
-def test_hf_to_jaxlm_to_hf_is_bit_identical(hf_models, name, tmp_path):
+# the config fields whose meaning export must carry back (transformers reads them)
+EXPORTED_FIELDS = {
+    "gpt2": ("n_positions", "n_inner", "activation_function", "tie_word_embeddings"),
+    "bert": ("max_position_embeddings", "type_vocab_size", "layer_norm_eps", "hidden_act"),
+    "t5_v11": ("feed_forward_proj", "scale_decoder_outputs", "d_kv", "num_decoder_layers"),
+    "t5": ("feed_forward_proj", "scale_decoder_outputs", "dense_act_fn", "is_gated_act"),
+    "deepseek": ("q_lora_rank", "first_k_dense_replace", "n_group", "topk_group",
+                 "routed_scaling_factor", "n_shared_experts", "moe_intermediate_size",
+                 "rope_interleave", "rope_parameters"),
+    "deepseek_no_q_lora": ("q_lora_rank", "n_shared_experts", "rope_parameters"),
+}
+
+
+def _round_trip(hf_models, name, tmp_path, *overrides):
+    """Import `name`'s directory, export it again; the tensors are bit-identical and
+    transformers reads the same config back. Returns the exported directory."""
     model, hf_dir = hf_models[name]
-    import_hf(hf_dir, str(tmp_path / "run"), ["data.seq_len=64"])
+    import_hf(hf_dir, str(tmp_path / "run"), ["data.seq_len=64", *overrides])
     export_run(str(tmp_path / "run"), str(tmp_path / "out"))
     a, b = _tensors(hf_dir), _tensors(tmp_path / "out")
     assert sorted(a) == sorted(b)
@@ -133,17 +147,22 @@ def test_hf_to_jaxlm_to_hf_is_bit_identical(hf_models, name, tmp_path):
         assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
     again = transformers.AutoConfig.from_pretrained(str(tmp_path / "out"))
     assert type(again) is type(model.config)
-    for field in ("vocab_size", "num_hidden_layers", "hidden_size"):
+    for field in ("vocab_size", "num_hidden_layers", "hidden_size") + EXPORTED_FIELDS[name]:
         assert getattr(again, field) == getattr(model.config, field), field
+    return tmp_path / "out"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "t5_v11", "t5", "deepseek_no_q_lora"])
+def test_hf_to_jaxlm_to_hf_is_bit_identical(hf_models, name, tmp_path):
+    _round_trip(hf_models, name, tmp_path)
 
 
 def test_deepseek_export_loads_in_transformers_with_the_same_logits(hf_models, tmp_path):
-    """Export re-interleaves the RoPE dims: transformers reading jaxlm's export computes what
-    jaxlm does (the round trip above uses the other DeepSeek; this one has q_lora_rank)."""
+    """The other DeepSeek (low-rank queries, unscanned) round trips too, and transformers
+    reading jaxlm's export (RoPE dims re-interleaved) computes what jaxlm does."""
     _, hf_dir = hf_models["deepseek"]
-    import_hf(hf_dir, str(tmp_path / "run"), ["data.seq_len=64", "model.scan_layers=false"])
-    export_run(str(tmp_path / "run"), str(tmp_path / "out"))
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    out = _round_trip(hf_models, "deepseek", tmp_path, "model.scan_layers=false")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
     tokens = random_tokens(VOCAB, length=64)
     _, ours = jaxlm_model(hf_dir, "data.seq_len=64")
     assert_parity(ours(tokens), hf_logits(model, tokens))
@@ -188,6 +207,8 @@ def _edited(hf_dir, to, **changes):
     ("bert", dict(hidden_act="gelu_new"), "hidden_act='gelu_new'"),
     ("t5", dict(feed_forward_proj="gated-swish"), "feed_forward_proj='gated-swish'"),
     ("deepseek", dict(norm_topk_prob=False), "norm_topk_prob=False"),
+    ("deepseek", dict(rope_interleave=False), "rope_interleave=False"),
+    ("deepseek", dict(num_key_value_heads=2), "num_key_value_heads=2"),
     ("deepseek", dict(first_k_dense_replace=3), "first_k_dense_replace=3: leaves no MoE layer"),
     ("deepseek", dict(rms_norm_eps=1e-5), "rms_norm_eps=1e-05"),
     ("deepseek", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0)),

@@ -19,6 +19,9 @@ from jaxlm.hf.layout import (Layout, heads_in, heads_out, layer_slot, linear, pe
 
 ARCHITECTURES = {"DeepseekV3ForCausalLM": "deepseek"}
 LATENT_NORM_EPS = 1e-6  # transformers' q_a/kv_a layernorms use this, whatever rms_norm_eps
+# what transformers' DeepseekV3Config assumes for a field config.json leaves out
+DEFAULTS = dict(q_lora_rank=1536, first_k_dense_replace=3, n_group=8, topk_group=4,
+                n_shared_experts=1, routed_scaling_factor=2.5)
 
 
 def fields_from_hf(hf: HFConfig, arch: str) -> dict:
@@ -28,11 +31,14 @@ def fields_from_hf(hf: HFConfig, arch: str) -> dict:
     hf.expect("norm_topk_prob", (True,), True, "jaxlm normalises the sigmoid top-k weights")
     hf.expect("scoring_func", ("sigmoid",), "sigmoid")
     hf.expect("topk_method", ("noaux_tc",), "noaux_tc")
+    hf.expect("rope_interleave", (True,), True, "jaxlm de-interleaves the RoPE dims at import, "
+                                              "as DeepSeek's released weights need")
     hf.expect("rms_norm_eps", (LATENT_NORM_EPS,), LATENT_NORM_EPS,
               "jaxlm's one norm_eps must equal the latent norms' fixed 1e-6")
     heads = hf.get("num_attention_heads")
     hf.expect("num_key_value_heads", (heads,), heads, "MLA expands the latent to every head")
-    layers, dense = hf.get("num_hidden_layers"), hf.get("first_k_dense_replace", 0)
+    get = {k: hf.values.get(k, v) for k, v in DEFAULTS.items()}  # null q_lora_rank: none
+    layers, dense = hf.get("num_hidden_layers"), get["first_k_dense_replace"]
     if dense >= layers:
         hf.fail("first_k_dense_replace", f"leaves no MoE layer of num_hidden_layers={layers} "
                                          f"(jaxlm's DeepSeek needs one)")
@@ -41,18 +47,18 @@ def fields_from_hf(hf: HFConfig, arch: str) -> dict:
     if rope["rope_scaling"] != "none" and params.get("mscale_all_dim"):
         hf.fail("rope_parameters", "mscale_all_dim rescales the attention logits, which jaxlm's "
                                    "MLA does not")
-    n_group = hf.get("n_group", 1)
+    n_group = get["n_group"] or 1
     return dict(family="deepseek", vocab_size=hf.get("vocab_size"), d_model=hf.get("hidden_size"),
-                num_layers=layers, num_heads=heads, q_lora_rank=hf.get("q_lora_rank", 0),
+                num_layers=layers, num_heads=heads, q_lora_rank=get["q_lora_rank"] or 0,
                 kv_lora_rank=hf.get("kv_lora_rank"), qk_nope_head_dim=hf.get("qk_nope_head_dim"),
                 qk_rope_head_dim=hf.get("qk_rope_head_dim"), v_head_dim=hf.get("v_head_dim"),
                 norm_eps=LATENT_NORM_EPS, ffn_dim=hf.get("intermediate_size"),
                 num_dense_layers=dense, router="sigmoid", num_experts=hf.get("n_routed_experts"),
                 experts_per_token=hf.get("num_experts_per_tok"),
                 expert_ffn_dim=hf.get("moe_intermediate_size"),
-                num_shared_experts=hf.get("n_shared_experts", 0), num_groups=n_group,
-                groups_per_token=hf.get("topk_group", n_group),
-                routed_scale=float(hf.get("routed_scaling_factor", 1.0)),
+                num_shared_experts=get["n_shared_experts"], num_groups=n_group,
+                groups_per_token=get["topk_group"] or n_group,
+                routed_scale=float(get["routed_scaling_factor"]),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **rope)
 
 

@@ -26,7 +26,8 @@ def fields_from_hf(hf: HFConfig, arch: str) -> dict:
         hf.fail("n_head", f"does not divide n_embd={d_model}")
     return dict(family="gpt2", vocab_size=hf.get("vocab_size"), d_model=d_model,
                 num_layers=hf.get("n_layer"), num_heads=heads,
-                ffn_dim=hf.get("n_inner", 4 * d_model), max_positions=hf.get("n_positions"),
+                ffn_dim=hf.get("n_inner", 0),  # both mean 4 * d_model by None / 0
+                max_positions=hf.get("n_positions"),
                 norm_eps=float(hf.get("layer_norm_epsilon")),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
 
@@ -36,7 +37,7 @@ def config_to_hf(cfg, max_positions: int) -> dict:
     model's own."""
     return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg.vocab_size,
                 n_embd=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads,
-                n_inner=cfg.resolved_ffn_dim, n_positions=cfg.max_positions,
+                n_inner=cfg.ffn_dim or None, n_positions=cfg.max_positions,
                 layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new",
                 scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
                 reorder_and_upcast_attn=False, add_cross_attention=False,
