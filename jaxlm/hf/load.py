@@ -89,7 +89,7 @@ def _check_blocks(weights: Weights, layout: Layout) -> None:
                  and all(prev[1] == nxt[0] for prev, nxt in zip(ends, ends[1:])))
         if not tiled:
             raise HFError(f"{weights.dir}: tensor {name!r} has shape {weights.shape(name)}; "
-                          f"jaxlm's mapping reads {[e for e in ends]} of its axis {axis} "
+                          f"jaxlm's mapping reads {ends} of its axis {axis} "
                           f"(config.json and the weights disagree?)")
 
 
