@@ -319,6 +319,11 @@ def test_flops_per_token_by_hand():
     enc = 8 * (4 * 512 * w + 3 * 512 * 1024) + 8 * 2 * 512 * w   # + decoder cross k, v
     dec = 8 * (6 * 512 * w + 3 * 512 * 1024) + 512 * 32128
     assert (t5.matmul_params(), t5.decoder_matmul_params()) == (enc, dec)
+    original = load_config(["configs/t5-small.yaml"], ["model.gated_ffn=false",
+                                                       "model.ffn_activation=relu"]).model
+    # the original T5's MLP has two matrices, not three
+    assert (original.matmul_params(), original.decoder_matmul_params()) == (
+        enc - 8 * 512 * 1024, dec - 8 * 512 * 1024)
     want = (6 * enc + 12 * 8 * 512 * w
             + (6 * dec + 6 * 8 * 114 * w + 12 * 8 * 512 * w) * 114 / 512)
     assert t5.run_flops_per_token(load_config(["configs/t5-small.yaml"]).data) == pytest.approx(

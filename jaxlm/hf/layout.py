@@ -38,6 +38,10 @@ class Layout:
     that are known and safe to skip (buffers, tied duplicates)."""
     leaves: dict[Path, dict[tuple[int, ...], Piece]] = dataclasses.field(default_factory=dict)
     ignored: tuple[str, ...] = ()  # substrings of HF names
+    # HF name -> the name a loader reads instead where the files lack it: transformers omits a
+    # tensor tied to another on save (T5's lm_head when it is the token table); export writes
+    # the first name always
+    fallbacks: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def add(self, path: Path, piece: Piece, lead: tuple[int, ...] = ()) -> None:
         slot = self.leaves.setdefault(tuple(path), {})
@@ -52,6 +56,16 @@ class Layout:
     def is_ignored(self, name: str) -> bool:
         return any(s in name for s in self.ignored)
 
+    def resolved(self, present) -> "Layout":
+        """This layout with each fallback applied where `present` (a container of the HF
+        names in the files) lacks the tensor but has its fallback."""
+        swap = {a: b for a, b in self.fallbacks.items() if a not in present and b in present}
+        if not swap:
+            return self
+        leaves = {path: {lead: dataclasses.replace(p, hf=swap.get(p.hf, p.hf))
+                         for lead, p in slot.items()} for path, slot in self.leaves.items()}
+        return Layout(leaves, self.ignored)
+
 
 def layer_slot(stack: str, layer: int, scan: bool, per_unit: int = 1) -> tuple[Path, tuple]:
     """(path prefix, lead index) of a stack's `layer`-th block: scanned stacks stack their units
@@ -62,6 +76,20 @@ def layer_slot(stack: str, layer: int, scan: bool, per_unit: int = 1) -> tuple[P
 
 
 # ---------------------------------------------------------------- transforms (HF -> jaxlm, back)
+
+def block(piece: Piece, axis: int, start: int, stop: int) -> Piece:
+    """`piece` reading only [start, stop) of its HF tensor along `axis` (a fused tensor)."""
+    return dataclasses.replace(piece, block=(axis, start, stop))
+
+
+def permute_last(piece: Piece, order) -> Piece:
+    """`piece` with its jaxlm result's last axis reordered: jaxlm[..., j] = hf[..., order[j]]
+    (DeepSeek's interleaved RoPE dims laid out rotate-half)."""
+    order = np.asarray(order)
+    inverse = np.argsort(order)
+    return dataclasses.replace(piece, to_jaxlm=lambda t: piece.to_jaxlm(t)[..., order],
+                               to_hf=lambda a: piece.to_hf(a[..., inverse]))
+
 
 def same(hf: str) -> Piece:
     return Piece(hf, lambda t: t, lambda a: a)

@@ -72,11 +72,32 @@ def check(weights: Weights, layout: Layout, targets: dict[tuple, jax.ShapeDtypeS
                               f"{weights.shape(piece.hf)}, which does not give jaxlm's "
                               f"{_name(path)} its shape {target.shape[lead:]} (config.json and "
                               f"the weights disagree?)")
+    _check_blocks(weights, layout)
     used = set(layout.hf_names())
     extra = [n for n in weights.names if n not in used and not layout.is_ignored(n)]
     if extra:
         raise HFError(f"{weights.dir}: tensor {extra[0]!r} (and {len(extra) - 1} more) is not "
                       f"read by jaxlm's mapping; refusing to drop weights silently")
+
+
+def _check_blocks(weights: Weights, layout: Layout) -> None:
+    """A fused tensor's blocks (GPT-2's q|k|v) must tile it exactly: a wider tensor than the
+    config implies would otherwise be read in part, its extra columns dropped silently."""
+    spans: dict[str, list[tuple[int, int, int]]] = {}
+    for slot in layout.leaves.values():
+        for piece in slot.values():
+            if piece.block is not None:
+                spans.setdefault(piece.hf, []).append(piece.block)
+    for name, blocks in spans.items():
+        axis = blocks[0][0]
+        size = weights.shape(name)[axis]
+        ends = sorted({(start, stop) for _, start, stop in blocks})
+        tiled = (all(a == axis for a, _, _ in blocks) and ends[0][0] == 0 and ends[-1][1] == size
+                 and all(prev[1] == nxt[0] for prev, nxt in zip(ends, ends[1:])))
+        if not tiled:
+            raise HFError(f"{weights.dir}: tensor {name!r} has shape {weights.shape(name)}; "
+                          f"jaxlm's mapping reads {ends} of its axis {axis} "
+                          f"(config.json and the weights disagree?)")
 
 
 def _in_file_layout(weights: Weights, name: str, mesh) -> jax.Array:
@@ -109,11 +130,10 @@ def load(hf_dir: str | Path, model_cfg, abstract_weights: dict) -> dict:
     """{'params': ..., 'model_state': ...} from an HF directory, with the shapes, dtypes and
     shardings of `abstract_weights` (the train state's abstract subtrees of those names)."""
     weights = Weights(hf_dir)
-    layout = registry.for_family(model_cfg.family).layout(model_cfg)
+    layout = registry.for_family(model_cfg.family).layout(model_cfg).resolved(weights)
     targets = _flat(abstract_weights)
     check(weights, layout, targets)
-    # Leaves in parallel: the copies (a transpose from the file's layout) release the GIL, and
-    # reading one shard's pages overlaps transferring another's.
+    # Leaves in parallel: reading one shard's pages overlaps transferring another's.
     with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
         arrays = {path: pool.submit(_leaf, weights, layout.leaves[path], target)
                   for path, target in targets.items()}

@@ -10,7 +10,8 @@ from types import ModuleType
 from jaxlm.hf.files import HFError, read_json
 from jaxlm.hf.hf_config import HFConfig
 
-MODULES = ("jaxlm.hf.llama",)
+MODULES = ("jaxlm.hf.llama", "jaxlm.hf.gpt2", "jaxlm.hf.bert", "jaxlm.hf.t5",
+           "jaxlm.hf.deepseek")
 
 
 def _modules() -> list[ModuleType]:

@@ -16,6 +16,7 @@ ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # erf (BERT)
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # GPT-2, T5 "gelu_new"
+    "relu": jax.nn.relu,  # the original T5
 }
 
 

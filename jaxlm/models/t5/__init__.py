@@ -1,4 +1,5 @@
-"""T5 (v1.1): encoder-decoder, relative position bias, gated-GELU, trained by span corruption."""
+"""T5 (v1.1; the original too): encoder-decoder, relative position bias, gated-GELU (or ReLU),
+trained by span corruption."""
 from jaxlm.models.config import Family
 from jaxlm.models.t5.config import T5Config
 

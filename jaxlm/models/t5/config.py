@@ -1,10 +1,11 @@
-"""T5 v1.1 config (defaults: t5-small v1.1 shapes)."""
+"""T5 config (defaults: t5-small v1.1 shapes; the original T5 is `ffn_activation=relu`,
+`gated_ffn=false`, `tie_embeddings=true`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from jaxlm.config_fields import ConfigError, bounds
+from jaxlm.config_fields import ConfigError, bounds, choices
 from jaxlm.models.config import ModelConfig, attention_flops
 
 
@@ -23,6 +24,14 @@ class T5Config(ModelConfig):
     relative_buckets: int = field(default=32, metadata=bounds(2))
     relative_max_distance: int = field(default=128, metadata=bounds(2))
     norm_eps: float = field(default=1e-6, metadata=bounds(0.0))
+    # the feed-forward: v1.1's gated GELU (tanh), or the original T5's plain ReLU MLP
+    ffn_activation: str = field(default="gelu_tanh",
+                                metadata=choices("gelu_tanh", "gelu", "relu", "silu"))
+    gated_ffn: bool = True
+
+    @property
+    def ffn_matrices(self) -> int:
+        return 3 if self.gated_ffn else 2
 
     @property
     def decoder_layers(self) -> int:
@@ -48,17 +57,18 @@ class T5Config(ModelConfig):
                               f"tensor parallelism")
 
     def matmul_params(self) -> int:
-        """Per encoder token: the encoder layers (q, k, v, o; gated MLP) and the decoder's
+        """Per encoder token: the encoder layers (q, k, v, o; the MLP) and the decoder's
         cross-attention k, v (computed once per encoder token)."""
         d, w = self.d_model, self.num_heads * self.head_dim
-        return (self.num_layers * (4 * d * w + 3 * d * self.ffn_dim)
+        return (self.num_layers * (4 * d * w + self.ffn_matrices * d * self.ffn_dim)
                 + self.decoder_layers * 2 * d * w)
 
     def decoder_matmul_params(self) -> int:
-        """Per decoder token: self-attention q, k, v, o, cross-attention q, o, the gated MLP
+        """Per decoder token: self-attention q, k, v, o, cross-attention q, o, the MLP
         and the head."""
         d, w = self.d_model, self.num_heads * self.head_dim
-        return self.decoder_layers * (6 * d * w + 3 * d * self.ffn_dim) + d * self.vocab_size
+        return (self.decoder_layers * (6 * d * w + self.ffn_matrices * d * self.ffn_dim)
+                + d * self.vocab_size)
 
     def flops_per_token(self, seq_len: int, target_len: int = 0) -> float:
         """Per encoder token (what tokens/s counts), the decoder's work included at

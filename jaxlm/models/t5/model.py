@@ -1,8 +1,9 @@
 """T5 v1.1: a shared token table; an encoder stack (RMSNorm pre-norm blocks, bidirectional
-attention with the encoder's relative position bias, gated-GELU MLP) with a final norm; a decoder
-stack (causal self-attention with its own relative bias, cross-attention over the encoder output,
-the same MLP) with a final norm; a head (untied in v1.1; tied: the output scaled by d^-1/2 as in
-the original T5). T5 does not scale attention logits by 1/sqrt(d_kv).
+attention with the encoder's relative position bias, gated-GELU MLP, or the original T5's plain
+ReLU MLP) with a final norm; a decoder stack (causal self-attention with its own relative bias,
+cross-attention over the encoder output, the same MLP) with a final norm; a head (untied in v1.1;
+tied: the output scaled by d^-1/2 as in the original T5). T5 does not scale attention logits
+by 1/sqrt(d_kv).
 
 Protocol: `encode` runs the encoder once; the decoder is the decoder-only protocol
 (`embed_tokens` with the encoder output as memory, `stack()`, `logits`), so decoding (KV cache,
@@ -40,7 +41,8 @@ class T5(TokenLM):
             return RelativeBias(RelativeBiasConfig(cfg.num_heads, cfg.relative_buckets,
                                                    cfg.relative_max_distance, bidirectional, std,
                                                    pdt), rngs)
-        mlp = MLPConfig(D, cfg.ffn_dim, std, out_std, dt, pdt, activation="gelu_tanh")
+        mlp = MLPConfig(D, cfg.ffn_dim, std, out_std, dt, pdt, activation=cfg.ffn_activation,
+                        gated=cfg.gated_ffn)
         encoder_block = BlockConfig(D, attention(False), mlp, cfg.norm_eps, pdt)
         decoder_block = BlockConfig(D, attention(True), mlp, cfg.norm_eps, pdt,
                                     cross_attention=attention(False))
