@@ -31,9 +31,11 @@ def _build(arch):
     if arch == "mistral":  # a sliding window shorter than the input
         return transformers.MistralForCausalLM(transformers.MistralConfig(
             **SMALL, sliding_window=100))
-    if arch == "qwen2":  # q/k/v biases, tied embeddings, MQA
+    if arch == "qwen2":  # q/k/v biases, tied embeddings, MQA, YaRN (cos/sin x its factor)
         cfg = transformers.Qwen2Config(**{**SMALL, "num_key_value_heads": 1},
-                                       tie_word_embeddings=True)
+                                       tie_word_embeddings=True, rope_parameters=dict(
+                                           rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                           original_max_position_embeddings=128))
         model = transformers.Qwen2ForCausalLM(cfg)
         with torch.no_grad():  # HF initialises biases to zero: make them count
             for layer in model.model.layers:

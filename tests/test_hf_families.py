@@ -57,9 +57,13 @@ def _build(name):
             **T5_SIZES, feed_forward_proj="gated-gelu", tie_word_embeddings=False))
     if name == "t5":  # the original: ReLU, tied head, output scaled by d_model^-0.5
         return transformers.T5ForConditionalGeneration(transformers.T5Config(**T5_SIZES))
-    if name == "deepseek":  # low-rank queries, group-limited routing, a shared expert
+    if name == "deepseek":  # low-rank queries, group-limited routing, a shared expert, and
+        # DeepSeek-V3's YaRN (factor 40, logits rescaled by mscale_all_dim) from a short context
         return transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
-            **DEEPSEEK_SIZES, q_lora_rank=16))
+            **DEEPSEEK_SIZES, q_lora_rank=16, max_position_embeddings=2560,
+            rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=40.0,
+                                 original_max_position_embeddings=64, beta_fast=32,
+                                 beta_slow=1, mscale=1.0, mscale_all_dim=1.0)))
     assert name == "deepseek_no_q_lora"
     return transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
         **DEEPSEEK_SIZES, q_lora_rank=None, n_shared_experts=2,
@@ -211,8 +215,8 @@ def _edited(hf_dir, to, **changes):
     ("deepseek", dict(num_key_value_heads=2), "num_key_value_heads=2"),
     ("deepseek", dict(first_k_dense_replace=3), "first_k_dense_replace=3: leaves no MoE layer"),
     ("deepseek", dict(rms_norm_eps=1e-5), "rms_norm_eps=1e-05"),
-    ("deepseek", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0)),
-     "rope_parameters.rope_type='yarn' is not supported"),
+    ("deepseek", dict(rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=4.0)),
+     "rope_parameters.rope_type='dynamic' is not supported"),
 ])
 def test_fields_jaxlm_cannot_honour_are_one_clear_error(hf_models, tmp_path, name, changes,
                                                         message):

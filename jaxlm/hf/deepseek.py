@@ -43,10 +43,6 @@ def fields_from_hf(hf: HFConfig, arch: str) -> dict:
         hf.fail("first_k_dense_replace", f"leaves no MoE layer of num_hidden_layers={layers} "
                                          f"(jaxlm's DeepSeek needs one)")
     rope = rope_from_hf(hf)
-    params = hf.values.get("rope_parameters") or hf.values.get("rope_scaling") or {}
-    if rope["rope_scaling"] != "none" and params.get("mscale_all_dim"):
-        hf.fail("rope_parameters", "mscale_all_dim rescales the attention logits, which jaxlm's "
-                                   "MLA does not")
     n_group = get["n_group"] or 1
     return dict(family="deepseek", vocab_size=hf.get("vocab_size"), d_model=hf.get("hidden_size"),
                 num_layers=layers, num_heads=heads, q_lora_rank=get["q_lora_rank"] or 0,

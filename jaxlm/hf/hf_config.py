@@ -54,18 +54,29 @@ def rope_from_hf(hf: HFConfig, default_theta: float = 10000.0) -> dict:
     fields = {"rope_theta": float(params.get("rope_theta", default_theta))}
     if kind == "default":
         return {**fields, "rope_scaling": "none"}
-    if kind == "llama3":
-        try:
+    try:
+        if kind == "llama3":
             return {**fields, "rope_scaling": "llama3",
                     "rope_scaling_factor": float(params["factor"]),
                     "rope_low_freq_factor": float(params["low_freq_factor"]),
                     "rope_high_freq_factor": float(params["high_freq_factor"]),
                     "rope_original_max_positions": int(
                         params["original_max_position_embeddings"])}
-        except KeyError as e:
-            hf.fail(key, f"rope_type 'llama3' needs {e.args[0]!r}")
+        if kind == "yarn":
+            return {**fields, "rope_scaling": "yarn",
+                    "rope_scaling_factor": float(params["factor"]),
+                    "rope_original_max_positions": int(
+                        params["original_max_position_embeddings"]),
+                    "rope_beta_fast": float(params.get("beta_fast") or 32.0),
+                    "rope_beta_slow": float(params.get("beta_slow") or 1.0),
+                    "rope_mscale": float(params.get("mscale") or 0.0),
+                    "rope_mscale_all_dim": float(params.get("mscale_all_dim") or 0.0),
+                    "rope_attention_factor": float(params.get("attention_factor") or 0.0),
+                    "rope_truncate": bool(params.get("truncate", True))}
+    except (KeyError, TypeError) as e:
+        hf.fail(key, f"rope_type {kind!r} needs {e.args[0]!r}")
     raise HFError(f"{hf.path}: {key}.rope_type={kind!r} is not supported by jaxlm; expected "
-                  f"'default' or 'llama3'")
+                  f"'default', 'llama3' or 'yarn'")
 
 
 def rope_to_hf(cfg) -> dict:
@@ -76,4 +87,13 @@ def rope_to_hf(cfg) -> dict:
                       low_freq_factor=cfg.rope_low_freq_factor,
                       high_freq_factor=cfg.rope_high_freq_factor,
                       original_max_position_embeddings=cfg.rope_original_max_positions)
+    if cfg.rope_scaling == "yarn":
+        params.update(rope_type="yarn", factor=cfg.rope_scaling_factor,
+                      original_max_position_embeddings=cfg.rope_original_max_positions,
+                      beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow)
+        if not cfg.rope_truncate:  # transformers' default is true
+            params["truncate"] = False
+        params.update({k: v for k, v in (("mscale", cfg.rope_mscale),
+                                         ("mscale_all_dim", cfg.rope_mscale_all_dim),
+                                         ("attention_factor", cfg.rope_attention_factor)) if v})
     return {"rope_parameters": params}

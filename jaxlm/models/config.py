@@ -94,22 +94,30 @@ def attention_flops(num_layers: int, seq_len: int, width: int, causal: bool,
     return flops / 2 if causal else flops
 
 
-ROPE_SCALINGS = ("none", "llama3")  # jaxlm.nn.rope implements each
+ROPE_SCALINGS = ("none", "llama3", "yarn")  # jaxlm.nn.rope implements each
 
 
 @dataclass
 class RopeFields:
     """The rotary embedding's fields a family config mixes in (Llama, Mixtral, DeepSeek)."""
     rope_theta: float = field(default=10000.0, metadata=bounds(1.0))
-    # llama3: Llama 3.1's long-context frequency scaling (jaxlm.nn.rope.RopeScaling)
+    # llama3 (Llama 3.1) or yarn (DeepSeek-V3, Qwen): long-context frequency scaling
+    # (jaxlm.nn.rope.RopeScaling); factor and original_max_positions serve both
     rope_scaling: str = field(default="none", metadata=choices(*ROPE_SCALINGS))
     rope_scaling_factor: float = field(default=8.0, metadata=bounds(1.0))
-    rope_low_freq_factor: float = field(default=1.0, metadata=bounds(0.0))
-    rope_high_freq_factor: float = field(default=4.0, metadata=bounds(0.0))
     rope_original_max_positions: int = field(default=8192, metadata=bounds(1))
+    rope_low_freq_factor: float = field(default=1.0, metadata=bounds(0.0))   # llama3
+    rope_high_freq_factor: float = field(default=4.0, metadata=bounds(0.0))  # llama3
+    rope_beta_fast: float = field(default=32.0, metadata=bounds(0.0))        # yarn
+    rope_beta_slow: float = field(default=1.0, metadata=bounds(0.0))         # yarn
+    rope_mscale: float = field(default=0.0, metadata=bounds(0.0))            # yarn, 0: unset
+    rope_mscale_all_dim: float = field(default=0.0, metadata=bounds(0.0))    # yarn, 0: unset
+    rope_attention_factor: float = field(default=0.0, metadata=bounds(0.0))  # yarn, 0: derived
+    rope_truncate: bool = True                                               # yarn
 
     def validate_rope(self) -> None:
-        if self.rope_scaling != "none" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+        llama3 = self.rope_scaling == "llama3"
+        if llama3 and self.rope_high_freq_factor <= self.rope_low_freq_factor:
             raise ConfigError(f"model.rope_high_freq_factor={self.rope_high_freq_factor} must "
                               f"exceed model.rope_low_freq_factor={self.rope_low_freq_factor}")
 

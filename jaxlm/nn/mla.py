@@ -84,8 +84,9 @@ class MLA(nnx.Module):
             c.qk_rope_head_dim,))], -1)
         q, k, v = constrain(q, Q_NAMES), constrain(k, KV_NAMES), constrain(v, KV_NAMES)
         mask = MaskSpec(causal=c.causal, q_segment_ids=segment_ids_BxS)
+        scaling = 1.0 if c.rope_scaling is None else c.rope_scaling.logit_scale  # YaRN's mscale
         out_BxSxHxV, cache = attend(q, k, v, mask, bias=bias, cache=cache, impl=c.impl,
-                                    scale=c.qk_head_dim ** -0.5)
+                                    scale=c.qk_head_dim ** -0.5 * scaling)
         out_BxSxHxV = constrain(out_BxSxHxV, Q_NAMES)
         return jnp.einsum("bshv,hvd->bsd", out_BxSxHxV, self.wo[...].astype(dt)), cache
 
