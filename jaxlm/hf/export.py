@@ -63,6 +63,7 @@ def export(cfg, weights: dict, out_dir: str | Path, dtype: str = "float32",
     mapping = registry.for_family(cfg.model.family)
     hf_config = mapping.config_to_hf(cfg.model, max_positions=cfg.data.seq_len)
     hf_config["dtype"] = dtype
+    hf_config.update(_special_ids(cfg))
     layout = mapping.layout(cfg.model)
     leaves = _flat(weights)
     by_name: dict[str, list] = {}
@@ -89,6 +90,17 @@ def export(cfg, weights: dict, out_dir: str | Path, dtype: str = "float32",
                                            for s in shapes.values()), extra)
         _copy_tokenizer(cfg, Path(out_dir))
     return [*plan, *extra]
+
+
+def _special_ids(cfg) -> dict:
+    """The run's tokenizer's pad/bos/eos ids (what generation in transformers needs); an
+    encoder-decoder starts decoding from pad, as jaxlm's span corruption does."""
+    from jaxlm.data.tokenizer import load_tokenizer
+    tok = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
+    ids = dict(pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    if cfg.model.objective == "seq2seq":
+        ids["decoder_start_token_id"] = tok.pad_id
+    return ids
 
 
 def _copy_tokenizer(cfg, out: Path) -> None:
