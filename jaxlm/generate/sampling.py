@@ -109,17 +109,26 @@ def row_keys(seed_B, index_B):
     return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seed_B, index_B)
 
 
-def sample(logits_BxV, seen_BxV, index_B, p: RowParams):
-    """The next token of every row [B] int32, and the distribution it was drawn from (log-probs
-    [B, V], the one speculative decoding compares; greedy rows: a point mass)."""
+def distribution(logits_BxV, seen_BxV, p: RowParams):
+    """The log-probabilities [B, V] each row samples from: penalised and filtered; a greedy row
+    (temperature 0) gets a point mass on its argmax."""
     logits_BxV = penalize(logits_BxV.astype(jnp.float32), seen_BxV, p)
-    greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    greedy_B = jnp.argmax(logits_BxV, axis=-1)
     logp_BxV = jax.nn.log_softmax(filter_logits(logits_BxV, p), axis=-1)
-    drawn_B = jax.vmap(jax.random.categorical)(row_keys(p.seed_B, index_B), logp_BxV)
-    is_greedy_B = p.temperature_B <= 0
-    token_B = jnp.where(is_greedy_B, greedy_B, drawn_B.astype(jnp.int32))
     point_BxV = jnp.where(jnp.arange(logp_BxV.shape[-1]) == greedy_B[:, None], 0.0, FILTERED)
-    return token_B, jnp.where(is_greedy_B[:, None], point_BxV, logp_BxV)
+    return jnp.where((p.temperature_B <= 0)[:, None], point_BxV, logp_BxV)
+
+
+def sample(logits_BxV, seen_BxV, index_B, p: RowParams, tag: int = 0):
+    """The next token of every row [B] int32 (its `index_B`-th output token) and the
+    log-probabilities it was drawn from. `tag` separates independent draws of one index
+    (speculative decoding's draft, acceptance and resampling)."""
+    logp_BxV = distribution(logits_BxV, seen_BxV, p)
+    keys = row_keys(p.seed_B, index_B)
+    if tag:
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, tag))(keys)
+    token_B = jax.vmap(jax.random.categorical)(keys, logp_BxV).astype(jnp.int32)
+    return token_B, logp_BxV
 
 
 def cut_at_stop(text: str, stops) -> tuple[str, bool]:
