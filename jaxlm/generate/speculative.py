@@ -85,8 +85,10 @@ def _verify_fn(lm: LM, state, cache, last, pos, drafts_K, logq_KxV, seen_1xV, pa
 
 def _propose_fn(lm: LM, K: int, state, cache, last, pos, seen_1xV, params, count):
     """K draft tokens sampled from the draft model, and their distributions; the draft is fed
-    K + 1 tokens (last and every draft), so its cache holds whatever the target accepts."""
+    K + 1 tokens (last and every draft), so its cache holds whatever the target accepts; it
+    is first cut back to the `pos` tokens before `last` (what the last verify accepted)."""
     with lm.rules_scope():
+        cache = kv.with_lengths(cache, pos[None])
         def body(carry, i):
             cache, tok, seen = carry
             logits, cache = lm.forward(state, tok[None, None], (pos + i)[None, None],
@@ -179,8 +181,6 @@ class Speculator:
             n = int(n)
             new = np.asarray(out_K1)[:n + 1].tolist()
             drafted, accepted = drafted + K, accepted + n
-            if self.draft is not None:
-                dcache = kv.with_lengths(dcache, jnp.asarray([pos + n + 1]))
             pos += n + 1
             for t in new:
                 out.append(t)
