@@ -89,6 +89,16 @@ def load_run(run_dir: str, step: int | None = None, mesh_sizes=None, cache_dtype
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     state = restore_variables(ckpt.step_dir(step), abstract_state)
     context = cfg.data.seq_len if getattr(cfg.model, "max_positions", None) is None else None
-    lm = LM.of(cfg.model, state, mesh=mesh if mesh.size > 1 else None, rules=rules,
-               context_len=context, cache_dtype=cache_dtype)
-    return Loaded(lm, tokenizer, step, cfg)
+    return from_parts(cfg.model, state, tokenizer, mesh=mesh, rules=rules, context_len=context,
+                      cache_dtype=cache_dtype, step=step, config=cfg)
+
+
+def from_parts(model_cfg, state, tokenizer, *, mesh=None, rules=None, context_len=None,
+               cache_dtype=None, step: int = 0, config=None) -> Loaded:
+    """The seam every loader feeds (a run directory above; a Hugging Face import later): a
+    model config, its variables ({'params', 'model_state'} or one nnx pure dict) and a
+    tokenizer (jaxlm.data.tokenizer interface) -> what the CLI generates from."""
+    mesh = mesh if mesh is not None and mesh.size > 1 else None
+    lm = LM.of(model_cfg, state, mesh=mesh, rules=rules, context_len=context_len,
+               cache_dtype=cache_dtype)
+    return Loaded(lm, tokenizer, step, config)
