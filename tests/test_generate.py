@@ -176,3 +176,16 @@ def test_prompt_lookup_drafts():
     assert lookup([1, 2, 3, 9, 1, 2], 2, 3) == [3, 9, 1]
     assert lookup([1, 2, 3, 9, 1, 2], 2, 5) == [3, 9, 1, 2, 2]  # runs out: repeats its last
     assert lookup([4, 5, 6], 2, 2) == [6, 6]                    # no match: the last token
+
+
+def test_bfloat16_cache_stays_close_to_float32():
+    """--cache-dtype bfloat16: keys and values are stored in bf16; the logits move by bf16
+    rounding only."""
+    _, lm = tiny_lm("llama-gqa")
+    lm16 = LM.of(lm.cfg, lm.state, cache_dtype="bfloat16")
+    reqs = [Request(p, GREEDY) for p in PROMPTS]
+    d, _ = Engine(lm16).prefill(reqs)
+    assert d.cache.k_BxTxGxK.dtype == jnp.bfloat16
+    for (l32, _), (l16, _) in zip(decode_logits(Engine(lm), reqs, 3),
+                                  decode_logits(Engine(lm16), reqs, 3)):
+        np.testing.assert_allclose(l16, l32, atol=0.05)

@@ -189,10 +189,10 @@ class Engine:
     def stream(self, request: Request, max_len: int | None = None) -> Iterator[int]:
         """One request's tokens as they are generated (the stop token is not yielded)."""
         d, _ = self.prefill([request], max_len)
+        stop = set(np.asarray(d.stop_BxS[0]).tolist())
         n = 0
         while True:
             count, done, tokens = jax.device_get((d.count_B[0], d.done_B[0], d.tokens_BxN[0]))
-            stop = set(np.asarray(d.stop_BxS[0]).tolist())
             for t in tokens[n:count].tolist():
                 if done and t in stop:
                     return

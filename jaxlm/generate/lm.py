@@ -23,7 +23,7 @@ from jaxlm.config_schema import DEFAULT_RULES
 from jaxlm.generate import cache as kv
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.registry import build_model
-from jaxlm.parallel.sharding import constrain, tree_shardings, use_rules
+from jaxlm.parallel.sharding import mesh_axis_of, tree_shardings, use_rules
 
 
 @dataclasses.dataclass
@@ -95,11 +95,7 @@ class LM:
         if self.mesh is None:
             return 1
         with use_rules(self.mesh, self.rules):
-            from jaxlm.parallel.sharding import mesh_axis_of
             return mesh_axis_of("act_batch")[1]
-
-    def replicated(self, x):
-        return x if self.mesh is None else constrain(x, (None,) * jnp.ndim(x))
 
 
 def _deep_update(into: dict, other: dict):
