@@ -205,6 +205,26 @@ class Checkpointer:
             faults.EXIT_WRITE_FAILED)
 
 
+def restore_variables(step_dir: Path, abstract_subtree):
+    """Only some items of a saved train state (e.g. params and model_state for generation: the
+    optimizer moments are never read), restored onto the shardings of `abstract_subtree`. A
+    checkpoint of another model is a ConfigError naming the directory."""
+    path = epath.Path(step_dir) / "state"
+    if not path.is_dir():
+        raise ConfigError(f"{step_dir}: not a checkpoint (no 'state' item)")
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        meta = handler.metadata(path)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{step_dir}: cannot read its metadata: {faults.first_line(e)}") from None
+    tree = getattr(meta, "tree", meta)
+    subset = {k: tree[k] for k in abstract_subtree if k in tree}
+    _check_matches(subset, abstract_subtree, step_dir)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
+    return handler.restore(path, args=ocp.args.PyTreeRestore(
+        item=abstract_subtree, restore_args=restore_args, partial_restore=True))
+
+
 def _agree(problem: str | None) -> str | None:
     """Every process reads only its shards: a checkpoint is good only if it is good on all."""
     if jax.process_count() == 1:

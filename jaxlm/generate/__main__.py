@@ -1,0 +1,5 @@
+import sys
+
+from jaxlm.generate.cli import main
+
+sys.exit(main())

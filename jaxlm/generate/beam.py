@@ -1,0 +1,153 @@
+"""Beam search for decoder-only models, with Hugging Face's rules: each step every beam's
+continuations are scored by summed log-probability, the best 2W candidates are taken in order,
+those ending in EOS become finished hypotheses (scored sum / generated_len ** length_penalty,
+the EOS counted) and the first W others continue. The search ends when W hypotheses are
+finished and (early stopping) at once, or when no running beam can still beat the worst of them,
+or at the token limit, where the running beams are finished as they are.
+
+The prompt is prefilled once and its cache copied to the W beams; each step the caches of the
+beams that continue are gathered (cache.take_rows) before their tokens are fed, in one compiled
+function. Candidate selection is on the device; the bookkeeping of finished hypotheses (small) on
+the host.
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.config_fields import ConfigError
+from jaxlm.generate import cache as kv
+from jaxlm.generate.engine import CACHE_ROUND, bucket, round_up
+from jaxlm.generate.lm import LM
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamConfig:
+    width: int
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+
+    def validate(self) -> "BeamConfig":
+        if self.width < 1:
+            raise ConfigError(f"--beams={self.width}: expected >= 1")
+        return self
+
+
+@dataclasses.dataclass
+class BeamResult:
+    ids: list[int]           # the best hypothesis, EOS excluded
+    score: float
+    finish_reason: str       # "stop" (ended in EOS) or "length"
+
+
+def _prefill(lm: LM, max_len: int, W: int):
+    def fn(state, tokens_1xP, length):
+        with lm.rules_scope():
+            P = tokens_1xP.shape[1]
+            cache = lm.empty_cache(state, 1, max_len)
+            seg_1xP = (jnp.arange(P) < length).astype(jnp.int32)[None]
+            h, cache = lm.hidden(state, tokens_1xP, jnp.arange(P, dtype=jnp.int32)[None], seg_1xP,
+                                 cache)
+            logits_1xV = lm.logits(state, jax.lax.dynamic_slice_in_dim(h, length - 1, 1, 1))[:, 0]
+            cache = kv.with_lengths(cache, jnp.reshape(length, (1,)))
+            return jax.nn.log_softmax(logits_1xV), kv.take_rows(cache, jnp.zeros((W,), jnp.int32))
+    return jax.jit(fn)
+
+
+def _step(lm: LM):
+    def fn(state, cache, rows_W, tokens_W, pos):
+        with lm.rules_scope():
+            cache = kv.take_rows(cache, rows_W)
+            W = tokens_W.shape[0]
+            logits, cache = lm.forward(state, tokens_W[:, None], jnp.full((W, 1), pos, jnp.int32),
+                                       jnp.ones((W, 1), jnp.int32), cache)
+            return jax.nn.log_softmax(logits[:, 0]), cache
+    return jax.jit(fn, donate_argnums=(1,))
+
+
+@jax.jit
+def _candidates(scores_W, logp_WxV):
+    """The 2W best (score, beam, token) continuations, best first."""
+    W, V = logp_WxV.shape
+    total_WxV = scores_W[:, None] + logp_WxV
+    best, flat = jax.lax.top_k(total_WxV.reshape(-1), min(2 * W, W * V))
+    return best, flat // V, flat % V
+
+
+def beam_search(lm: LM, prompt_ids, c: BeamConfig, max_tokens: int, eos_id: int | None
+                ) -> BeamResult:
+    W = c.width
+    n = len(prompt_ids)
+    if n == 0:
+        raise ConfigError("prompt 1 is empty: it needs at least one token")
+    if W % lm.batch_multiple():
+        raise ConfigError(f"--beams={W}: must be a multiple of the data-parallel size "
+                          f"{lm.batch_multiple()} (the beams are the batch rows)")
+    if lm.context_len is not None:
+        if n >= lm.context_len:
+            raise ConfigError(f"prompt 1 has {n} tokens, but the model reads at most "
+                              f"{lm.context_len} (its context): shorten it")
+        max_tokens = min(max_tokens, lm.context_len - n)
+    max_len = round_up(max(n + max_tokens, bucket(n)), CACHE_ROUND)
+    if lm.context_len is not None:
+        max_len = min(max_len, lm.context_len)
+    P = bucket(n, max_len)
+    tokens = np.zeros((1, P), np.int32)
+    tokens[0, :n] = prompt_ids
+    logp_WxV, cache = _prefill(lm, max_len, W)(lm.state, tokens, np.int32(n))
+    logp_WxV = jnp.broadcast_to(logp_WxV, (W, logp_WxV.shape[-1]))
+    scores_W = np.full((W,), -np.inf, np.float32)
+    scores_W[0] = 0.0  # all beams start equal: only the first may be continued at first
+    seqs = [[] for _ in range(W)]
+    finished: list[tuple[float, int, list[int]]] = []  # min-heap of (score, order, ids)
+    step_fn = _step(lm)
+    lp = c.length_penalty
+
+    def add(score_sum, ids):
+        item = (score_sum / len(ids) ** lp, -len(finished), ids)
+        if len(finished) < W:
+            heapq.heappush(finished, item)
+        elif item[0] > finished[0][0]:
+            heapq.heapreplace(finished, item)
+
+    done = False
+    for t in range(max_tokens):
+        best, beam, token = jax.device_get(_candidates(jnp.asarray(scores_W), logp_WxV))
+        rows, toks, new_scores, new_seqs = [], [], [], []
+        for rank, (s, b, v) in enumerate(zip(best.tolist(), beam.tolist(), token.tolist())):
+            if s == -np.inf:
+                break
+            if eos_id is not None and v == eos_id:
+                if rank < W:  # an EOS ranked below the W best is not a hypothesis (as in HF)
+                    add(s, seqs[b] + [v])
+            elif len(rows) < W:
+                rows.append(b), toks.append(v), new_scores.append(s), new_seqs.append(seqs[b] + [v])
+        if not rows:
+            done = True
+            break
+        while len(rows) < W:  # fewer live candidates than beams: pad with dead copies
+            rows.append(rows[0]), toks.append(toks[0]), new_scores.append(-np.inf)
+            new_seqs.append(new_seqs[0])
+        scores_W, seqs = np.asarray(new_scores, np.float32), new_seqs
+        if len(finished) == W:
+            # the best score a running beam could still reach: its sum only falls, its length
+            # grows to at most max_tokens
+            reach = max(new_scores) / (max_tokens if lp > 0 else t + 1) ** lp
+            if c.early_stopping or reach <= finished[0][0]:
+                done = True
+                break
+        if t + 1 < max_tokens:
+            logp_WxV, cache = step_fn(lm.state, cache, np.asarray(rows, np.int32),
+                                      np.asarray(toks, np.int32), np.int32(n + t))
+    if not done:  # the token limit: the running beams are hypotheses as they are
+        for s, ids in zip(scores_W.tolist(), seqs):
+            if s > -np.inf:
+                add(s, ids)
+    score, _, ids = max(finished)
+    if eos_id is not None and ids and ids[-1] == eos_id:
+        return BeamResult(ids[:-1], score, "stop")
+    return BeamResult(ids, score, "length")

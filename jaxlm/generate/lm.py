@@ -1,0 +1,107 @@
+"""A trained model as decoding sees it: the training model itself (graph definition + state),
+called through the model protocol with a KV cache: embed_tokens -> stack()(h, inputs, cache) ->
+logits. No twin of the model: the cache goes in at the attention contract and nothing else about
+decoding reaches a layer.
+
+`LM.of(model_cfg, state, ...)` is the seam every loader feeds: a jaxlm run directory
+(jaxlm.generate.load) today, a Hugging Face import later: (model config, parameter state) in,
+placed on the mesh by the same logical rules training uses.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxlm.config_fields import ConfigError
+from jaxlm.config_schema import DEFAULT_RULES
+from jaxlm.generate import cache as kv
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.registry import build_model
+from jaxlm.parallel.sharding import mesh_axis_of, tree_shardings, use_rules
+
+
+@dataclasses.dataclass
+class LM:
+    cfg: ModelConfig
+    graphdef: Any
+    state: Any                 # nnx pure-dict state: params (and model_state) of the model
+    mesh: Mesh | None = None
+    rules: Any = None
+    context_len: int | None = None  # longest sequence the model may read (None: no limit)
+    cache_dtype: Any = None         # None: the model's compute dtype
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, state, *, mesh: Mesh | None = None, rules=None,
+           context_len: int | None = None, cache_dtype=None) -> "LM":
+        """The model of `cfg` with `state` ({'params': ..., 'model_state': ...} as a train state
+        holds them, or one nnx pure dict of all variables), placed on `mesh` by `rules`."""
+        if cfg.objective != "causal_lm":
+            raise ConfigError(f"model.family={cfg.family}: generation needs a decoder-only "
+                              f"(causal LM) family, not a {cfg.objective} model")
+        abstract = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
+        graphdef, abstract_state = nnx.split(abstract)
+        if "params" in state:  # a train state's parts: merge them into one variable dict
+            merged = dict(state["params"])
+            _deep_update(merged, state.get("model_state", {}))
+            state = merged
+        rules = DEFAULT_RULES if rules is None else rules
+        if mesh is not None:
+            logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
+            state = jax.device_put(state, tree_shardings(logical, mesh, rules))
+        limit = getattr(cfg, "max_positions", None)
+        context_len = limit if context_len is None else min(context_len, limit or context_len)
+        return cls(cfg, graphdef, state, mesh, rules, context_len,
+                   None if cache_dtype is None else jnp.dtype(cache_dtype))
+
+    def rules_scope(self):
+        """The scope a traced decoding function runs in: the mesh's logical rules, if any."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        return use_rules(self.mesh, self.rules)
+
+    def model(self, state):
+        return nnx.merge(self.graphdef, state)
+
+    def empty_cache(self, state, batch: int, max_len: int):
+        """Inside a trace: every layer's empty cache, in the cache dtype, sharded by the rules."""
+        cache = self.model(state).stack().empty_cache(batch, max_len)
+        return kv.constrain_caches(kv.cast_caches(cache, self.cache_dtype))
+
+    def hidden(self, state, tokens_BxS, positions_BxS, segment_ids_BxS, cache):
+        """Inside a trace: (final residual stream [B, S, D], updated cache) for S new tokens per
+        row, appended to the cache at each row's length."""
+        model = self.model(state)
+        h_BxSxD, inputs = model.embed_tokens(tokens_BxS, positions_BxS, segment_ids_BxS)
+        h_BxSxD, _, cache = model.stack()(h_BxSxD, inputs, cache)
+        return h_BxSxD, kv.constrain_caches(cache)
+
+    def logits(self, state, h_BxSxD):
+        """float32 logits [B, S, V] of a residual stream."""
+        return self.model(state).logits(h_BxSxD).astype(jnp.float32)
+
+    def forward(self, state, tokens_BxS, positions_BxS, segment_ids_BxS, cache):
+        """(logits [B, S, V] float32, cache) of S new tokens per row."""
+        h_BxSxD, cache = self.hidden(state, tokens_BxS, positions_BxS, segment_ids_BxS, cache)
+        return self.logits(state, h_BxSxD), cache
+
+    def batch_multiple(self) -> int:
+        """Rows a batch must be a multiple of: the size of the mesh axes rows are split over."""
+        if self.mesh is None:
+            return 1
+        with use_rules(self.mesh, self.rules):
+            return mesh_axis_of("act_batch")[1]
+
+
+def _deep_update(into: dict, other: dict):
+    for k, v in other.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            into[k] = dict(into[k])
+            _deep_update(into[k], v)
+        else:
+            into[k] = v

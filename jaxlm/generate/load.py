@@ -1,0 +1,104 @@
+"""A trained run as something to generate from: its config (config.yaml), the parameters of one
+checkpoint (only params and model state are read, never the optimizer), its tokenizer (the data
+config's), on a mesh given as axis sizes. Every problem is a ConfigError naming the file/flag."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from jaxlm.config import ConfigError, MESH_AXES, from_yaml_file
+from jaxlm.data.tokenizer import load_tokenizer
+from jaxlm.generate.lm import LM
+from jaxlm.models.registry import build_model
+from jaxlm.parallel.sharding import make_mesh, tree_shardings
+
+
+@dataclasses.dataclass
+class Loaded:
+    lm: LM
+    tokenizer: object
+    step: int
+    config: object   # the run's full Config
+
+
+def parse_mesh(text: str | None) -> dict[str, int] | None:
+    """'data=2,tensor=4' -> axis sizes (the others 1); None: one device."""
+    if not text:
+        return None
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in MESH_AXES or not value.strip().isdigit() or int(value) < 1:
+            raise ConfigError(f"--mesh {text!r}: expected axis=size pairs like data=2,tensor=4 "
+                              f"with axes from {', '.join(MESH_AXES)}")
+        sizes[name.strip()] = int(value)
+    return sizes
+
+
+def mesh_of(sizes: dict[str, int] | None):
+    devices = jax.devices()
+    if sizes is None:
+        return make_mesh(dict.fromkeys(MESH_AXES, 1), devices[:1])
+    n = 1
+    for v in sizes.values():
+        n *= v
+    if n > len(devices):
+        raise ConfigError(f"--mesh needs {n} devices, but {len(devices)} are available")
+    return make_mesh(sizes, devices[:n])
+
+
+def read_run_config(run_dir: str):
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ConfigError(f"--run {run_dir}: not a directory (expected a training run's "
+                          f"train.run_dir)")
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--run {run_dir}: no config.yaml in it (not a jaxlm training run)")
+    return from_yaml_file(str(saved))
+
+
+def load_run(run_dir: str, step: int | None = None, mesh_sizes=None, cache_dtype=None) -> Loaded:
+    """The run's model at checkpoint `step` (None: the latest) on the mesh, with its tokenizer."""
+    from jaxlm.checkpoint import Checkpointer, restore_variables
+    cfg = read_run_config(run_dir)
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
+    ckpt = Checkpointer(Path(run_dir) / "checkpoints", cfg.checkpoint)
+    steps = ckpt.steps()
+    if not steps:
+        raise ConfigError(f"--run {run_dir}: no checkpoint in {ckpt.directory}")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ConfigError(f"--step {step}: no such checkpoint in {ckpt.directory} (have "
+                          f"{', '.join(map(str, steps))})")
+    mesh = mesh_of(mesh_sizes)
+    rules = cfg.mesh.rules
+    abstract = nnx.eval_shape(lambda: build_model(cfg.model, nnx.Rngs(0)))
+    _, params, rest = nnx.split(abstract, nnx.Param, ...)
+    wanted = {"params": params}
+    if jax.tree.leaves(rest):
+        wanted["model_state"] = rest
+    shapes = {k: nnx.to_pure_dict(v) for k, v in wanted.items()}
+    shardings = {k: tree_shardings(nnx.to_pure_dict(nnx.get_partition_spec(v)), mesh, rules)
+                 for k, v in wanted.items()}
+    abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    state = restore_variables(ckpt.step_dir(step), abstract_state)
+    context = cfg.data.seq_len if getattr(cfg.model, "max_positions", None) is None else None
+    return from_parts(cfg.model, state, tokenizer, mesh=mesh, rules=rules, context_len=context,
+                      cache_dtype=cache_dtype, step=step, config=cfg)
+
+
+def from_parts(model_cfg, state, tokenizer, *, mesh=None, rules=None, context_len=None,
+               cache_dtype=None, step: int = 0, config=None) -> Loaded:
+    """The seam every loader feeds (a run directory above; a Hugging Face import later): a
+    model config, its variables ({'params', 'model_state'} or one nnx pure dict) and a
+    tokenizer (jaxlm.data.tokenizer interface) -> what the CLI generates from."""
+    mesh = mesh if mesh is not None and mesh.size > 1 else None
+    lm = LM.of(model_cfg, state, mesh=mesh, rules=rules, context_len=context_len,
+               cache_dtype=cache_dtype)
+    return Loaded(lm, tokenizer, step, config)

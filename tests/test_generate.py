@@ -1,0 +1,191 @@
+"""Decoding through the training model's KV cache: every generated position's logits equal a
+no-cache forward over the whole sequence (each decoder family, GQA/MQA, ragged rows, a
+data x tensor mesh), seeds reproduce, stop tokens end rows, beam search finds the brute-force
+best, and speculative decoding with greedy settings is plain greedy."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlm.config import load_config
+from jaxlm.generate.beam import BeamConfig, beam_search
+from jaxlm.generate.engine import Engine, Request
+from jaxlm.generate.lm import LM
+from jaxlm.generate.load import mesh_of
+from jaxlm.generate.sampling import SamplingConfig
+from jaxlm.generate.speculative import Speculator, lookup
+from jaxlm.models.registry import build_model
+from jaxlm.config_schema import MESH_AXES
+
+SMALL = ["model.vocab_size=64", "model.d_model=32", "model.num_layers=2", "model.num_heads=4"]
+FAMILIES = {
+    "llama-gqa": ["model.num_kv_heads=2", "model.ffn_dim=48"],
+    "llama-mqa-loop": ["model.num_kv_heads=1", "model.ffn_dim=48", "model.scan_layers=false"],
+    "gpt2": ["model.family=gpt2", "model.max_positions=64", "data.seq_len=64"],
+    "mixtral": ["model.family=mixtral", "model.num_layers=4", "model.moe_every=2",
+                "model.num_experts=4", "model.expert_ffn_dim=16", "model.ffn_dim=48"],
+    "deepseek": ["model.family=deepseek", "model.q_lora_rank=16", "model.kv_lora_rank=16",
+                 "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4", "model.v_head_dim=8",
+                 "model.ffn_dim=48", "model.num_layers=3", "model.num_dense_layers=1",
+                 "model.num_experts=4", "model.experts_per_token=2", "model.expert_ffn_dim=16",
+                 "model.bias_update_rate=0.01"],
+}
+GREEDY = SamplingConfig(temperature=0.0, max_tokens=6)
+
+
+def tiny_lm(name, seed=0, **kw):
+    """A model of the family with random (non-zero-init) weights, and its LM view."""
+    cfg = load_config(None, SMALL + FAMILIES[name]).model
+    model = build_model(cfg, nnx.Rngs(seed))
+    rng = np.random.default_rng(seed)
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda x: jnp.asarray(
+        rng.normal(0, 0.3, x.shape), x.dtype), params))
+    return model, LM.of(cfg, nnx.to_pure_dict(nnx.state(model)), **kw)
+
+
+def decode_logits(engine, requests, steps):
+    """Per real row: the logits each generated token was drawn from, and the tokens."""
+    d, n = engine.prefill(requests)
+    logits = [np.asarray(d.logits_BxV)]
+    for _ in range(steps - 1):
+        d = engine.step(d)
+        logits.append(np.asarray(d.logits_BxV))
+    tokens = np.asarray(d.tokens_BxN)
+    return [(np.stack([lg[b] for lg in logits]), tokens[b, :steps]) for b in range(n)]
+
+
+PROMPTS = [[5, 9, 2, 33, 17, 8, 1], [40, 3], [11, 12, 13, 14]]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_cached_decode_equals_full_forward(name):
+    """Ragged prompts (7, 2, 4 tokens) decode 6 greedy tokens each; the logits of every
+    generated position equal the full no-cache forward over prompt + output."""
+    _, lm = tiny_lm(name)
+    steps = 6
+    got = decode_logits(Engine(lm), [Request(p, GREEDY) for p in PROMPTS], steps)
+    seqs = [p + t.tolist() for p, (_, t) in zip(PROMPTS, got)]
+    full_BxSxV = full_forward(lm, seqs)
+    for b, (prompt, (logits_NxV, tokens)) in enumerate(zip(PROMPTS, got)):
+        full = full_BxSxV[b, len(prompt) - 1:len(seqs[b]) - 1]
+        np.testing.assert_allclose(logits_NxV, full, rtol=2e-4, atol=2e-4)
+        assert (np.argmax(full, -1) == tokens).all()
+
+
+def full_forward(lm, seqs):
+    """The no-cache forward of the training model over right-padded rows (padding in segment
+    0), from the LM's own state (a forward pass may update model state: MoE's bias)."""
+    S = max(map(len, seqs))
+    tokens = np.zeros((len(seqs), S), np.int32)
+    seg = np.zeros((len(seqs), S), np.int32)
+    for b, s in enumerate(seqs):
+        tokens[b, :len(s)], seg[b, :len(s)] = s, 1
+    return np.asarray(jax.jit(lambda st, t, g: lm.model(st)(t, segment_ids_BxS=g))(
+        lm.state, tokens, seg))
+
+
+def test_mesh_decode_equals_one_device_and_cache_is_sharded():
+    """data=2 x tensor=2: the cache's rows are split over data and its kv heads over tensor,
+    and the tokens and logits equal one device's."""
+    model, lm1 = tiny_lm("llama-gqa")
+    sizes = dict.fromkeys(MESH_AXES, 1) | {"data": 2, "tensor": 2}
+    lm4 = LM.of(lm1.cfg, lm1.state, mesh=mesh_of(sizes))
+    reqs = [Request(p, GREEDY) for p in PROMPTS] + [Request([7], GREEDY)]
+    one = decode_logits(Engine(lm1), reqs, 4)
+    engine = Engine(lm4)
+    d, _ = engine.prefill(reqs)
+    k = d.cache.k_BxTxGxK  # scanned stack: [layers, B, T, G, K]
+    assert k.sharding.spec[1] == "data" and k.sharding.spec[3] == "tensor"
+    four = decode_logits(engine, reqs, 4)
+    for (l1, t1), (l4, t4) in zip(one, four):
+        np.testing.assert_allclose(l1, l4, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(t1, t4)
+
+
+def test_seeds_reproduce_whatever_the_batch_and_stop_tokens_end_rows():
+    _, lm = tiny_lm("llama-gqa")
+    s = SamplingConfig(temperature=1.0, top_k=20, max_tokens=8, seed=7)
+    engine = Engine(lm)
+    alone = engine.generate([Request([5, 9, 2], s)])[0].ids
+    batched = engine.generate([Request([40, 3], SamplingConfig(max_tokens=8, seed=1)),
+                               Request([5, 9, 2], s)])
+    assert batched[1].ids == alone and len(alone) == 8
+    other = engine.generate([Request([5, 9, 2], SamplingConfig(temperature=1.0, top_k=20,
+                                                               max_tokens=8, seed=8))])[0].ids
+    assert other != alone
+    stop = alone[3]
+    first = alone.index(stop)
+    out = engine.generate([Request([5, 9, 2], SamplingConfig(
+        temperature=1.0, top_k=20, max_tokens=8, seed=7, stop_ids=(stop,)))])[0]
+    assert out.ids == alone[:first] and out.finish_reason == "stop"
+    assert list(engine.stream(Request([5, 9, 2], s))) == alone
+
+
+def _seq_logp(model, prompt, seq):
+    logp = jax.nn.log_softmax(model(jnp.asarray([prompt + seq]))[0].astype(jnp.float32))
+    return float(sum(logp[len(prompt) - 1 + i, t] for i, t in enumerate(seq)))
+
+
+@pytest.mark.parametrize("lp", [1.0, 0.0])
+def test_beam_search_equals_brute_force(lp):
+    """Vocabulary 4, up to 3 tokens, width 64 (every candidate fits): the best hypothesis is
+    the brute-force best over all sequences that end in EOS or reach the limit."""
+    cfg = load_config(None, ["model.vocab_size=4", "model.d_model=16", "model.num_layers=1",
+                             "model.num_heads=2", "model.num_kv_heads=1",
+                             "model.ffn_dim=16"]).model
+    model = build_model(cfg, nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    nnx.update(model, jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 1.0, x.shape), x.dtype),
+                                   nnx.state(model, nnx.Param)))
+    lm = LM.of(cfg, nnx.to_pure_dict(nnx.state(model)))
+    eos, L, prompt = 2, 3, [1, 3]
+    cands = []
+    for n in range(1, L + 1):
+        for seq in itertools.product(range(4), repeat=n):
+            if eos in seq[:-1] or (n < L and seq[-1] != eos):
+                continue
+            cands.append((_seq_logp(model, prompt, list(seq)) / n ** lp, list(seq)))
+    best_score, best = max(cands)
+    got = beam_search(lm, prompt, BeamConfig(64, lp), L, eos)
+    assert got.ids == [t for t in best if t != eos]
+    assert got.score == pytest.approx(best_score, rel=1e-4)
+    assert got.finish_reason == ("stop" if best[-1] == eos else "length")
+    small = beam_search(lm, prompt, BeamConfig(2, lp), L, eos)  # narrower: no better than best
+    assert small.score <= best_score + 1e-5
+
+
+@pytest.mark.parametrize("drafter", ["model", "lookup"])
+def test_greedy_speculative_equals_greedy(drafter):
+    model, lm = tiny_lm("llama-gqa")
+    s = SamplingConfig(temperature=0.0, max_tokens=12)
+    prompt = [5, 9, 2, 33, 5, 9, 2]
+    plain = Engine(lm).generate([Request(prompt, s)])[0].ids
+    draft = tiny_lm("llama-mqa-loop", seed=5)[1] if drafter == "model" else None
+    spec = Speculator(lm, 3, None, draft=draft, ngram=0 if draft else 2)
+    got = spec.generate(Request(prompt, s))
+    assert got.ids == plain and 0 <= got.accepted <= got.drafted
+    self_spec = Speculator(lm, 3, None, draft=lm).generate(Request(prompt, s))
+    assert self_spec.ids == plain and self_spec.acceptance == 1.0  # the target as its own draft
+
+
+def test_prompt_lookup_drafts():
+    assert lookup([1, 2, 3, 9, 1, 2], 2, 3) == [3, 9, 1]
+    assert lookup([1, 2, 3, 9, 1, 2], 2, 5) == [3, 9, 1, 2, 2]  # runs out: repeats its last
+    assert lookup([4, 5, 6], 2, 2) == [6, 6]                    # no match: the last token
+
+
+def test_bfloat16_cache_stays_close_to_float32():
+    """--cache-dtype bfloat16: keys and values are stored in bf16; the logits move by bf16
+    rounding only."""
+    _, lm = tiny_lm("llama-gqa")
+    lm16 = LM.of(lm.cfg, lm.state, cache_dtype="bfloat16")
+    reqs = [Request(p, GREEDY) for p in PROMPTS]
+    d, _ = Engine(lm16).prefill(reqs)
+    assert d.cache.k_BxTxGxK.dtype == jnp.bfloat16
+    for (l32, _), (l16, _) in zip(decode_logits(Engine(lm), reqs, 3),
+                                  decode_logits(Engine(lm16), reqs, 3)):
+        np.testing.assert_allclose(l16, l32, atol=0.05)
