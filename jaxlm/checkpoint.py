@@ -85,22 +85,6 @@ class Checkpointer:
                               f"move the directory away to start over")
         return None
 
-    def restore(self, step: int | None, abstract_state):
-        """(step, state) of step `step` (None: the newest), checked like a resume; one
-        ConfigError when it is missing or damaged (nothing is moved aside)."""
-        steps = self.steps()
-        if not steps:
-            raise ConfigError(f"{self.directory}: no checkpoints")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise ConfigError(f"{self.directory}: no checkpoint of step {step}; there are "
-                              f"steps {', '.join(map(str, steps))}")
-        problem, restored = self._read(step, abstract_state)
-        problem = _agree(problem)
-        if problem is not None:
-            raise ConfigError(f"checkpoint {self.step_dir(step)} is damaged: {problem}")
-        return step, restored[0]
-
     def _read(self, step: int, abstract_state):
         """(None, (state, data_state)) or (what is wrong, None); a checkpoint of another model is
         a ConfigError, not damage."""

@@ -78,6 +78,19 @@ def build_state(cfg: Config, mesh: Mesh) -> StateSpec:
                              out_shardings=state_sh, donate_argnums=0))
 
 
+def abstract_weights(model_cfg, mesh: Mesh, rules) -> dict:
+    """{'params'[, 'model_state']} of a model as ShapeDtypeStructs with their shardings, and no
+    optimizer: what generation, export and weight loading read."""
+    abstract = nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0)))
+    _, params, rest = nnx.split(abstract, nnx.Param, ...)
+    wanted = {"params": params, **({"model_state": rest} if jax.tree.leaves(rest) else {})}
+    return {k: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            nnx.to_pure_dict(v),
+                            tree_shardings(nnx.to_pure_dict(nnx.get_partition_spec(v)), mesh,
+                                           rules))
+            for k, v in wanted.items()}
+
+
 def _checked_param_shardings(cfg, mesh, abstract_params, logical):
     """Parameter shardings from the rules, refused (one line naming the tensor) where a dimension
     does not divide its mesh axes or too much is left replicated."""

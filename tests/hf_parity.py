@@ -33,15 +33,15 @@ def jaxlm_model(hf_dir, *overrides):
 
     from jaxlm.config import load_config
     from jaxlm.hf.load import load
+    from jaxlm.models.registry import build_model
     from jaxlm.parallel.sharding import make_mesh
-    from jaxlm.state import build_state
+    from jaxlm.state import abstract_weights
     cfg = load_config(None, [f"model.init_from={hf_dir}", "data.seq_len=1024", *overrides])
     mesh = make_mesh(dict(data=1, fsdp=1, tensor=1, sequence=1, expert=1, stage=1),
                      devices=jax.devices()[:1])
-    spec = build_state(cfg, mesh)
-    abstract = {k: v for k, v in spec.abstract_state.items() if k in ("params", "model_state")}
-    weights = load(hf_dir, cfg.model, abstract)
-    return cfg, nnx.merge(spec.graphdef, weights["params"], weights.get("model_state", {}))
+    weights = load(hf_dir, cfg.model, abstract_weights(cfg.model, mesh, cfg.mesh.rules))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg.model, nnx.Rngs(0))))
+    return cfg, nnx.merge(graphdef, weights["params"], weights.get("model_state", {}))
 
 
 def assert_parity(ours, ref, atol=1e-4, max_kl=1e-6):

@@ -256,3 +256,32 @@ def test_init_from_reads_the_directory_tokenizer(hf_models, tmp_path):
                                                            str(d / "tokenizer.json"))
     cfg = load_config(None, [f"model.init_from={d}", "data.tokenizer=byte"])
     assert cfg.data.tokenizer == "byte"
+
+
+def test_generate_from_an_hf_directory_matches_transformers_greedy(hf_models, tmp_path):
+    """jaxlm.generate --hf: the HF weights and tokenizer.json loaded onto a data x tensor mesh,
+    cached greedy decoding gives transformers' greedy tokens (ragged prompts, one batch)."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from jaxlm.generate.engine import Engine, Request
+    from jaxlm.generate.load import load_hf
+    from jaxlm.generate.sampling import SamplingConfig
+    model, hf_dir = hf_models["llama"]
+    d = tmp_path / "llama"
+    shutil.copytree(hf_dir, d)
+    vocab = {**{f"w{i}": i for i in range(299)}, "</s>": 299}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+    loaded = load_hf(str(d), {"data": 2, "fsdp": 1, "tensor": 2, "sequence": 1, "expert": 1,
+                              "stage": 1})
+    prompts = [[5, 17, 33, 2, 9, 101], [44, 3]]
+    greedy = SamplingConfig(temperature=0.0, max_tokens=10)
+    got = Engine(loaded.lm).generate([Request(p, greedy) for p in prompts])
+    for prompt, out in zip(prompts, got):
+        with torch.no_grad():
+            theirs = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)[0, len(prompt):]
+        assert list(out.ids) == theirs.tolist()

@@ -1,5 +1,5 @@
-"""`python -m jaxlm.generate --run RUN_DIR [--step N] [--prompt TEXT ...]`: text from a trained
-run. Prompts come from --prompt (repeatable), --prompt-file (one per line, or JSONL with a
+"""`python -m jaxlm.generate --run RUN_DIR [--step N] | --hf DIR [--prompt TEXT ...]`: text from
+a trained run or a Hugging Face model directory. Prompts come from --prompt (repeatable), --prompt-file (one per line, or JSONL with a
 "prompt" field) or stdin. One prompt streams its tokens to stdout as they come; several are
 written as JSONL (stdout or --output), one record per prompt in input order. Bad input is one
 line on stderr and exit code 2, never a traceback."""
@@ -18,12 +18,15 @@ EXIT_BAD_INPUT = 2
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(EXIT_BAD_INPUT, f"error: {message} (usage: python -m jaxlm.generate --run "
-                                  f"RUN_DIR [--prompt TEXT] [options])\n")
+                                  f"RUN_DIR | --hf DIR [--prompt TEXT] [options])\n")
 
 
 def parse_args(argv):
     p = _Parser(prog="python -m jaxlm.generate", description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, metavar="RUN_DIR", help="a training run directory")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--run", metavar="RUN_DIR", help="a training run directory")
+    model.add_argument("--hf", metavar="DIR", help="a Hugging Face model directory (safetensors, "
+                       "config.json, tokenizer.json)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     src = p.add_argument_group("prompts")
     src.add_argument("--prompt", action="append", default=[], help="may be repeated")
@@ -117,12 +120,16 @@ def main(argv=None) -> int:
 def run(args) -> int:
     from jaxlm import faults
     from jaxlm.generate.engine import Engine, Request
-    from jaxlm.generate.load import load_run, parse_mesh
+    from jaxlm.generate.load import load_hf, load_run, parse_mesh
 
     faults.quiet_library_noise()
     prompts = read_prompts(args)
     mesh = parse_mesh(args.mesh)
-    loaded = load_run(args.run, args.step, mesh, args.cache_dtype)
+    if args.hf and args.step is not None:
+        raise ConfigError("--step reads a run's checkpoint; an --hf directory has one set of "
+                          "weights")
+    loaded = (load_hf(args.hf, mesh, args.cache_dtype) if args.hf else
+              load_run(args.run, args.step, mesh, args.cache_dtype))
     tok = loaded.tokenizer
     requests = [Request(tok.encode(p), sampling_of(args, i, tok)) for i, p in enumerate(prompts)]
     eos = getattr(tok, "eos_id", None)

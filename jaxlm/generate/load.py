@@ -7,13 +7,12 @@ import dataclasses
 from pathlib import Path
 
 import jax
-from flax import nnx
 
 from jaxlm.config import ConfigError, MESH_AXES, from_yaml_file
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.generate.lm import LM
-from jaxlm.models.registry import build_model
-from jaxlm.parallel.sharding import make_mesh, tree_shardings
+from jaxlm.parallel.sharding import make_mesh
+from jaxlm.state import abstract_weights
 
 
 @dataclasses.dataclass
@@ -77,20 +76,31 @@ def load_run(run_dir: str, step: int | None = None, mesh_sizes=None, cache_dtype
                           f"{', '.join(map(str, steps))})")
     mesh = mesh_of(mesh_sizes)
     rules = cfg.mesh.rules
-    abstract = nnx.eval_shape(lambda: build_model(cfg.model, nnx.Rngs(0)))
-    _, params, rest = nnx.split(abstract, nnx.Param, ...)
-    wanted = {"params": params}
-    if jax.tree.leaves(rest):
-        wanted["model_state"] = rest
-    shapes = {k: nnx.to_pure_dict(v) for k, v in wanted.items()}
-    shardings = {k: tree_shardings(nnx.to_pure_dict(nnx.get_partition_spec(v)), mesh, rules)
-                 for k, v in wanted.items()}
-    abstract_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    abstract_state = abstract_weights(cfg.model, mesh, rules)
     state = restore_variables(ckpt.step_dir(step), abstract_state)
     context = cfg.data.seq_len if getattr(cfg.model, "max_positions", None) is None else None
     return from_parts(cfg.model, state, tokenizer, mesh=mesh, rules=rules, context_len=context,
                       cache_dtype=cache_dtype, step=step, config=cfg)
+
+
+def load_hf(hf_dir: str, mesh_sizes=None, cache_dtype=None) -> Loaded:
+    """A Hugging Face model directory (jaxlm.hf): its weights loaded straight onto the mesh,
+    its tokenizer.json, its max_position_embeddings as the context (RoPE models)."""
+    from jaxlm.config import load_config
+    from jaxlm.hf.load import load
+    from jaxlm.hf.registry import read_config
+    cfg = load_config(None, [f"model.init_from={hf_dir}"])
+    if cfg.data.tokenizer != "huggingface":
+        raise ConfigError(f"--hf {hf_dir}: no tokenizer.json in it (generation needs the "
+                          f"model's tokenizer)")
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
+    mesh = mesh_of(mesh_sizes)
+    state = load(hf_dir, cfg.model, abstract_weights(cfg.model, mesh, cfg.mesh.rules))
+    context = None
+    if getattr(cfg.model, "max_positions", None) is None:
+        context = read_config(hf_dir)[1].values.get("max_position_embeddings") or None
+    return from_parts(cfg.model, state, tokenizer, mesh=mesh, rules=cfg.mesh.rules,
+                      context_len=context, cache_dtype=cache_dtype, config=cfg)
 
 
 def from_parts(model_cfg, state, tokenizer, *, mesh=None, rules=None, context_len=None,
