@@ -327,3 +327,28 @@ def test_sigterm_to_one_process_checkpoints_the_same_step_on_every_process(xla_c
     restored = Checkpointer(tmp_path / "checkpoints", cfg.checkpoint).restore_latest(
         build_step_fns(cfg, mesh_for(cfg)).abstract_state, print)
     assert restored[0] == step and int(restored[1]["step"]) == step
+
+
+def test_two_processes_load_hf_weights_each_reading_its_own_rows(xla_cache, tmp_path):
+    """model.init_from across 2 processes: each process copies only its devices' rows of every
+    tensor, and the assembled model is the HF one exactly (a step at lr 0 later, exported by
+    one process, bit for bit)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from safetensors.numpy import load_file
+
+    from jaxlm.convert import export_run
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2)).eval()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    run_dir = tmp_path / "run"
+    out = launch(*[o for o in TINY if not o.startswith("model.")], *COMMON, xla_cache,
+                 f"model.init_from={tmp_path / 'hf'}", f"train.run_dir={run_dir}",
+                 "train.steps=1", "optim.lr=0")
+    assert p0_said(out, f"initialised from {tmp_path / 'hf'}"), out[-3000:]
+    export_run(str(run_dir), str(tmp_path / "out"))
+    a = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    b = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
