@@ -102,19 +102,28 @@ def test_attend_refuses_what_a_kernel_cannot_do():
 
 # ---------------------------------------------------------------- KV cache through a family
 
+DEEPSEEK = ["model.family=deepseek", "model.kv_lora_rank=12", "model.qk_nope_head_dim=8",
+            "model.qk_rope_head_dim=4", "model.v_head_dim=6", "model.num_dense_layers=1",
+            "model.num_experts=4", "model.experts_per_token=2", "model.expert_ffn_dim=16"]
 DECODE_MODELS = {
     "llama-scan-gqa": ["model.num_kv_heads=2"],
     "llama-loop-mqa": ["model.num_kv_heads=1", "model.scan_layers=false"],
     "mixtral-groups": ["model.family=mixtral", "model.num_layers=4", "model.moe_every=2",
                        "model.num_experts=4", "model.expert_ffn_dim=16"],
+    # MLA's latent cache (up-projections absorbed), with low-rank queries and YaRN's logit
+    # scale, then with queries straight from x
+    "deepseek-qlora-yarn": [*DEEPSEEK, "model.q_lora_rank=16", "model.rope_scaling=yarn",
+                            "model.rope_scaling_factor=4", "model.rope_original_max_positions=4",
+                            "model.rope_mscale=1", "model.rope_mscale_all_dim=1"],
+    "deepseek-no-qlora": [*DEEPSEEK, "model.q_lora_rank=0"],
 }
 
 
 @pytest.mark.parametrize("name", list(DECODE_MODELS))
 def test_cached_decode_equals_full_forward(name):
     """Row 0 prefills 4 tokens, row 1 only 2 (its chunk padded with segment 0); then both decode
-    one token per step at their own positions. Every logit equals the full forward's over that
-    row's real tokens."""
+    5 more at their own positions, one or two per step. Every logit equals the full forward's
+    over that row's real tokens."""
     cfg = load_config(None, ["model.vocab_size=64", "model.d_model=32", "model.num_layers=2",
                              "model.num_heads=4", "model.ffn_dim=48", *DECODE_MODELS[name]]).model
     model = build_model(cfg, nnx.Rngs(0))
@@ -141,11 +150,13 @@ def test_cached_decode_equals_full_forward(name):
     logits = step(chunk, pos, seg)
     for b in range(2):
         got[b] += list(logits[b, :prompt[b]])
-    for t in range(5):  # then one token per step: row b's next real token
-        nxt = np.array([[tokens[b, prompt[b] + t]] for b in range(2)])
-        logits = step(nxt, np.array([[prompt[b] + t] for b in range(2)]), np.ones((2, 1), int))
+    t = 0
+    for n in (1, 2, 1, 1):  # then chunks of n tokens: row b's next real ones
+        pos = np.array([[prompt[b] + t + i for i in range(n)] for b in range(2)])
+        logits = step(tokens[np.arange(2)[:, None], pos], pos, np.ones((2, n), int))
         for b in range(2):
-            got[b].append(logits[b, 0])
+            got[b] += list(logits[b])
+        t += n
     for b in range(2):
         n = prompt[b] + 5
         np.testing.assert_allclose(np.stack(got[b]), full[b][:n], rtol=2e-4, atol=2e-4)

@@ -26,19 +26,21 @@ def constrain_caches(tree):
     """Every cache laid out by the active rules (a no-op without a mesh)."""
     def one(c: KVCache, lead):
         pre = (None,) * lead
-        return KVCache(constrain(c.k_BxTxGxK, pre + KV_CACHE_NAMES),
-                       constrain(c.v_BxTxGxK, pre + KV_CACHE_NAMES),
-                       constrain(c.segment_ids_BxT, pre + ("act_batch", None)),
-                       constrain(c.lengths_B, pre + ("act_batch",)))
+        kv = lambda x: None if x is None else constrain(x, pre + KV_CACHE_NAMES)  # noqa: E731
+        scale = lambda x: None if x is None else constrain(x, pre + KV_CACHE_NAMES[:3])  # noqa
+        return c.replace(k_BxTxGxK=kv(c.k_BxTxGxK), v_BxTxGxV=kv(c.v_BxTxGxV),
+                         k_scale_BxTxG=scale(c.k_scale_BxTxG),
+                         v_scale_BxTxG=scale(c.v_scale_BxTxG),
+                         segment_ids_BxT=constrain(c.segment_ids_BxT, pre + ("act_batch", None)),
+                         lengths_B=constrain(c.lengths_B, pre + ("act_batch",)))
     return map_caches(one, tree)
 
 
 def cast_caches(tree, dtype):
-    """Keys and values stored in `dtype` (KVCache.update casts what it writes to it)."""
+    """Keys and values stored in `dtype` (KVCache.update casts, or quantises, what it writes)."""
     if dtype is None:
         return tree
-    return map_caches(lambda c, _: c.replace(k_BxTxGxK=c.k_BxTxGxK.astype(dtype),
-                                            v_BxTxGxK=c.v_BxTxGxK.astype(dtype)), tree)
+    return map_caches(lambda c, _: c.astype(dtype), tree)
 
 
 def with_lengths(tree, lengths_B):
@@ -56,8 +58,9 @@ def take_rows(tree, rows_B):
 
 
 def cache_bytes(tree) -> int:
-    """Bytes of keys and values in the tree (shapes only: works on abstract caches)."""
+    """Bytes of keys, values and their int8 scales in the tree (segment ids and lengths are
+    bookkeeping, not counted; shapes only: works on abstract caches)."""
     total = []
-    map_caches(lambda c, _: total.append(c.k_BxTxGxK.size * c.k_BxTxGxK.dtype.itemsize
-                                         + c.v_BxTxGxK.size * c.v_BxTxGxK.dtype.itemsize), tree)
+    map_caches(lambda c, _: total.extend(x.size * x.dtype.itemsize for x in (
+        c.k_BxTxGxK, c.v_BxTxGxV, c.k_scale_BxTxG, c.v_scale_BxTxG) if x is not None), tree)
     return sum(total)

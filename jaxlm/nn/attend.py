@@ -76,7 +76,8 @@ def attend(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask: MaskSpec, *, bias=None, cache=
                          f"{', '.join(ATTENTION_IMPLS)}")
     if cache is not None:  # decoding: bandwidth-bound, read through the reference path
         cache, mask = cache.update(k_BxTxGxK, v_BxTxGxV, mask)
-        return _attend_xla(q_BxSxHxK, cache.k_BxTxGxK, cache.v_BxTxGxK, mask, bias,
+        dt = q_BxSxHxK.dtype
+        return _attend_xla(q_BxSxHxK, cache.keys(dt), cache.values(dt), mask, bias,
                            scale), cache
     cross = mask.kv_segment_ids is not None or k_BxTxGxK.shape[1] != q_BxSxHxK.shape[1]
     impl = resolve_impl(impl, q_BxSxHxK.dtype, kernel_fits=bias is None and not cross)

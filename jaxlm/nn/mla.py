@@ -6,6 +6,9 @@ RoPE key of qk_rope_head_dim shared by all heads; the latent goes up to each hea
 qk_nope_head_dim key part and v_head_dim value. RoPE touches only the decoupled rope parts. The
 logits are scaled by 1/sqrt(qk_nope_head_dim + qk_rope_head_dim); the values' head dim differs
 from the keys', which `attend` supports (kernels get both padded to one head dim).
+
+Decoding caches only the latent and the RoPE key (kv_lora_rank + qk_rope_head_dim per token, for
+all heads) and absorbs the up-projections into the queries and the output (`_absorbed`).
 """
 from __future__ import annotations
 
@@ -76,21 +79,44 @@ class MLA(nnx.Module):
         latent_BxSxR = self.kv_norm(kv_a_BxSxL[..., :R])
         k_rope_BxSx1xKr = rope(kv_a_BxSxL[..., None, R:], positions_BxS, c.rope_theta,
                                c.rope_scaling)
-        kv_BxSxHxN = jnp.einsum("bsr,rhn->bshn", latent_BxSxR, self.wkv_b[...].astype(dt))
-        k_nope, v = kv_BxSxHxN[..., :Kn], kv_BxSxHxN[..., Kn:]
-        q = jnp.concatenate([q[..., :Kn], rope(q[..., Kn:], positions_BxS, c.rope_theta,
-                                                           c.rope_scaling)], -1)
-        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BxSx1xKr, k_nope.shape[:3] + (
-            c.qk_rope_head_dim,))], -1)
-        q, k, v = constrain(q, Q_NAMES), constrain(k, KV_NAMES), constrain(v, KV_NAMES)
+        q_rope = rope(q[..., Kn:], positions_BxS, c.rope_theta, c.rope_scaling)
         mask = MaskSpec(causal=c.causal, q_segment_ids=segment_ids_BxS)
         scaling = 1.0 if c.rope_scaling is None else c.rope_scaling.logit_scale  # YaRN's mscale
-        out_BxSxHxV, cache = attend(q, k, v, mask, bias=bias, cache=cache, impl=c.impl,
-                                    scale=c.qk_head_dim ** -0.5 * scaling)
+        scale = c.qk_head_dim ** -0.5 * scaling
+        wkv_b_RxHxN = self.wkv_b[...].astype(dt)
+        if cache is not None:
+            out_BxSxHxV, cache = self._absorbed(q[..., :Kn], q_rope, latent_BxSxR,
+                                                k_rope_BxSx1xKr, wkv_b_RxHxN, mask, bias, cache,
+                                                scale)
+        else:
+            kv_BxSxHxN = jnp.einsum("bsr,rhn->bshn", latent_BxSxR, wkv_b_RxHxN)
+            k_nope, v = kv_BxSxHxN[..., :Kn], kv_BxSxHxN[..., Kn:]
+            q = jnp.concatenate([q[..., :Kn], q_rope], -1)
+            k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BxSx1xKr, k_nope.shape[:3] + (
+                c.qk_rope_head_dim,))], -1)
+            q, k, v = constrain(q, Q_NAMES), constrain(k, KV_NAMES), constrain(v, KV_NAMES)
+            out_BxSxHxV, _ = attend(q, k, v, mask, bias=bias, impl=c.impl, scale=scale)
         out_BxSxHxV = constrain(out_BxSxHxV, Q_NAMES)
         return jnp.einsum("bshv,hvd->bsd", out_BxSxHxV, self.wo[...].astype(dt)), cache
 
+    def _absorbed(self, q_nope_BxSxHxKn, q_rope_BxSxHxKr, latent_BxSxR, k_rope_BxSx1xKr,
+                  wkv_b_RxHxN, mask, bias, cache, scale):
+        """Decoding over the latent cache: W_uk folds into the queries (q_nope . W_uk lands in
+        latent space), so keys are [latent, k_rope] and values the latent, one kv head shared
+        by all heads; W_uv maps each head's latent output back to v_head_dim. The logits are
+        the training path's (q_nope . latent W_uk + q_rope . k_rope), at the same scale."""
+        Kn = self.c.qk_nope_head_dim
+        q_lat_BxSxHxR = jnp.einsum("bshn,rhn->bshr", q_nope_BxSxHxKn, wkv_b_RxHxN[..., :Kn])
+        q = jnp.concatenate([q_lat_BxSxHxR, q_rope_BxSxHxKr], -1)
+        k_BxSx1xL = jnp.concatenate([latent_BxSxR[:, :, None], k_rope_BxSx1xKr], -1)
+        q, k = constrain(q, Q_NAMES), constrain(k_BxSx1xL, KV_NAMES)
+        out_BxSxHxR, cache = attend(q, k, k[..., :self.c.kv_lora_rank], mask, bias=bias,
+                                    cache=cache, impl=self.c.impl, scale=scale)
+        return jnp.einsum("bshr,rhv->bshv", out_BxSxHxR, wkv_b_RxHxN[..., Kn:]), cache
+
     def empty_cache(self, batch: int, max_len: int) -> KVCache:
-        """Full per-head keys and values (the compressed-latent cache is the decoding issue's)."""
+        """The compressed cache: per token, the normalised latent and the shared RoPE key (one
+        kv head of kv_lora_rank + qk_rope_head_dim; the values are its latent columns)."""
         c = self.c
-        return KVCache.empty(batch, max_len, c.num_heads, c.qk_head_dim, c.dtype, c.v_head_dim)
+        return KVCache.empty(batch, max_len, 1, c.kv_lora_rank + c.qk_rope_head_dim, c.dtype,
+                             c.kv_lora_rank, shared_values=True)
