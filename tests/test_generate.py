@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from jaxlm.config import load_config
+from jaxlm.config_fields import ConfigError
 from jaxlm.generate import cache as kv
 from jaxlm.generate.beam import BeamConfig, beam_search
 from jaxlm.generate.engine import Engine, Request
@@ -218,6 +219,8 @@ def test_int8_cache_stays_close_to_float32(name):
     seed, extra = INT8_MODELS[name]
     _, lm = tiny_lm(name, seed, extra)
     lm8 = LM.of(lm.cfg, lm.state, cache_dtype="int8")
+    with pytest.raises(ConfigError, match="cache dtype int32: expected one of"):
+        LM.of(lm.cfg, lm.state, cache_dtype="int32")  # would truncate, not quantise
     reqs = [Request(p, GREEDY) for p in PROMPTS]
     for c in jax.tree.leaves(jax.eval_shape(lambda s: lm8.empty_cache(s, 1, 4), lm8.state),
                              is_leaf=kv.is_cache):

@@ -82,7 +82,10 @@ BAD = {
     "bad mesh": (["--run", "{run}", "--prompt", "a", "--mesh", "rows=2"], "--mesh"),
     "another family's checkpoint": (["--run", "{mixed}", "--prompt", "a"], "does not match"),
     "not a number": (["--run", "{run}", "--max-tokens", "many"], "--max-tokens"),
+    "bad cache dtype": (["--run", "{run}", "--prompt", "a", "--cache-dtype", "int4"],
+                        "--cache-dtype"),
 }
+PARSER_ERRORS = ("not a number", "bad cache dtype")  # argparse's: they raise SystemExit
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -90,9 +93,10 @@ def test_bad_input_is_one_line(case, run_dir, gpt2_in_llama_dir, tmp_path, capsy
     argv, needle = BAD[case]
     argv = [a.format(run=run_dir, missing=tmp_path / "nope", mixed=gpt2_in_llama_dir)
             for a in argv]
-    with pytest.raises(SystemExit) if case == "not a number" else contextlib.nullcontext() as exit_info:
+    parser = case in PARSER_ERRORS
+    with pytest.raises(SystemExit) if parser else contextlib.nullcontext() as exit_info:
         rc, out, err = gen(capsys, *argv)
-    if case == "not a number":
+    if parser:
         rc, err = exit_info.value.code, capsys.readouterr().err
     assert rc == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err

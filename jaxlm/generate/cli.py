@@ -10,6 +10,7 @@ import json
 import sys
 
 from jaxlm.config import ConfigError
+from jaxlm.generate.lm import CACHE_DTYPES
 from jaxlm.generate.sampling import SamplingConfig, cut_at_stop
 
 EXIT_BAD_INPUT = 2
@@ -54,7 +55,8 @@ def parse_args(argv):
     d.add_argument("--speculate", type=int, default=4, metavar="K", help="draft tokens per step")
     e = p.add_argument_group("engine")
     e.add_argument("--mesh", help="device mesh, e.g. data=2,tensor=4 (default: one device)")
-    e.add_argument("--cache-dtype", choices=("float32", "bfloat16"), help="default: the model's")
+    e.add_argument("--cache-dtype", choices=CACHE_DTYPES,
+                   help="KV cache storage (int8: per-head absmax scales); default: the model's")
     return p.parse_args(argv)
 
 

@@ -25,6 +25,8 @@ from jaxlm.models.config import ModelConfig
 from jaxlm.models.registry import build_model
 from jaxlm.parallel.sharding import mesh_axis_of, tree_shardings, use_rules
 
+CACHE_DTYPES = ("float32", "bfloat16", "int8")  # int8: per-head scales (jaxlm.nn.kv_cache)
+
 
 @dataclasses.dataclass
 class LM:
@@ -41,6 +43,9 @@ class LM:
            context_len: int | None = None, cache_dtype=None) -> "LM":
         """The model of `cfg` with `state` ({'params': ..., 'model_state': ...} as a train state
         holds them, or one nnx pure dict of all variables), placed on `mesh` by `rules`."""
+        if cache_dtype is not None and jnp.dtype(cache_dtype).name not in CACHE_DTYPES:
+            raise ConfigError(f"cache dtype {jnp.dtype(cache_dtype).name}: expected one of "
+                              f"{', '.join(CACHE_DTYPES)}")
         if cfg.objective != "causal_lm":
             raise ConfigError(f"model.family={cfg.family}: generation needs a decoder-only "
                               f"(causal LM) family, not a {cfg.objective} model")
