@@ -46,7 +46,7 @@ def build(config: str, overrides: list[str]):
 
 
 def kv_bytes_per_token(lm) -> int:
-    """K and V bytes one token adds to the cache, over all layers."""
+    """K and V bytes (and int8 scales) one token adds to the cache, over all layers."""
     import jax
     from jaxlm.generate import cache as kv
     shapes = jax.eval_shape(lambda s: lm.empty_cache(s, 1, 1), lm.state)

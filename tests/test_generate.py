@@ -229,3 +229,16 @@ def test_int8_cache_stays_close_to_float32(name):
                                     decode_logits(Engine(lm8), reqs, 4)):
         np.testing.assert_array_equal(t8, t32)
         assert np.abs(l8 - l32).max() <= 0.04 * np.abs(l32).max()
+
+
+def test_cache_bytes_report_matches_the_layouts():
+    """benchmarks/cache_bytes.py reads shapes of the real caches; its figures are the layouts'
+    arithmetic: layers x 2 (K, V) x kv heads x head dim x 2 bytes for Llama presets, layers x
+    (kv_lora_rank + qk_rope_head_dim) x 2 for DeepSeek, and int8 one byte per element plus a
+    4-byte scale per (token, layer, kv head, K or V)."""
+    from benchmarks.cache_bytes import table
+    got = {r["attention"]: (r["bfloat16"], r["int8"]) for r in table()}
+    assert got == {"MHA": (16 * 2 * 16 * 128 * 2, 16 * 2 * 16 * (128 + 4)),
+                   "GQA": (32 * 2 * 8 * 128 * 2, 32 * 2 * 8 * (128 + 4)),
+                   "MQA": (16 * 2 * 1 * 128 * 2, 16 * 2 * 1 * (128 + 4)),
+                   "MLA": (12 * (256 + 64) * 2, 12 * (256 + 64 + 4))}
