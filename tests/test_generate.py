@@ -91,18 +91,23 @@ def full_forward(lm, seqs):
         lm.state, tokens, seg))
 
 
-def test_mesh_decode_equals_one_device_and_cache_is_sharded():
-    """data=2 x tensor=2: the cache's rows are split over data and its kv heads over tensor,
-    and the tokens and logits equal one device's."""
-    model, lm1 = tiny_lm("llama-gqa")
+@pytest.mark.parametrize("name,cache_dtype", [("llama-gqa", None), ("deepseek", "int8")])
+def test_mesh_decode_equals_one_device_and_cache_is_sharded(name, cache_dtype):
+    """data=2 x tensor=2: the cache's rows are split over data and its kv heads over tensor (MLA's
+    one latent head, shared by all heads, stays whole), and the tokens and logits equal one
+    device's."""
+    model, lm1 = tiny_lm(name)
+    lm1 = LM.of(lm1.cfg, lm1.state, cache_dtype=cache_dtype)
     sizes = dict.fromkeys(MESH_AXES, 1) | {"data": 2, "tensor": 2}
-    lm4 = LM.of(lm1.cfg, lm1.state, mesh=mesh_of(sizes))
+    lm4 = LM.of(lm1.cfg, lm1.state, mesh=mesh_of(sizes), cache_dtype=cache_dtype)
     reqs = [Request(p, GREEDY) for p in PROMPTS] + [Request([7], GREEDY)]
     one = decode_logits(Engine(lm1), reqs, 4)
     engine = Engine(lm4)
     d, _ = engine.prefill(reqs)
-    k = d.cache.k_BxTxGxK  # scanned stack: [layers, B, T, G, K]
-    assert k.sharding.spec[1] == "data" and k.sharding.spec[3] == "tensor"
+    for c in jax.tree.leaves(d.cache, is_leaf=kv.is_cache):
+        k = c.k_BxTxGxK  # scanned stack: [layers, B, T, G, K]
+        G, local_G = k.shape[3], k.addressable_shards[0].data.shape[3]
+        assert k.sharding.spec[1] == "data" and local_G == (G // 2 if G > 1 else 1)
     four = decode_logits(engine, reqs, 4)
     for (l1, t1), (l4, t4) in zip(one, four):
         np.testing.assert_allclose(l1, l4, rtol=1e-4, atol=1e-4)
