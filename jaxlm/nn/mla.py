@@ -79,19 +79,19 @@ class MLA(nnx.Module):
         latent_BxSxR = self.kv_norm(kv_a_BxSxL[..., :R])
         k_rope_BxSx1xKr = rope(kv_a_BxSxL[..., None, R:], positions_BxS, c.rope_theta,
                                c.rope_scaling)
-        q_rope = rope(q[..., Kn:], positions_BxS, c.rope_theta, c.rope_scaling)
+        q_rope_BxSxHxKr = rope(q[..., Kn:], positions_BxS, c.rope_theta, c.rope_scaling)
         mask = MaskSpec(causal=c.causal, q_segment_ids=segment_ids_BxS)
         scaling = 1.0 if c.rope_scaling is None else c.rope_scaling.logit_scale  # YaRN's mscale
         scale = c.qk_head_dim ** -0.5 * scaling
         wkv_b_RxHxN = self.wkv_b[...].astype(dt)
         if cache is not None:
-            out_BxSxHxV, cache = self._absorbed(q[..., :Kn], q_rope, latent_BxSxR,
+            out_BxSxHxV, cache = self._absorbed(q[..., :Kn], q_rope_BxSxHxKr, latent_BxSxR,
                                                 k_rope_BxSx1xKr, wkv_b_RxHxN, mask, bias, cache,
                                                 scale)
         else:
             kv_BxSxHxN = jnp.einsum("bsr,rhn->bshn", latent_BxSxR, wkv_b_RxHxN)
             k_nope, v = kv_BxSxHxN[..., :Kn], kv_BxSxHxN[..., Kn:]
-            q = jnp.concatenate([q[..., :Kn], q_rope], -1)
+            q = jnp.concatenate([q[..., :Kn], q_rope_BxSxHxKr], -1)
             k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BxSx1xKr, k_nope.shape[:3] + (
                 c.qk_rope_head_dim,))], -1)
             q, k, v = constrain(q, Q_NAMES), constrain(k, KV_NAMES), constrain(v, KV_NAMES)
