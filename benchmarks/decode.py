@@ -7,6 +7,7 @@ same call, in its own process, so the two never share the GPU's memory.
 
     python benchmarks/decode.py [--peer .peer/ref_decode.py]     # on the GPU
     python benchmarks/decode.py --smoke                           # tiny, on CPU: does it run
+    python benchmarks/decode.py --config configs/deepseek-1b.yaml --cache-dtype int8 --batches 16
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def copy_bandwidth(nbytes: int) -> float:
     return 2 * x.nbytes * 10 / (time.perf_counter() - t0)
 
 
-def build(config: str, overrides: list[str]):
+def build(config: str, overrides: list[str], cache_dtype: str | None = None):
     import jax
     from flax import nnx
     from jaxlm.config import load_config
@@ -42,7 +43,7 @@ def build(config: str, overrides: list[str]):
     cfg = load_config(config, ["model.dtype=bfloat16", "model.param_dtype=bfloat16"]
                       + overrides).model
     state = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(cfg, nnx.Rngs(0)))))()
-    return LM.of(cfg, state)
+    return LM.of(cfg, state, cache_dtype=cache_dtype)
 
 
 def kv_bytes_per_token(lm) -> int:
@@ -84,15 +85,17 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny model and lengths (CPU)")
     p.add_argument("--peer", help="run this HF decode script first (ref_decode.py)")
     p.add_argument("--batches", default="1,16")
+    p.add_argument("--config", default="configs/llama-1b.yaml", help="the preset decoded")
+    p.add_argument("--cache-dtype", choices=("bfloat16", "int8"), help="default: the model's")
     args = p.parse_args(argv)
     if args.peer:
         subprocess.run([sys.executable, args.peer], check=False)
     import jax
     if args.smoke:
-        lm = build("configs/tiny.yaml", ["runtime.cpu_devices=0"])
+        lm = build("configs/tiny.yaml", ["runtime.cpu_devices=0"], args.cache_dtype)
         prompt, new, batches, bw_bytes = 16, 8, (1, 2), 2**24
     else:
-        lm = build("configs/llama-1b.yaml", [])
+        lm = build(args.config, [], args.cache_dtype)
         prompt, new, batches, bw_bytes = 128, 256, tuple(map(int, args.batches.split(","))), 2**31
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(lm.state))
     bw = copy_bandwidth(bw_bytes)
