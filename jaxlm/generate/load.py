@@ -110,5 +110,5 @@ def from_parts(model_cfg, state, tokenizer, *, mesh=None, rules=None, context_le
     tokenizer (jaxlm.data.tokenizer interface) -> what the CLI generates from."""
     mesh = mesh if mesh is not None and mesh.size > 1 else None
     lm = LM.of(model_cfg, state, mesh=mesh, rules=rules, context_len=context_len,
-               cache_dtype=cache_dtype)
+               cache_dtype=cache_dtype, decoder_start_id=getattr(tokenizer, "pad_id", 0))
     return Loaded(lm, tokenizer, step, config)
