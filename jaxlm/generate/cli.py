@@ -55,6 +55,8 @@ def parse_args(argv):
     e = p.add_argument_group("engine")
     e.add_argument("--mesh", help="device mesh, e.g. data=2,tensor=4 (default: one device)")
     e.add_argument("--cache-dtype", choices=("float32", "bfloat16"), help="default: the model's")
+    e.add_argument("--quantize", choices=("int8",),
+                   help="matmul weights held as int8 with per-output-channel scales")
     return p.parse_args(argv)
 
 
@@ -128,8 +130,8 @@ def run(args) -> int:
     if args.hf and args.step is not None:
         raise ConfigError("--step reads a run's checkpoint; an --hf directory has one set of "
                           "weights")
-    loaded = (load_hf(args.hf, mesh, args.cache_dtype) if args.hf else
-              load_run(args.run, args.step, mesh, args.cache_dtype))
+    loaded = (load_hf(args.hf, mesh, args.cache_dtype, args.quantize) if args.hf else
+              load_run(args.run, args.step, mesh, args.cache_dtype, args.quantize))
     tok = loaded.tokenizer
     if loaded.lm.seq2seq and (args.draft_run or args.prompt_lookup):
         raise ConfigError("speculative decoding drafts decoder-only continuations; an "

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from jaxlm.config_fields import ConfigError
 from jaxlm.config_schema import DEFAULT_RULES
 from jaxlm.generate import cache as kv
+from jaxlm.generate.quantize import quantize_state
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.registry import build_model
 from jaxlm.parallel.sharding import mesh_axis_of, tree_shardings, use_rules
@@ -39,9 +40,11 @@ class LM:
 
     @classmethod
     def of(cls, cfg: ModelConfig, state, *, mesh: Mesh | None = None, rules=None,
-           context_len: int | None = None, cache_dtype=None, decoder_start_id: int = 0) -> "LM":
+           context_len: int | None = None, cache_dtype=None, decoder_start_id: int = 0,
+           quantize: str | None = None) -> "LM":
         """The model of `cfg` with `state` ({'params': ..., 'model_state': ...} as a train state
-        holds them, or one nnx pure dict of all variables), placed on `mesh` by `rules`."""
+        holds them, or one nnx pure dict of all variables), placed on `mesh` by `rules`;
+        `quantize="int8"`: its matmul weights then held as int8 (jaxlm.generate.quantize)."""
         if cfg.objective not in ("causal_lm", "seq2seq"):
             raise ConfigError(f"model.family={cfg.family}: generation needs a decoder-only "
                               f"(causal LM) or encoder-decoder family, not a {cfg.objective} "
@@ -56,6 +59,10 @@ class LM:
         if mesh is not None:
             logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
             state = jax.device_put(state, tree_shardings(logical, mesh, rules))
+        if quantize is not None:
+            if quantize != "int8":
+                raise ConfigError(f"--quantize={quantize}: expected int8")
+            state = quantize_state(state, abstract_state)
         limit = getattr(cfg, "max_positions", None)
         context_len = limit if context_len is None else min(context_len, limit or context_len)
         return cls(cfg, graphdef, state, mesh, rules, context_len,
