@@ -5,7 +5,6 @@ a no-cache forward and the cached decode (scanned stack: the int8 arrays are sli
 The held-out perplexity change of a trained model is measured by benchmarks/quantize_ppl.py."""
 import jax
 import numpy as np
-import pytest
 
 from jaxlm.generate.engine import Engine, Request
 from jaxlm.generate.lm import LM
@@ -28,22 +27,23 @@ def test_input_axes_follow_logical_names():
     assert input_axes(("layers", "norm")) is None and input_axes(("layers", "embed", None)) is None
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "mixtral"])
-def test_int8_weights_and_logits(name):
-    model, lm = tiny_lm(name)
+def test_int8_weights_and_logits():
+    """Mixtral: dense and MoE blocks (experts quantised, the router not) in one model."""
+    model, lm = tiny_lm("mixtral")
     q = LM.of(lm.cfg, lm.state, quantize="int8")
     full, quant = flat(lm.state), flat(q.state)
     int8 = {k for k, v in quant.items() if isinstance(v, Int8Weight)}
     want = {"head", "attn/wq", "attn/wk", "attn/wv", "attn/wo", "w_up", "w_down", "w_gate"}
     assert {w for w in want if any(k.endswith(w) for k in int8)} == want
-    if name == "mixtral":
-        assert any(k.endswith("moe/w_up") for k in int8)
-        assert not any(k.endswith("router") for k in int8)
+    assert any(k.endswith("moe/w_up") for k in int8)
+    assert not any(k.endswith("router") for k in int8)
     assert not any(k.endswith("scale") or k == "embed" for k in int8)
-    L, D, H, K = 2, 32, 4, 8  # tiny_lm's shapes: one scale per output channel of each layer
-    if name == "llama-gqa":
-        assert quant["layers/attn/wq"].scale.shape == (L, 1, H, K)
-        assert quant["layers/attn/wo"].scale.shape == (L, 1, 1, D)
+    U, E, D, H, K, F = 2, 4, 32, 4, 8, 16  # units (dense + MoE block), experts, d, heads...
+    # one scale per output channel of each layer (and expert)
+    assert quant["layers/blocks/0/attn/wq"].scale.shape == (U, 1, H, K)
+    assert quant["layers/blocks/0/attn/wo"].scale.shape == (U, 1, 1, D)
+    assert quant["layers/blocks/1/moe/w_up"].scale.shape == (U, E, 1, F)
+    assert quant["layers/blocks/1/moe/w_down"].scale.shape == (U, E, 1, D)
     for k in int8:
         w, qw = np.asarray(full[k], np.float32), quant[k]
         assert qw.q.dtype == np.int8 and qw.q.shape == w.shape and qw.scale.dtype == np.float32
