@@ -29,7 +29,8 @@ def train(run_dir: Path, overrides: list[str]) -> None:
 
 
 def held_out_loss(lm, cfg, batches) -> float:
-    """Mean token NLL of the eval batches under lm's state (int8 leaves dequantise on read)."""
+    """(mean token NLL, tokens) of the eval batches under lm's state (int8 leaves dequantise on
+    read)."""
     import jax
     from jaxlm.config_schema import MESH_AXES
     from jaxlm.parallel.sharding import make_mesh
@@ -41,7 +42,7 @@ def held_out_loss(lm, cfg, batches) -> float:
     for b in batches:
         n, c = step(lm.state, b)
         nll, count = nll + float(n), count + float(c)
-    return nll / count
+    return nll / count, int(count)
 
 
 def main() -> None:
@@ -66,11 +67,11 @@ def main() -> None:
         batches = [{k: b[k] for k in data.fields} for b in
                    eval_batches(data.eval, cfg.train.global_batch_size, args.eval_batches)]
         int8 = LM.of(lm.cfg, lm.state, quantize="int8")
-        full_loss, int8_loss = held_out_loss(lm, cfg, batches), held_out_loss(int8, cfg, batches)
-    tokens = args.eval_batches * cfg.train.global_batch_size * cfg.data.seq_len
-    print(f"step {loaded.step}, {tokens} held-out token slots ({args.eval_batches} eval batches)")
+        (full_loss, tokens), (int8_loss, _) = (held_out_loss(lm, cfg, batches),
+                                               held_out_loss(int8, cfg, batches))
+    print(f"step {loaded.step}: {tokens} held-out tokens ({args.eval_batches} eval batches)")
     print(f"weights: {weight_bytes(lm.state) / 1e6:.2f} MB full, "
-          f"{weight_bytes(int8.state) / 1e6:.2f} MB int8 (+ scales; table and norms unquantised)")
+          f"{weight_bytes(int8.state) / 1e6:.2f} MB int8 (scales, table and norms included)")
     print(f"full: loss {full_loss:.4f}  ppl {math.exp(full_loss):.4f}")
     print(f"int8: loss {int8_loss:.4f}  ppl {math.exp(int8_loss):.4f}")
     print(f"relative perplexity change: {math.exp(int8_loss - full_loss) - 1:+.3%}")
