@@ -63,3 +63,21 @@ def test_int8_weights_and_logits():
     for b, (p, (logits_NxV, _)) in enumerate(zip(PROMPTS, dec)):
         np.testing.assert_allclose(logits_NxV, ref_q[b, len(p) - 1:len(p) + 2], rtol=2e-4,
                                    atol=2e-4)
+
+
+def test_int8_on_a_mesh_keeps_the_weights_layout():
+    """data=2 x tensor=2: int8 values and scales keep the full weights' sharding (heads on
+    tensor) and decoding gives one device's int8 tokens and logits."""
+    from jaxlm.config_schema import MESH_AXES
+    from jaxlm.generate.load import mesh_of
+    _, lm = tiny_lm("llama-gqa")
+    one = LM.of(lm.cfg, lm.state, quantize="int8")
+    sizes = dict.fromkeys(MESH_AXES, 1) | {"data": 2, "tensor": 2}
+    four = LM.of(lm.cfg, lm.state, mesh=mesh_of(sizes), quantize="int8")
+    wq = four.state["layers"]["attn"]["wq"]
+    assert wq.q.sharding.spec[2] == "tensor" and wq.scale.sharding.spec[2] == "tensor"
+    reqs = [Request(p, GREEDY) for p in PROMPTS] + [Request([7], GREEDY)]
+    for (l1, t1), (l4, t4) in zip(decode_logits(Engine(one), reqs, 3),
+                                  decode_logits(Engine(four), reqs, 3)):
+        np.testing.assert_allclose(l1, l4, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(t1, t4)
