@@ -133,9 +133,6 @@ def run(args) -> int:
     loaded = (load_hf(args.hf, mesh, args.cache_dtype, args.quantize) if args.hf else
               load_run(args.run, args.step, mesh, args.cache_dtype, args.quantize))
     tok = loaded.tokenizer
-    if loaded.lm.seq2seq and (args.draft_run or args.prompt_lookup):
-        raise ConfigError("speculative decoding drafts decoder-only continuations; an "
-                          "encoder-decoder model decodes with greedy, sampling or --beams")
     requests = [Request(tok.encode(p), sampling_of(args, i, tok)) for i, p in enumerate(prompts)]
     eos = getattr(tok, "eos_id", None)
     if args.beams:
