@@ -8,6 +8,7 @@ same call, in its own process, so the two never share the GPU's memory.
     python benchmarks/decode.py [--peer .peer/ref_decode.py]     # on the GPU
     python benchmarks/decode.py --smoke                           # tiny, on CPU: does it run
     python benchmarks/decode.py --config configs/deepseek-1b.yaml --cache-dtype int8 --batches 16
+    python benchmarks/decode.py --quantize int8                   # int8 weights (bf16 matmuls)
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def copy_bandwidth(nbytes: int) -> float:
     return 2 * x.nbytes * 10 / (time.perf_counter() - t0)
 
 
-def build(config: str, overrides: list[str], cache_dtype: str | None = None):
+def build(config: str, overrides: list[str], cache_dtype: str | None = None,
+          quantize: str | None = None):
     import jax
     from flax import nnx
     from jaxlm.config import load_config
@@ -43,7 +45,7 @@ def build(config: str, overrides: list[str], cache_dtype: str | None = None):
     cfg = load_config(config, ["model.dtype=bfloat16", "model.param_dtype=bfloat16"]
                       + overrides).model
     state = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(cfg, nnx.Rngs(0)))))()
-    return LM.of(cfg, state, cache_dtype=cache_dtype)
+    return LM.of(cfg, state, cache_dtype=cache_dtype, quantize=quantize)
 
 
 def kv_bytes_per_token(lm) -> int:
@@ -87,19 +89,22 @@ def main(argv=None):
     p.add_argument("--batches", default="1,16")
     p.add_argument("--config", default="configs/llama-1b.yaml", help="the preset decoded")
     p.add_argument("--cache-dtype", choices=("bfloat16", "int8"), help="default: the model's")
+    p.add_argument("--quantize", choices=("int8",), help="int8 weights (jaxlm.generate.quantize)")
     args = p.parse_args(argv)
     if args.peer:
         subprocess.run([sys.executable, args.peer], check=False)
     import jax
     if args.smoke:
-        lm = build("configs/tiny.yaml", ["runtime.cpu_devices=0"], args.cache_dtype)
+        lm = build("configs/tiny.yaml", ["runtime.cpu_devices=0"], args.cache_dtype,
+                   args.quantize)
         prompt, new, batches, bw_bytes = 16, 8, (1, 2), 2**24
     else:
-        lm = build(args.config, [], args.cache_dtype)
+        lm = build(args.config, [], args.cache_dtype, args.quantize)
         prompt, new, batches, bw_bytes = 128, 256, tuple(map(int, args.batches.split(","))), 2**31
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(lm.state))
     bw = copy_bandwidth(bw_bytes)
-    print(f"{jax.devices()[0].device_kind}: params {weight_bytes / 1e9:.2f} GB bf16; copy "
+    print(f"{jax.devices()[0].device_kind}: params {weight_bytes / 1e9:.2f} GB "
+          f"{args.quantize or 'bf16'}; copy "
           f"bandwidth {bw / 1e12:.2f} TB/s; KV {kv_bytes_per_token(lm) / 1024:.0f} KiB/token",
           flush=True)
     for b in batches:

@@ -1,4 +1,4 @@
-"""Beam search for decoder-only models, with Hugging Face's rules: each step every beam's
+"""Beam search (decoder-only or encoder-decoder models), with Hugging Face's rules: each step every beam's
 continuations are scored by summed log-probability, the best 2W candidates are taken in order,
 those ending in EOS become finished hypotheses (scored sum / generated_len ** length_penalty,
 the EOS counted) and the first W others continue. The search ends when W hypotheses are
@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxlm.config_fields import ConfigError
 from jaxlm.generate import cache as kv
-from jaxlm.generate.engine import CACHE_ROUND, bucket, round_up
+from jaxlm.generate.engine import cache_len, prompt_len
 from jaxlm.generate.lm import LM
 
 
@@ -47,13 +47,8 @@ class BeamResult:
 def _prefill(lm: LM, max_len: int, W: int):
     def fn(state, tokens_1xP, length):
         with lm.rules_scope():
-            P = tokens_1xP.shape[1]
-            cache = lm.empty_cache(state, 1, max_len)
-            seg_1xP = (jnp.arange(P) < length).astype(jnp.int32)[None]
-            h, cache = lm.hidden(state, tokens_1xP, jnp.arange(P, dtype=jnp.int32)[None], seg_1xP,
-                                 cache)
-            logits_1xV = lm.logits(state, jax.lax.dynamic_slice_in_dim(h, length - 1, 1, 1))[:, 0]
-            cache = kv.with_lengths(cache, jnp.reshape(length, (1,)))
+            logits_1xV, cache, _ = lm.prefill(state, tokens_1xP, jnp.reshape(length, (1,)),
+                                              max_len)
             return jax.nn.log_softmax(logits_1xV), kv.take_rows(cache, jnp.zeros((W,), jnp.int32))
     return jax.jit(fn)
 
@@ -91,11 +86,11 @@ def beam_search(lm: LM, prompt_ids, c: BeamConfig, max_tokens: int, eos_id: int 
         if n >= lm.context_len:
             raise ConfigError(f"prompt 1 has {n} tokens, but the model reads at most "
                               f"{lm.context_len} (its context): shorten it")
-        max_tokens = min(max_tokens, lm.context_len - n)
-    max_len = round_up(max(n + max_tokens, bucket(n)), CACHE_ROUND)
+    start = lm.decoded_len(n)  # the position of the first generated token
     if lm.context_len is not None:
-        max_len = min(max_len, lm.context_len)
-    P = bucket(n, max_len)
+        max_tokens = min(max_tokens, lm.context_len - start)
+    max_len = cache_len(lm, n, start + max_tokens)
+    P = prompt_len(lm, n, max_len)
     tokens = np.zeros((1, P), np.int32)
     tokens[0, :n] = prompt_ids
     logp_WxV, cache = _prefill(lm, max_len, W)(lm.state, tokens, np.int32(n))
@@ -142,7 +137,7 @@ def beam_search(lm: LM, prompt_ids, c: BeamConfig, max_tokens: int, eos_id: int 
                 break
         if t + 1 < max_tokens:
             logp_WxV, cache = step_fn(lm.state, cache, np.asarray(rows, np.int32),
-                                      np.asarray(toks, np.int32), np.int32(n + t))
+                                      np.asarray(toks, np.int32), np.int32(start + t))
     if not done:  # the token limit: the running beams are hypotheses as they are
         for s, ids in zip(scores_W.tolist(), seqs):
             if s > -np.inf:

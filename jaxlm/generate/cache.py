@@ -36,6 +36,12 @@ def constrain_caches(tree):
     return map_caches(one, tree)
 
 
+def self_cache_len(tree) -> int:
+    """Slots per row of the self-attention caches: the tree's first cache (a block with
+    cross-attention holds (self-attention cache, memory cache), in that order)."""
+    return jax.tree.leaves(tree, is_leaf=is_cache)[0].k_BxTxGxK.shape[-3]
+
+
 def cast_caches(tree, dtype):
     """Keys and values stored in `dtype` (KVCache.update casts, or quantises, what it writes)."""
     if dtype is None:
@@ -44,7 +50,8 @@ def cast_caches(tree, dtype):
 
 
 def with_lengths(tree, lengths_B):
-    """Every layer's row b holds lengths_B[b] tokens: slots past it are overwritten by the next
+    """Every layer's row b holds lengths_B[b] tokens (a memory cache's lengths are set too, and
+    never read): slots past it are overwritten by the next
     write and, until then, hidden by causality (they lie after every query). Rolls a cache back
     (speculative decoding) or drops a prefill's padding."""
     return map_caches(lambda c, _: c.replace(lengths_B=jnp.broadcast_to(

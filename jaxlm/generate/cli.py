@@ -57,6 +57,8 @@ def parse_args(argv):
     e.add_argument("--mesh", help="device mesh, e.g. data=2,tensor=4 (default: one device)")
     e.add_argument("--cache-dtype", choices=CACHE_DTYPES,
                    help="KV cache storage (int8: per-head absmax scales); default: the model's")
+    e.add_argument("--quantize", choices=("int8",),
+                   help="matmul weights held as int8 with per-output-channel scales")
     return p.parse_args(argv)
 
 
@@ -130,8 +132,8 @@ def run(args) -> int:
     if args.hf and args.step is not None:
         raise ConfigError("--step reads a run's checkpoint; an --hf directory has one set of "
                           "weights")
-    loaded = (load_hf(args.hf, mesh, args.cache_dtype) if args.hf else
-              load_run(args.run, args.step, mesh, args.cache_dtype))
+    loaded = (load_hf(args.hf, mesh, args.cache_dtype, args.quantize) if args.hf else
+              load_run(args.run, args.step, mesh, args.cache_dtype, args.quantize))
     tok = loaded.tokenizer
     requests = [Request(tok.encode(p), sampling_of(args, i, tok)) for i, p in enumerate(prompts)]
     eos = getattr(tok, "eos_id", None)

@@ -21,7 +21,6 @@ import numpy as np
 from flax import struct
 
 from jaxlm.config_fields import ConfigError
-from jaxlm.generate import cache as kv
 from jaxlm.generate.lm import LM
 from jaxlm.generate.sampling import RowParams, SamplingConfig, sample
 
@@ -68,6 +67,19 @@ def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def cache_len(lm: LM, longest: int, want: int) -> int:
+    """Cache slots per row for prompts of up to `longest` tokens whose rows need `want` slots:
+    rounded up, at least the prompt bucket a decoder-only prefill writes, at most the context."""
+    floor = 1 if lm.seq2seq else bucket(longest)
+    n = round_up(max(want, floor), CACHE_ROUND)
+    return n if lm.context_len is None else min(n, lm.context_len)
+
+
+def prompt_len(lm: LM, longest: int, max_len: int) -> int:
+    """The padded prompt length (a seq2seq prompt feeds the encoder, not the cache)."""
+    return bucket(longest, None if lm.seq2seq else max_len)
+
+
 class Engine:
     def __init__(self, lm: LM, eos_id: int | None = None):
         self.lm, self.eos_id = lm, eos_id
@@ -84,18 +96,14 @@ class Engine:
         with lm.rules_scope():
             tokens_BxP, lens_B = host["tokens"], host["lens"]
             B, P = tokens_BxP.shape
-            real_BxP = jnp.arange(P) < lens_B[:, None]
-            cache = lm.empty_cache(state, B, max_len)
-            positions_BxP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-            h_BxPxD, cache = lm.hidden(state, tokens_BxP, positions_BxP,
-                                       real_BxP.astype(jnp.int32), cache)
-            last_Bx1xD = jnp.take_along_axis(h_BxPxD, (lens_B - 1)[:, None, None], axis=1)
-            logits_BxV = lm.logits(state, last_Bx1xD)[:, 0]
+            logits_BxV, cache, lens_B = lm.prefill(state, tokens_BxP, lens_B, max_len)
             V = logits_BxV.shape[-1]
+            if lm.seq2seq:  # the penalties see the decoder's tokens (as HF's decoder_input_ids)
+                tokens_BxP = jnp.full((B, 1), lm.decoder_start_id, jnp.int32)
+            real_BxP = jnp.arange(tokens_BxP.shape[1]) < lens_B[:, None]
             seen_BxV = jnp.zeros((B, V), bool).at[
                 jnp.arange(B)[:, None], jnp.where(real_BxP, tokens_BxP, V)].set(True, mode="drop")
-            d = Decoding(kv.with_lengths(cache, lens_B),
-                         jnp.zeros((B, max_len), jnp.int32),
+            d = Decoding(cache, jnp.zeros((B, max_len), jnp.int32),
                          jnp.zeros((B,), jnp.int32), lens_B, jnp.zeros((B,), jnp.int32),
                          jnp.zeros((B,), bool), host["max"], host["stop"], seen_BxV, logits_BxV,
                          host["params"])
@@ -148,12 +156,10 @@ class Engine:
                                   f"{lm.context_len} (its context): shorten it")
         for r in requests:
             r.sampling.validate()
-        want = max(n + r.sampling.max_tokens for n, r in zip(lens, requests))
-        if max_len is None:
-            max_len = round_up(max(want, bucket(max(lens))), CACHE_ROUND)
-            if lm.context_len is not None:
-                max_len = min(max_len, lm.context_len)
-        P = bucket(max(lens), max_len)
+        # seq2seq: the prompt goes to the encoder, the cache holds the decoder's tokens only
+        want = max(lm.decoded_len(n) + r.sampling.max_tokens for n, r in zip(lens, requests))
+        max_len = cache_len(lm, max(lens), want) if max_len is None else max_len
+        P = prompt_len(lm, max(lens), max_len)
         if max(lens) > P:
             raise ConfigError(f"a prompt of {max(lens)} tokens does not fit a cache of {max_len}")
         n_real = len(requests)
@@ -166,8 +172,9 @@ class Engine:
         for b, r in enumerate(padded):
             tokens[b, :len(r.prompt_ids)] = np.asarray(r.prompt_ids, np.int32)
         lens_B = np.asarray([len(r.prompt_ids) for r in padded], np.int32)
+        decoded_B = np.asarray([lm.decoded_len(n) for n in lens_B], np.int32)
         # a row never writes past the cache: its limit is cut to the room left
-        max_B = np.minimum([r.sampling.max_tokens for r in padded], max_len - lens_B)
+        max_B = np.minimum([r.sampling.max_tokens for r in padded], max_len - decoded_B)
         host = {"tokens": tokens, "lens": lens_B, "max": max_B.astype(np.int32),
                 "stop": np.asarray([list(s) + [NO_STOP] * (S - len(s)) for s in stops], np.int32),
                 "params": RowParams.of([r.sampling for r in padded])}

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from jaxlm.config_fields import ConfigError
 from jaxlm.config_schema import DEFAULT_RULES
 from jaxlm.generate import cache as kv
+from jaxlm.generate.quantize import quantize_state
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.registry import build_model
 from jaxlm.parallel.sharding import mesh_axis_of, tree_shardings, use_rules
@@ -37,18 +38,22 @@ class LM:
     rules: Any = None
     context_len: int | None = None  # longest sequence the model may read (None: no limit)
     cache_dtype: Any = None         # None: the model's compute dtype
+    decoder_start_id: int = 0       # seq2seq: the decoder's first token (pad, as span corruption)
 
     @classmethod
     def of(cls, cfg: ModelConfig, state, *, mesh: Mesh | None = None, rules=None,
-           context_len: int | None = None, cache_dtype=None) -> "LM":
+           context_len: int | None = None, cache_dtype=None, decoder_start_id: int = 0,
+           quantize: str | None = None) -> "LM":
         """The model of `cfg` with `state` ({'params': ..., 'model_state': ...} as a train state
-        holds them, or one nnx pure dict of all variables), placed on `mesh` by `rules`."""
+        holds them, or one nnx pure dict of all variables), placed on `mesh` by `rules`;
+        `quantize="int8"`: its matmul weights then held as int8 (jaxlm.generate.quantize)."""
         if cache_dtype is not None and jnp.dtype(cache_dtype).name not in CACHE_DTYPES:
             raise ConfigError(f"cache dtype {jnp.dtype(cache_dtype).name}: expected one of "
                               f"{', '.join(CACHE_DTYPES)}")
-        if cfg.objective != "causal_lm":
+        if cfg.objective not in ("causal_lm", "seq2seq"):
             raise ConfigError(f"model.family={cfg.family}: generation needs a decoder-only "
-                              f"(causal LM) family, not a {cfg.objective} model")
+                              f"(causal LM) or encoder-decoder family, not a {cfg.objective} "
+                              f"model")
         abstract = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
         graphdef, abstract_state = nnx.split(abstract)
         if "params" in state:  # a train state's parts: merge them into one variable dict
@@ -59,10 +64,25 @@ class LM:
         if mesh is not None:
             logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
             state = jax.device_put(state, tree_shardings(logical, mesh, rules))
+        if quantize is not None:
+            if quantize != "int8":
+                raise ConfigError(f"--quantize={quantize}: expected int8")
+            state = quantize_state(state, abstract_state)
         limit = getattr(cfg, "max_positions", None)
         context_len = limit if context_len is None else min(context_len, limit or context_len)
         return cls(cfg, graphdef, state, mesh, rules, context_len,
-                   None if cache_dtype is None else jnp.dtype(cache_dtype))
+                   None if cache_dtype is None else jnp.dtype(cache_dtype), decoder_start_id)
+
+    @property
+    def seq2seq(self) -> bool:
+        """An encoder-decoder: the prompt is the encoder's input, the decoder starts from
+        `decoder_start_id`."""
+        return self.cfg.objective == "seq2seq"
+
+    def decoded_len(self, prompt_len: int) -> int:
+        """Tokens in a row's self-attention cache after its prefill: the prompt, or (seq2seq)
+        the decoder start token."""
+        return 1 if self.seq2seq else prompt_len
 
     def rules_scope(self):
         """The scope a traced decoding function runs in: the mesh's logical rules, if any."""
@@ -78,13 +98,40 @@ class LM:
         cache = self.model(state).stack().empty_cache(batch, max_len)
         return kv.constrain_caches(kv.cast_caches(cache, self.cache_dtype))
 
-    def hidden(self, state, tokens_BxS, positions_BxS, segment_ids_BxS, cache):
+    def hidden(self, state, tokens_BxS, positions_BxS, segment_ids_BxS, cache,
+               memory_BxMxD=None, memory_segment_ids_BxM=None):
         """Inside a trace: (final residual stream [B, S, D], updated cache) for S new tokens per
-        row, appended to the cache at each row's length."""
+        row, appended to the cache at each row's length. seq2seq: `memory` (the encoder output)
+        on the first call fills the cross-attention caches; later calls read them."""
         model = self.model(state)
-        h_BxSxD, inputs = model.embed_tokens(tokens_BxS, positions_BxS, segment_ids_BxS)
+        if self.seq2seq:
+            h_BxSxD, inputs = model.embed_tokens(
+                tokens_BxS, positions_BxS, segment_ids_BxS, memory_BxSxD=memory_BxMxD,
+                memory_segment_ids_BxS=memory_segment_ids_BxM, cache_len=kv.self_cache_len(cache))
+        else:
+            h_BxSxD, inputs = model.embed_tokens(tokens_BxS, positions_BxS, segment_ids_BxS)
         h_BxSxD, _, cache = model.stack()(h_BxSxD, inputs, cache)
         return h_BxSxD, kv.constrain_caches(cache)
+
+    def prefill(self, state, tokens_BxP, lens_B, max_len: int):
+        """Inside a trace: prompts [B, P] (padding after each row's length) read into a fresh
+        cache of `max_len` slots per row: (float32 logits [B, V] of each row's next token, the
+        cache with each row's length set, those lengths). seq2seq: the prompts go through the
+        encoder once and the decoder reads its start token with them as memory."""
+        B, P = tokens_BxP.shape
+        real_BxP = (jnp.arange(P) < lens_B[:, None]).astype(jnp.int32)
+        positions_BxP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+        cache = self.empty_cache(state, B, max_len)
+        if self.seq2seq:
+            memory_BxPxD, _ = self.model(state).encode(tokens_BxP, positions_BxP, real_BxP)
+            ones_Bx1 = jnp.ones((B, 1), jnp.int32)
+            h_Bx1xD, cache = self.hidden(state, ones_Bx1 * self.decoder_start_id, 0 * ones_Bx1,
+                                         ones_Bx1, cache, memory_BxPxD, real_BxP)
+            lens_B = ones_Bx1[:, 0]
+        else:
+            h_BxPxD, cache = self.hidden(state, tokens_BxP, positions_BxP, real_BxP, cache)
+            h_Bx1xD = jnp.take_along_axis(h_BxPxD, (lens_B - 1)[:, None, None], axis=1)
+        return self.logits(state, h_Bx1xD)[:, 0], kv.with_lengths(cache, lens_B), lens_B
 
     def logits(self, state, h_BxSxD):
         """float32 logits [B, S, V] of a residual stream."""

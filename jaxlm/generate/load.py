@@ -60,7 +60,8 @@ def read_run_config(run_dir: str):
     return from_yaml_file(str(saved))
 
 
-def load_run(run_dir: str, step: int | None = None, mesh_sizes=None, cache_dtype=None) -> Loaded:
+def load_run(run_dir: str, step: int | None = None, mesh_sizes=None, cache_dtype=None,
+             quantize: str | None = None) -> Loaded:
     """The run's model at checkpoint `step` (None: the latest) on the mesh, with its tokenizer."""
     from jaxlm.checkpoint import Checkpointer, restore_variables
     cfg = read_run_config(run_dir)
@@ -80,10 +81,11 @@ def load_run(run_dir: str, step: int | None = None, mesh_sizes=None, cache_dtype
     state = restore_variables(ckpt.step_dir(step), abstract_state)
     context = cfg.data.seq_len if getattr(cfg.model, "max_positions", None) is None else None
     return from_parts(cfg.model, state, tokenizer, mesh=mesh, rules=rules, context_len=context,
-                      cache_dtype=cache_dtype, step=step, config=cfg)
+                      cache_dtype=cache_dtype, step=step, config=cfg, quantize=quantize)
 
 
-def load_hf(hf_dir: str, mesh_sizes=None, cache_dtype=None) -> Loaded:
+def load_hf(hf_dir: str, mesh_sizes=None, cache_dtype=None, quantize: str | None = None
+            ) -> Loaded:
     """A Hugging Face model directory (jaxlm.hf): its weights loaded straight onto the mesh,
     its tokenizer.json, its max_position_embeddings as the context (RoPE models)."""
     from jaxlm.config import load_config
@@ -100,15 +102,17 @@ def load_hf(hf_dir: str, mesh_sizes=None, cache_dtype=None) -> Loaded:
     if getattr(cfg.model, "max_positions", None) is None:
         context = read_config(hf_dir)[1].values.get("max_position_embeddings") or None
     return from_parts(cfg.model, state, tokenizer, mesh=mesh, rules=cfg.mesh.rules,
-                      context_len=context, cache_dtype=cache_dtype, config=cfg)
+                      context_len=context, cache_dtype=cache_dtype, config=cfg,
+                      quantize=quantize)
 
 
 def from_parts(model_cfg, state, tokenizer, *, mesh=None, rules=None, context_len=None,
-               cache_dtype=None, step: int = 0, config=None) -> Loaded:
+               cache_dtype=None, step: int = 0, config=None, quantize=None) -> Loaded:
     """The seam every loader feeds (a run directory above; a Hugging Face import later): a
     model config, its variables ({'params', 'model_state'} or one nnx pure dict) and a
     tokenizer (jaxlm.data.tokenizer interface) -> what the CLI generates from."""
     mesh = mesh if mesh is not None and mesh.size > 1 else None
     lm = LM.of(model_cfg, state, mesh=mesh, rules=rules, context_len=context_len,
-               cache_dtype=cache_dtype)
+               cache_dtype=cache_dtype, decoder_start_id=getattr(tokenizer, "pad_id", 0),
+               quantize=quantize)
     return Loaded(lm, tokenizer, step, config)

@@ -136,6 +136,10 @@ class Speculator:
         if (draft is None) == (ngram == 0):
             raise ConfigError("speculative decoding needs exactly one drafter: a draft model "
                               "(--draft-run) or prompt lookup (--prompt-lookup N)")
+        if lm.seq2seq or (draft is not None and draft.seq2seq):
+            raise ConfigError("speculative decoding verifies decoder-only continuations of the "
+                              "prompt; an encoder-decoder model decodes with greedy, sampling or "
+                              "--beams")
         if draft is not None and draft.cfg.vocab_size != lm.cfg.vocab_size:
             raise ConfigError(f"--draft-run: the draft's vocabulary ({draft.cfg.vocab_size}) "
                               f"differs from the target's ({lm.cfg.vocab_size}); it must share "

@@ -57,18 +57,22 @@ class Attention(nnx.Module):
         self.c = c
 
     def __call__(self, x_BxSxD, positions_BxS, segment_ids_BxS, *, memory_BxTxD=None,
-                 memory_segment_ids_BxT=None, bias=None, cache=None):
+                 memory_segment_ids_BxT=None, bias=None, cache=None, memory_kv=None):
         """Self-attention over x, or cross-attention over `memory` (keys and values from it,
-        no rotary embedding). Returns ([B, S, D], the updated cache or None)."""
+        no rotary embedding) or over `memory_kv` (a KVCache from `memory_cache`: the memory's
+        keys and values already projected, as decoding reuses them every step). Returns
+        ([B, S, D], the updated cache or None)."""
         c, dt = self.c, self.c.dtype
-        kv_BxTxD = x_BxSxD if memory_BxTxD is None else memory_BxTxD
         q = jnp.einsum("bsd,dhk->bshk", x_BxSxD, self.wq[...].astype(dt))
-        k = jnp.einsum("bsd,dgk->bsgk", kv_BxTxD, self.wk[...].astype(dt))
-        v = jnp.einsum("bsd,dgk->bsgk", kv_BxTxD, self.wv[...].astype(dt))
         if c.qkv_bias:
-            q, k, v = (x + b[...].astype(dt) for x, b in ((q, self.b_q), (k, self.b_k),
-                                                          (v, self.b_v)))
-        if c.rope_theta is not None and memory_BxTxD is None:
+            q = q + self.b_q[...].astype(dt)
+        if memory_kv is not None:
+            k, v = memory_kv.k_BxTxGxK.astype(dt), memory_kv.v_BxTxGxK.astype(dt)
+            memory_segment_ids_BxT = memory_kv.segment_ids_BxT
+        else:
+            k, v = self._kv(x_BxSxD if memory_BxTxD is None else memory_BxTxD)
+        cross = memory_BxTxD is not None or memory_kv is not None
+        if c.rope_theta is not None and not cross:
             q = rope(q, positions_BxS, c.rope_theta, c.rope_scaling)
             k = rope(k, positions_BxS, c.rope_theta, c.rope_scaling)
         q, k, v = constrain(q, Q_NAMES), constrain(k, KV_NAMES), constrain(v, KV_NAMES)
@@ -79,6 +83,25 @@ class Attention(nnx.Module):
         out_BxSxHxK = constrain(out_BxSxHxK, Q_NAMES)
         y_BxSxD = jnp.einsum("bshk,hkd->bsd", out_BxSxHxK, self.wo[...].astype(dt))
         return (y_BxSxD + self.b_o[...].astype(dt) if c.o_bias else y_BxSxD), cache
+
+    def _kv(self, kv_BxTxD):
+        """Keys and values [B, T, G, K] of a sequence."""
+        c, dt = self.c, self.c.dtype
+        k = jnp.einsum("btd,dgk->btgk", kv_BxTxD, self.wk[...].astype(dt))
+        v = jnp.einsum("btd,dgk->btgk", kv_BxTxD, self.wv[...].astype(dt))
+        if c.qkv_bias:
+            k, v = k + self.b_k[...].astype(dt), v + self.b_v[...].astype(dt)
+        return k, v
+
+    def memory_cache(self, memory_BxTxD, memory_segment_ids_BxT=None) -> KVCache:
+        """The memory's keys and values as a full KVCache (segment 0: padding), computed once
+        per request for cross-attention while decoding; `lengths_B` is the memory length and
+        is never read (the segment ids mask the padding)."""
+        k, v = self._kv(memory_BxTxD)
+        B, T = memory_BxTxD.shape[:2]
+        seg_BxT = (jnp.ones((B, T), jnp.int32) if memory_segment_ids_BxT is None
+                   else memory_segment_ids_BxT.astype(jnp.int32))
+        return KVCache(k, v, seg_BxT, jnp.full((B,), T, jnp.int32))
 
     def empty_cache(self, batch: int, max_len: int) -> KVCache:
         """A KV cache for this layer as self-attention: `max_len` slots per row."""

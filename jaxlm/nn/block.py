@@ -2,7 +2,10 @@
 cross-attention, and a feed-forward (dense MLP or Mixture of Experts), each a residual branch
 with pre- or post-norm (RMSNorm or LayerNorm). A block returns (h, aux, cache): aux holds
 already-weighted loss terms and stats ({} for a dense block), cache the attention's KV cache
-(None unless one was passed in)."""
+(None unless one was passed in). A block with cross-attention caches (self-attention KVCache,
+the memory's projected keys/values as a KVCache): the latter is filled from
+`LayerInputs.memory_BxTxD` on the call that passes it (the prefill) and read on calls without it
+(decode steps), so the memory is projected once per request."""
 from __future__ import annotations
 
 import dataclasses
@@ -59,13 +62,20 @@ class Block(nnx.Module):
         self.c = c
 
     def __call__(self, h_BxSxD, inputs: LayerInputs, cache=None):
-        h_BxSxD, cache = self._residual(self.attn_norm, h_BxSxD, lambda x: self.attn(
+        cross = self.c.cross_attention is not None
+        self_cache, memory_kv = cache if cross and cache is not None else (cache, None)
+        h_BxSxD, self_cache = self._residual(self.attn_norm, h_BxSxD, lambda x: self.attn(
             x, inputs.positions_BxS, inputs.segment_ids_BxS, bias=inputs.attention_bias,
-            cache=cache))
-        if self.c.cross_attention is not None:
+            cache=self_cache))
+        cache = self_cache
+        if cross:
+            if cache is not None and inputs.memory_BxTxD is not None:
+                memory_kv = self.cross_attn.memory_cache(inputs.memory_BxTxD,
+                                                         inputs.memory_segment_ids_BxT)
             h_BxSxD, _ = self._residual(self.cross_norm, h_BxSxD, lambda x: self.cross_attn(
                 x, None, inputs.segment_ids_BxS, memory_BxTxD=inputs.memory_BxTxD,
-                memory_segment_ids_BxT=inputs.memory_segment_ids_BxT))
+                memory_segment_ids_BxT=inputs.memory_segment_ids_BxT, memory_kv=memory_kv))
+            cache = None if self_cache is None else (self_cache, memory_kv)
         if isinstance(self.c.ffn, MoEConfig):
             h_BxSxD, aux = self._residual(self.mlp_norm, h_BxSxD, self.moe)
         else:
@@ -73,8 +83,10 @@ class Block(nnx.Module):
         return h_BxSxD, aux, cache
 
     def empty_cache(self, batch: int, max_len: int):
-        """A KV cache for this block's self-attention: `max_len` slots per row."""
-        return self.attn.empty_cache(batch, max_len)
+        """A KV cache for this block's self-attention: `max_len` slots per row (with
+        cross-attention: paired with None, the memory's cache the prefill fills)."""
+        empty = self.attn.empty_cache(batch, max_len)
+        return empty if self.c.cross_attention is None else (empty, None)
 
     def _residual(self, norm, h_BxSxD, branch):
         """h + branch(norm(h)) (pre-norm) or norm(h + branch(h)) (post-norm); the branch returns

@@ -47,9 +47,11 @@ class RelativeBias(nnx.Module):
         self.c = c
 
     def __call__(self, q_index_S, k_index_T):
-        """Bias [1, H, S, T] (fp32) for queries at key-sequence indices q_index_S."""
+        """Bias [1, H, S, T] (fp32) for queries at key-sequence indices q_index_S, or [B, H, S, T]
+        for per-row indices q_index_BxS (decoding: each row's queries at their own positions)."""
         c = self.c
-        buckets_SxT = relative_bucket(k_index_T[None, :] - q_index_S[:, None], c.bidirectional,
-                                      c.num_buckets, c.max_distance)
-        bias_SxTxH = jnp.take(self.table[...].astype(jnp.float32), buckets_SxT, axis=0)
-        return bias_SxTxH.transpose(2, 0, 1)[None]
+        buckets_xSxT = relative_bucket(k_index_T - q_index_S[..., None], c.bidirectional,
+                                       c.num_buckets, c.max_distance)
+        bias_xSxTxH = jnp.take(self.table[...].astype(jnp.float32), buckets_xSxT, axis=0)
+        bias_xHxSxT = jnp.moveaxis(bias_xSxTxH, -1, -3)
+        return bias_xHxSxT if q_index_S.ndim == 2 else bias_xHxSxT[None]

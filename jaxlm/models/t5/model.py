@@ -7,7 +7,8 @@ by 1/sqrt(d_kv).
 
 Protocol: `encode` runs the encoder once; the decoder is the decoder-only protocol
 (`embed_tokens` with the encoder output as memory, `stack()`, `logits`), so decoding (KV cache,
-cross-attention over a fixed memory) reuses it."""
+cross-attention over a fixed memory) reuses it: the decoder blocks cache the memory's projected
+keys/values on the first cached call (jaxlm/nn/block.py)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -67,13 +68,18 @@ class T5(TokenLM):
         return self.encoder_norm(h_BxSxD), aux
 
     def embed_tokens(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, *,
-                     memory_BxSxD=None, memory_segment_ids_BxS=None):
+                     memory_BxSxD=None, memory_segment_ids_BxS=None, cache_len=None):
         """The decoder's residual stream and what its blocks read (the encoder output as
-        memory)."""
+        memory). `cache_len`: the tokens go into a self-attention cache of that many slots (slot
+        = position), so the bias is of each row's queries at their positions over every slot."""
         positions_BxT = self.default_positions(tokens_BxT, positions_BxT)
-        index_T = jnp.arange(tokens_BxT.shape[1])
+        if cache_len is None:
+            index_T = jnp.arange(tokens_BxT.shape[1])
+            bias = self.decoder_bias(index_T, index_T)
+        else:
+            bias = self.decoder_bias(positions_BxT, jnp.arange(cache_len))
         inputs = LayerInputs(positions_BxT, segment_ids_BxT, memory_BxSxD, memory_segment_ids_BxS,
-                             attention_bias=self.decoder_bias(index_T, index_T))
+                             attention_bias=bias)
         return self.token_embedding(tokens_BxT, positions_BxT), inputs
 
     def stack(self) -> stack.Stack:

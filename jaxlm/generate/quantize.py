@@ -1,0 +1,88 @@
+"""int8 weight-only quantisation for decoding: a transform of the state an LM holds.
+
+Each matmul weight (attention and MLA projections, dense and expert MLPs, an untied head) is
+replaced in the state by an `Int8Weight`: the weight rounded to int8 with one float32 scale per
+output channel (max |w| over its input axes / 127). `Int8Weight` is a pytree that a layer's
+ordinary read `self.w[...]` dequantises (nnx's `Variable.__getitem__` indexes its value), so no
+layer changes, the model is the training model merged with this state, and the dequantise sits
+where the layer reads the weight: inside the scanned layer body, next to its matmul, where XLA
+can fuse it rather than materialise full-precision weights per step.
+
+Why a state transform and not an nnx Variable subclass: the graph definition stays the
+training model's (checkpoints, the HF loaders and `abstract_weights` keep one definition), and
+the int8 arrays are plain leaves that jit, scan (sliced per layer, with their scales) and
+device_put already handle. Not quantised: the token table (a lookup, and the tied head that
+reads it), norms, T5's relative-bias tables, MoE routers (small; routing is sensitive).
+Input axes come from the weight's logical names: a weight whose last axis is `embed` projects
+back to the residual stream (all other non-stacked axes are inputs); any other reads its first
+non-stacked axis (embed, lora, mlp) as the input.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+STACKED = ("layers", "expert")  # leading axes that index separate matrices
+SKIP = ("embed", "router", "table", "scale", "selection_bias")  # leaf names never quantised
+
+
+@struct.dataclass
+class Int8Weight:
+    q: jax.Array                       # int8, the weight's shape
+    scale: jax.Array                   # float32, 1 on the input axes
+    dtype: str = struct.field(pytree_node=False, default="float32")  # the weight's own dtype
+
+    def __getitem__(self, index):
+        return (self.q.astype(jnp.float32) * self.scale).astype(self.dtype)[index]
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+
+def input_axes(names) -> tuple[int, ...] | None:
+    """The axes a matmul weight with these logical names contracts (None: not a matmul
+    weight: fewer than two non-stacked axes, or an unnamed axis)."""
+    lead = 0
+    while lead < len(names) and names[lead] in STACKED:
+        lead += 1
+    rest = names[lead:]
+    if len(rest) < 2 or any(n is None for n in rest):
+        return None
+    if rest[-1] == "embed":
+        return tuple(range(lead, len(names) - 1))
+    return (lead,)
+
+
+def quantize_int8(w, axes: tuple[int, ...]) -> Int8Weight:
+    """Symmetric per-output-channel int8: |error| <= scale / 2 per element."""
+    w32 = jnp.asarray(w, jnp.float32)
+    scale = jnp.max(jnp.abs(w32), axis=axes, keepdims=True) / 127.0
+    scale = jnp.where(scale == 0, 1.0, scale)
+    q = jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8)
+    return Int8Weight(q, scale, jnp.dtype(w.dtype).name)
+
+
+def quantize_state(state: dict, abstract_state) -> dict:
+    """The pure-dict state (all variables, or a part such as a train state's params) with every
+    matmul weight, found by the logical names of `abstract_state` (the model's nnx state from
+    eval_shape), replaced by an Int8Weight."""
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+    names = {_key(p): tuple(s) for p, s in jax.tree_util.tree_flatten_with_path(
+        nnx.to_pure_dict(nnx.get_partition_spec(abstract_state)), is_leaf=is_spec)[0]}
+
+    def one(path, w):
+        key = _key(path)
+        axes = None if key[-1] in SKIP else input_axes(names[key])
+        return w if axes is None else quantize_int8(w, axes)
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def _key(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def weight_bytes(state) -> int:
+    """Bytes of every array in a state (int8 weights count their int8 values and scales)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
