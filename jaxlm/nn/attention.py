@@ -67,7 +67,7 @@ class Attention(nnx.Module):
         if c.qkv_bias:
             q = q + self.b_q[...].astype(dt)
         if memory_kv is not None:
-            k, v = memory_kv.k_BxTxGxK.astype(dt), memory_kv.v_BxTxGxK.astype(dt)
+            k, v = memory_kv.keys(dt), memory_kv.values(dt)
             memory_segment_ids_BxT = memory_kv.segment_ids_BxT
         else:
             k, v = self._kv(x_BxSxD if memory_BxTxD is None else memory_BxTxD)
