@@ -84,11 +84,14 @@ def abstract_weights(model_cfg, mesh: Mesh, rules) -> dict:
     abstract = nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0)))
     _, params, rest = nnx.split(abstract, nnx.Param, ...)
     wanted = {"params": params, **({"model_state": rest} if jax.tree.leaves(rest) else {})}
-    return {k: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            nnx.to_pure_dict(v),
-                            tree_shardings(nnx.to_pure_dict(nnx.get_partition_spec(v)), mesh,
-                                           rules))
-            for k, v in wanted.items()}
+    out = {}
+    for k, v in wanted.items():
+        shapes = nnx.to_pure_dict(v)
+        shardings = tree_shardings(nnx.to_pure_dict(nnx.get_partition_spec(v)), mesh, rules)
+        check_divisible(shapes, shardings)  # one line naming the tensor, not JAX's error
+        out[k] = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              shapes, shardings)
+    return out
 
 
 def _checked_param_shardings(cfg, mesh, abstract_params, logical):

@@ -247,3 +247,18 @@ def test_cache_bytes_report_matches_the_layouts():
                    "GQA": (32 * 2 * 8 * 128 * 2, 32 * 2 * 8 * (128 + 4)),
                    "MQA": (16 * 2 * 1 * 128 * 2, 16 * 2 * 1 * (128 + 4)),
                    "MLA": (12 * (256 + 64) * 2, 12 * (256 + 64 + 4))}
+
+
+def test_kv_heads_that_do_not_split_over_tensor_are_one_clear_error():
+    """One kv head on tensor=2 (the default rules split kv heads over tensor): the weights'
+    placement for decoding is refused naming the tensor, as training refuses it."""
+    from helpers import tiny_config
+
+    from jaxlm.parallel.sharding import make_mesh
+    from jaxlm.state import abstract_weights
+    cfg = tiny_config("model.num_kv_heads=1")
+    mesh = make_mesh(dict(data=1, fsdp=1, tensor=2, sequence=1, expert=1, stage=1),
+                     jax.devices()[:2])
+    with pytest.raises(ConfigError, match=r"parameter layers.attn.wk with shape \(2, 32, 1, 8\)"
+                                          r".*not divisible by mesh axes tensor=2"):
+        abstract_weights(cfg.model, mesh, cfg.mesh.rules)

@@ -24,7 +24,7 @@ from jaxlm.generate import cache as kv
 from jaxlm.generate.quantize import quantize_state
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.registry import build_model
-from jaxlm.parallel.sharding import mesh_axis_of, tree_shardings, use_rules
+from jaxlm.parallel.sharding import check_divisible, mesh_axis_of, tree_shardings, use_rules
 
 CACHE_DTYPES = ("float32", "bfloat16", "int8")  # int8: per-head scales (jaxlm.nn.kv_cache)
 
@@ -63,7 +63,9 @@ class LM:
         rules = DEFAULT_RULES if rules is None else rules
         if mesh is not None:
             logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
-            state = jax.device_put(state, tree_shardings(logical, mesh, rules))
+            shardings = tree_shardings(logical, mesh, rules)
+            check_divisible(state, shardings)
+            state = jax.device_put(state, shardings)
         if quantize is not None:
             if quantize != "int8":
                 raise ConfigError(f"--quantize={quantize}: expected int8")
