@@ -133,8 +133,11 @@ def load(hf_dir: str | Path, model_cfg, abstract_weights: dict) -> dict:
     layout = registry.for_family(model_cfg.family).layout(model_cfg).resolved(weights)
     targets = _flat(abstract_weights)
     check(weights, layout, targets)
-    # Leaves in parallel: reading one shard's pages overlaps transferring another's.
-    with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+    # Leaves in parallel: reading one shard's pages overlaps transferring another's. With
+    # several processes, in one order: every leaf's reshard is a collective that all processes
+    # must enter in the same sequence (threads would interleave them differently: a deadlock).
+    workers = min(16, os.cpu_count() or 1) if jax.process_count() == 1 else 1
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         arrays = {path: pool.submit(_leaf, weights, layout.leaves[path], target)
                   for path, target in targets.items()}
         return _unflat({path: f.result() for path, f in arrays.items()})
