@@ -1,8 +1,15 @@
 """Every test sees 8 simulated CPU devices, so meshes of up to 8 devices can be built."""
 import os
 
+# The 8 simulated devices are threads that meet at every collective; on a loaded 2-core box
+# one can be starved past XLA:CPU's default rendezvous limit, which aborts the whole process
+# (seen twice in full-suite runs, in the pipeline tests): give the rendezvous minutes, not
+# seconds. A real deadlock still ends, at pytest's own timeouts or CI's.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+                           + " --xla_force_host_platform_device_count=8"
+                           + " --xla_cpu_collective_call_terminate_timeout_seconds=900"
+                           + " --xla_cpu_collective_timeout_seconds=900"
+                           + " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (after the flags above)
