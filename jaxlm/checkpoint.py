@@ -189,6 +189,33 @@ class Checkpointer:
             faults.EXIT_WRITE_FAILED)
 
 
+def read_run_config(run_dir: str):
+    """The config a training run saved (config.yaml), for the commands that read a run's
+    weights (generation, export); errors name the --run flag."""
+    from jaxlm.config import from_yaml_file
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        why = "no config.yaml in it" if run.is_dir() else "no such directory"
+        raise ConfigError(f"--run {run_dir}: not a jaxlm run directory ({why}; expected a "
+                          f"training run's train.run_dir)")
+    return from_yaml_file(str(run / "config.yaml"))
+
+
+def run_step_dir(run_dir: str, cfg, step: int | None) -> tuple[int, Path]:
+    """(step, its directory) of the run's checkpoint `step` (None: the newest); errors name the
+    --run and --step flags."""
+    ckpt = Checkpointer(Path(run_dir) / "checkpoints", cfg.checkpoint)
+    steps = ckpt.steps()
+    if not steps:
+        raise ConfigError(f"--run {run_dir}: no checkpoint in {ckpt.directory}")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ConfigError(f"--step {step}: no such checkpoint in {ckpt.directory} (have "
+                          f"{', '.join(map(str, steps))})")
+    return step, ckpt.step_dir(step)
+
+
 def restore_variables(step_dir: Path, abstract_subtree):
     """Only some items of a saved train state (e.g. params and model_state for generation: the
     optimizer moments are never read), restored onto the shardings of `abstract_subtree`. A

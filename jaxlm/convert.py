@@ -84,25 +84,15 @@ def import_hf(hf_dir: str, run_dir: str, overrides=()) -> Path:
 def export_run(run_dir: str, out_dir: str, step: int | None = None, dtype: str = "float32",
                max_shard_bytes: int = 5 * 2**30) -> tuple[int, list[str]]:
     """Write the weights of run_dir's checkpoint `step` (None: the newest) to out_dir."""
-    from jaxlm.checkpoint import Checkpointer, restore_variables
-    from jaxlm.config import from_yaml_file
+    from jaxlm.checkpoint import read_run_config, restore_variables, run_step_dir
     from jaxlm.hf.export import export
     from jaxlm.hf.registry import for_family
     from jaxlm.state import abstract_weights
-    saved = Path(run_dir) / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError(f"{run_dir}: not a jaxlm run directory (no config.yaml)")
-    cfg = from_yaml_file(str(saved))
+    cfg = read_run_config(run_dir)
     mapping = for_family(cfg.model.family)
     mapping.config_to_hf(cfg.model, max_positions=cfg.data.seq_len)  # refuse before reading
-    ckpt = Checkpointer(Path(run_dir) / "checkpoints", cfg.checkpoint)
-    steps = ckpt.steps()
-    step = steps[-1] if steps and step is None else step
-    if step not in steps:
-        raise ConfigError(f"{ckpt.directory}: no checkpoint of step {step}"
-                          + (f"; there are steps {', '.join(map(str, steps))}" if steps else ""))
-    weights = restore_variables(ckpt.step_dir(step),
-                                abstract_weights(cfg.model, _mesh(cfg), cfg.mesh.rules))
+    step, step_dir = run_step_dir(run_dir, cfg, step)
+    weights = restore_variables(step_dir, abstract_weights(cfg.model, _mesh(cfg), cfg.mesh.rules))
     return step, export(cfg, weights, out_dir, dtype, max_shard_bytes)
 
 

@@ -4,11 +4,10 @@ config's), on a mesh given as axis sizes. Every problem is a ConfigError naming 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import jax
 
-from jaxlm.config import ConfigError, MESH_AXES, from_yaml_file
+from jaxlm.config import ConfigError, MESH_AXES
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.generate.lm import LM
 from jaxlm.parallel.sharding import make_mesh
@@ -49,36 +48,17 @@ def mesh_of(sizes: dict[str, int] | None):
     return make_mesh(sizes, devices[:n])
 
 
-def read_run_config(run_dir: str):
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ConfigError(f"--run {run_dir}: not a directory (expected a training run's "
-                          f"train.run_dir)")
-    saved = run / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError(f"--run {run_dir}: no config.yaml in it (not a jaxlm training run)")
-    return from_yaml_file(str(saved))
-
-
 def load_run(run_dir: str, step: int | None = None, mesh_sizes=None, cache_dtype=None,
              quantize: str | None = None) -> Loaded:
     """The run's model at checkpoint `step` (None: the latest) on the mesh, with its tokenizer."""
-    from jaxlm.checkpoint import Checkpointer, restore_variables
+    from jaxlm.checkpoint import read_run_config, restore_variables, run_step_dir
     cfg = read_run_config(run_dir)
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
-    ckpt = Checkpointer(Path(run_dir) / "checkpoints", cfg.checkpoint)
-    steps = ckpt.steps()
-    if not steps:
-        raise ConfigError(f"--run {run_dir}: no checkpoint in {ckpt.directory}")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ConfigError(f"--step {step}: no such checkpoint in {ckpt.directory} (have "
-                          f"{', '.join(map(str, steps))})")
+    step, step_dir = run_step_dir(run_dir, cfg, step)
     mesh = mesh_of(mesh_sizes)
     rules = cfg.mesh.rules
     abstract_state = abstract_weights(cfg.model, mesh, rules)
-    state = restore_variables(ckpt.step_dir(step), abstract_state)
+    state = restore_variables(step_dir, abstract_state)
     context = cfg.data.seq_len if getattr(cfg.model, "max_positions", None) is None else None
     return from_parts(cfg.model, state, tokenizer, mesh=mesh, rules=rules, context_len=context,
                       cache_dtype=cache_dtype, step=step, config=cfg, quantize=quantize)
