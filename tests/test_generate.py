@@ -67,28 +67,34 @@ PROMPTS = [[5, 9, 2, 33, 17, 8, 1], [40, 3], [11, 12, 13, 14]]
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_cached_decode_equals_full_forward(name):
     """Ragged prompts (7, 2, 4 tokens) decode 6 greedy tokens each; the logits of every
-    generated position equal the full no-cache forward over prompt + output."""
-    _, lm = tiny_lm(name)
+    generated position equal the full no-cache forward over prompt + output, and the LM's
+    unscanned layers (split out of the scanned stack) compute what the trained model does."""
+    model, lm = tiny_lm(name)
+    assert not lm.cfg.scan_layers
     steps = 6
     got = decode_logits(Engine(lm), [Request(p, GREEDY) for p in PROMPTS], steps)
     seqs = [p + t.tolist() for p, (_, t) in zip(PROMPTS, got)]
     full_BxSxV = full_forward(lm, seqs)
+    np.testing.assert_allclose(full_BxSxV, full_forward(lm, seqs, trained=model), rtol=1e-5,
+                               atol=1e-5)
     for b, (prompt, (logits_NxV, tokens)) in enumerate(zip(PROMPTS, got)):
         full = full_BxSxV[b, len(prompt) - 1:len(seqs[b]) - 1]
         np.testing.assert_allclose(logits_NxV, full, rtol=2e-4, atol=2e-4)
         assert (np.argmax(full, -1) == tokens).all()
 
 
-def full_forward(lm, seqs):
+def full_forward(lm, seqs, trained=None):
     """The no-cache forward of the training model over right-padded rows (padding in segment
-    0), from the LM's own state (a forward pass may update model state: MoE's bias)."""
+    0), from the LM's own state (a forward pass may update model state: MoE's bias), or of the
+    `trained` nnx model itself (scanned, as it trained)."""
+    graphdef, state = (lm.graphdef, lm.state) if trained is None else nnx.split(trained)
     S = max(map(len, seqs))
     tokens = np.zeros((len(seqs), S), np.int32)
     seg = np.zeros((len(seqs), S), np.int32)
     for b, s in enumerate(seqs):
         tokens[b, :len(s)], seg[b, :len(s)] = s, 1
-    return np.asarray(jax.jit(lambda st, t, g: lm.model(st)(t, segment_ids_BxS=g))(
-        lm.state, tokens, seg))
+    return np.asarray(jax.jit(lambda st, t, g: nnx.merge(graphdef, st)(t, segment_ids_BxS=g))(
+        state, tokens, seg))
 
 
 @pytest.mark.parametrize("name,cache_dtype", [("llama-gqa", None), ("deepseek", "int8")])
@@ -105,9 +111,9 @@ def test_mesh_decode_equals_one_device_and_cache_is_sharded(name, cache_dtype):
     engine = Engine(lm4)
     d, _ = engine.prefill(reqs)
     for c in jax.tree.leaves(d.cache, is_leaf=kv.is_cache):
-        k = c.k_BxTxGxK  # scanned stack: [layers, B, T, G, K]
-        G, local_G = k.shape[3], k.addressable_shards[0].data.shape[3]
-        assert k.sharding.spec[1] == "data" and local_G == (G // 2 if G > 1 else 1)
+        k = c.k_BxTxGxK
+        G, local_G = k.shape[2], k.addressable_shards[0].data.shape[2]
+        assert k.sharding.spec[0] == "data" and local_G == (G // 2 if G > 1 else 1)
     four = decode_logits(engine, reqs, 4)
     for (l1, t1), (l4, t4) in zip(one, four):
         np.testing.assert_allclose(l1, l4, rtol=1e-4, atol=1e-4)
@@ -193,7 +199,7 @@ def test_bfloat16_cache_stays_close_to_float32():
     lm16 = LM.of(lm.cfg, lm.state, cache_dtype="bfloat16")
     reqs = [Request(p, GREEDY) for p in PROMPTS]
     d, _ = Engine(lm16).prefill(reqs)
-    assert d.cache.k_BxTxGxK.dtype == jnp.bfloat16
+    assert all(c.k_BxTxGxK.dtype == jnp.bfloat16 for c in d.cache)
     for (l32, _), (l16, _) in zip(decode_logits(Engine(lm), reqs, 3),
                                   decode_logits(Engine(lm16), reqs, 3)):
         np.testing.assert_allclose(l16, l32, atol=0.05)

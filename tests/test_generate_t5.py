@@ -1,7 +1,7 @@
 """T5 generation: the encoder runs once, the decoder decodes from the pad id with its
 self-attention cache and the cross-attention keys/values cached at the prefill. Every generated
-position's logits equal a no-cache forward (ragged encoder inputs, scanned and unscanned decoder
-stacks), beam search finds the brute-force best, and the CLI runs on a T5 run directory."""
+position's logits equal a no-cache forward of the trained model (ragged encoder inputs; its
+stacks scanned, which decoding splits into lists, or not), beam search finds the brute-force best, and the CLI runs on a T5 run directory."""
 import itertools
 import json
 
@@ -33,17 +33,18 @@ def tiny_t5(overrides, seed=0, std=0.3):
     return model, LM.of(cfg, nnx.to_pure_dict(nnx.state(model)), decoder_start_id=START)
 
 
-def t5_forward(lm, prompts, decoder_rows):
-    """No-cache logits [B, T, V]: right-padded encoder inputs (padding in segment 0) and the
-    decoder rows (start id + generated tokens, all real)."""
+def t5_forward(model, prompts, decoder_rows):
+    """No-cache logits [B, T, V] of an nnx T5 model: right-padded encoder inputs (padding in
+    segment 0) and the decoder rows (start id + generated tokens, all real)."""
     S, T = max(map(len, prompts)), max(map(len, decoder_rows))
     enc, seg = np.zeros((len(prompts), S), np.int32), np.zeros((len(prompts), S), np.int32)
     for b, p in enumerate(prompts):
         enc[b, :len(p)], seg[b, :len(p)] = p, 1
     dec = np.asarray([r + [START] * (T - len(r)) for r in decoder_rows], np.int32)
-    fn = jax.jit(lambda st, e, g, d: lm.model(st)(e, d, segment_ids_BxS=g,
-                                                   decoder_segment_ids_BxT=jnp.ones_like(d)))
-    return np.asarray(fn(lm.state, enc, seg, dec), np.float32)
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda st, e, g, d: nnx.merge(graphdef, st)(
+        e, d, segment_ids_BxS=g, decoder_segment_ids_BxT=jnp.ones_like(d)))
+    return np.asarray(fn(state, enc, seg, dec), np.float32)
 
 
 @pytest.mark.parametrize("scan", [True, False])
@@ -51,24 +52,23 @@ def test_cached_t5_decode_equals_full_forward(scan):
     """Ragged encoder inputs (7, 2, 4 tokens), 6 greedy tokens each: every step's logits equal
     the no-cache forward's at that decoder position; the cross-attention caches are filled at
     the prefill (memory length = the prompt bucket) and carried unchanged."""
-    _, lm = tiny_t5(T5 + [f"model.scan_layers={str(scan).lower()}"])
+    model, lm = tiny_t5(T5 + [f"model.scan_layers={str(scan).lower()}"])
     prompts = [[5, 9, 2, 33, 17, 8, 1], [40, 3], [11, 12, 13, 14]]
     steps = 6
     engine = Engine(lm)
     d, n = engine.prefill([Request(p, SamplingConfig(temperature=0.0, max_tokens=steps))
                            for p in prompts])
-    caches = d.cache if scan else d.cache[0]
-    self_cache, memory_kv = caches
+    self_cache, memory_kv = d.cache[0]  # the first layer's
     assert self_cache.k_BxTxGxK.shape[-3] == 64 and memory_kv.k_BxTxGxK.shape[-3] == 16
     memory_before = np.asarray(memory_kv.k_BxTxGxK)
     logits = [np.asarray(d.logits_BxV)]
     for _ in range(steps - 1):
         d = engine.step(d)
         logits.append(np.asarray(d.logits_BxV))
-    memory_after = (d.cache if scan else d.cache[0])[1].k_BxTxGxK
+    memory_after = d.cache[0][1].k_BxTxGxK
     np.testing.assert_array_equal(memory_before, np.asarray(memory_after))
     tokens = np.asarray(d.tokens_BxN)[:n, :steps]
-    full = t5_forward(lm, prompts, [[START] + t[:-1].tolist() for t in tokens])
+    full = t5_forward(model, prompts, [[START] + t[:-1].tolist() for t in tokens])
     got_BxNxV = np.stack(logits, 1)[:n]
     np.testing.assert_allclose(got_BxNxV, full, rtol=2e-4, atol=2e-4)
     assert (np.argmax(full, -1) == tokens).all()
@@ -86,14 +86,14 @@ def test_cached_t5_decode_equals_full_forward(scan):
 def test_t5_beam_search_equals_brute_force(lp):
     """Vocabulary 4, up to 3 tokens, width 64: the best hypothesis is the brute-force best of
     log p(seq | encoder input) over every sequence that ends in EOS or reaches the limit."""
-    _, lm = tiny_t5(T5[:1] + ["model.vocab_size=4", "model.d_model=16", "model.num_layers=1",
+    model, lm = tiny_t5(T5[:1] + ["model.vocab_size=4", "model.d_model=16", "model.num_layers=1",
                               "model.num_heads=2", "model.head_dim=8", "model.ffn_dim=16"],
                     seed=1, std=1.0)
     eos, L, prompt = 2, 3, [1, 3, 3]
     seqs = [list(s) for n in range(1, L + 1) for s in itertools.product(range(4), repeat=n)
             if eos not in s[:-1] and (n == L or s[-1] == eos)]
     rows = [[START] + s + [START] * (L - len(s)) for s in seqs]
-    logp = jax.nn.log_softmax(t5_forward(lm, [prompt] * len(rows), rows), -1)
+    logp = jax.nn.log_softmax(t5_forward(model, [prompt] * len(rows), rows), -1)
     cands = [(sum(float(logp[i, j, t]) for j, t in enumerate(s)) / len(s) ** lp, s)
              for i, s in enumerate(seqs)]
     best_score, best = max(cands)

@@ -1,7 +1,9 @@
 """The shared layers' contracts: the block's post-norm and cross-attention slot against a float64
 NumPy reference, the attention mask spec, and the KV cache: decoding token by token through a
-family's stack (scanned, unscanned, MoE groups; GQA and MQA; ragged rows) gives the logits of the
-full forward."""
+family's stack (its layers a list, as decoding runs them; MoE groups; GQA and MQA; ragged rows)
+gives the logits of the full forward."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,8 +108,8 @@ DEEPSEEK = ["model.family=deepseek", "model.kv_lora_rank=12", "model.qk_nope_hea
             "model.qk_rope_head_dim=4", "model.v_head_dim=6", "model.num_dense_layers=1",
             "model.num_experts=4", "model.experts_per_token=2", "model.expert_ffn_dim=16"]
 DECODE_MODELS = {
-    "llama-scan-gqa": ["model.num_kv_heads=2"],
-    "llama-loop-mqa": ["model.num_kv_heads=1", "model.scan_layers=false"],
+    "llama-gqa": ["model.num_kv_heads=2"],
+    "llama-mqa": ["model.num_kv_heads=1"],
     "mixtral-groups": ["model.family=mixtral", "model.num_layers=4", "model.moe_every=2",
                        "model.num_experts=4", "model.expert_ffn_dim=16"],
     # MLA's latent cache (up-projections absorbed), with low-rank queries and YaRN's logit
@@ -123,9 +125,14 @@ DECODE_MODELS = {
 def test_cached_decode_equals_full_forward(name):
     """Row 0 prefills 4 tokens, row 1 only 2 (its chunk padded with segment 0); then both decode
     5 more at their own positions, one or two per step. Every logit equals the full forward's
-    over that row's real tokens."""
+    over that row's real tokens. The layers are a list, as decoding runs them (a scanned stack
+    refuses a cache)."""
     cfg = load_config(None, ["model.vocab_size=64", "model.d_model=32", "model.num_layers=2",
-                             "model.num_heads=4", "model.ffn_dim=48", *DECODE_MODELS[name]]).model
+                             "model.num_heads=4", "model.ffn_dim=48", "model.scan_layers=false",
+                             *DECODE_MODELS[name]]).model
+    scanned = build_model(dataclasses.replace(cfg, scan_layers=True), nnx.Rngs(0)).stack()
+    with pytest.raises(ValueError, match="a scanned stack takes no KV cache"):
+        scanned.empty_cache(2, 16)
     model = build_model(cfg, nnx.Rngs(0))
     nnx.update(model, random_params(model, seed=3))
     tokens = np.random.default_rng(4).integers(0, 64, (2, 9))

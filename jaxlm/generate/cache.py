@@ -1,5 +1,5 @@
 """Whole-model KV caches as decoding sees them: the tree of per-layer KVCaches a stack takes and
-returns (stacked on a leading layer axis where the stack is scanned), with the operations
+returns (tuples of them: decoding runs the layers as a list), with the operations
 decoding needs on all of them at once: logical sharding, dtype, per-row lengths, row reorder."""
 from __future__ import annotations
 
@@ -18,21 +18,20 @@ def is_cache(x) -> bool:
 
 
 def map_caches(fn, tree):
-    """fn(KVCache, lead) on every layer cache of the tree; lead = its number of stacked dims."""
-    return jax.tree.map(lambda c: fn(c, c.k_BxTxGxK.ndim - 4), tree, is_leaf=is_cache)
+    """fn(KVCache) on every layer cache of the tree."""
+    return jax.tree.map(fn, tree, is_leaf=is_cache)
 
 
 def constrain_caches(tree):
     """Every cache laid out by the active rules (a no-op without a mesh)."""
-    def one(c: KVCache, lead):
-        pre = (None,) * lead
-        kv = lambda x: None if x is None else constrain(x, pre + KV_CACHE_NAMES)  # noqa: E731
-        scale = lambda x: None if x is None else constrain(x, pre + KV_CACHE_NAMES[:3])  # noqa
+    def one(c: KVCache):
+        kv = lambda x: None if x is None else constrain(x, KV_CACHE_NAMES)  # noqa: E731
+        scale = lambda x: None if x is None else constrain(x, KV_CACHE_NAMES[:3])  # noqa: E731
         return c.replace(k_BxTxGxK=kv(c.k_BxTxGxK), v_BxTxGxV=kv(c.v_BxTxGxV),
                          k_scale_BxTxG=scale(c.k_scale_BxTxG),
                          v_scale_BxTxG=scale(c.v_scale_BxTxG),
-                         segment_ids_BxT=constrain(c.segment_ids_BxT, pre + ("act_batch", None)),
-                         lengths_B=constrain(c.lengths_B, pre + ("act_batch",)))
+                         segment_ids_BxT=constrain(c.segment_ids_BxT, ("act_batch", None)),
+                         lengths_B=constrain(c.lengths_B, ("act_batch",)))
     return map_caches(one, tree)
 
 
@@ -46,7 +45,7 @@ def cast_caches(tree, dtype):
     """Keys and values stored in `dtype` (KVCache.update casts, or quantises, what it writes)."""
     if dtype is None:
         return tree
-    return map_caches(lambda c, _: c.astype(dtype), tree)
+    return map_caches(lambda c: c.astype(dtype), tree)
 
 
 def with_lengths(tree, lengths_B):
@@ -54,20 +53,19 @@ def with_lengths(tree, lengths_B):
     never read): slots past it are overwritten by the next
     write and, until then, hidden by causality (they lie after every query). Rolls a cache back
     (speculative decoding) or drops a prefill's padding."""
-    return map_caches(lambda c, _: c.replace(lengths_B=jnp.broadcast_to(
+    return map_caches(lambda c: c.replace(lengths_B=jnp.broadcast_to(
         lengths_B.astype(jnp.int32), c.lengths_B.shape)), tree)
 
 
 def take_rows(tree, rows_B):
     """Rows reordered (beam search keeps the caches of the beams it continues)."""
-    return map_caches(lambda c, lead: jax.tree.map(lambda x: jnp.take(x, rows_B, axis=lead), c),
-                      tree)
+    return map_caches(lambda c: jax.tree.map(lambda x: jnp.take(x, rows_B, axis=0), c), tree)
 
 
 def cache_bytes(tree) -> int:
     """Bytes of keys, values and their int8 scales in the tree (segment ids and lengths are
     bookkeeping, not counted; shapes only: works on abstract caches)."""
     total = []
-    map_caches(lambda c, _: total.extend(x.size * x.dtype.itemsize for x in (
+    map_caches(lambda c: total.extend(x.size * x.dtype.itemsize for x in (
         c.k_BxTxGxK, c.v_BxTxGxV, c.k_scale_BxTxG, c.v_scale_BxTxG) if x is not None), tree)
     return sum(total)

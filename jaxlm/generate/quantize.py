@@ -5,13 +5,12 @@ replaced in the state by an `Int8Weight`: the weight rounded to int8 with one fl
 output channel (max |w| over its input axes / 127). `Int8Weight` is a pytree that a layer's
 ordinary read `self.w[...]` dequantises (nnx's `Variable.__getitem__` indexes its value), so no
 layer changes, the model is the training model merged with this state, and the dequantise sits
-where the layer reads the weight: inside the scanned layer body, next to its matmul, where XLA
-can fuse it rather than materialise full-precision weights per step.
+where the layer reads the weight, next to its matmul, where XLA can fuse it rather than
+materialise full-precision weights per step.
 
 Why a state transform and not an nnx Variable subclass: the graph definition stays the
 training model's (checkpoints, the HF loaders and `abstract_weights` keep one definition), and
-the int8 arrays are plain leaves that jit, scan (sliced per layer, with their scales) and
-device_put already handle. Not quantised: the token table (a lookup, and the tied head that
+the int8 arrays are plain leaves that jit and device_put already handle. Not quantised: the token table (a lookup, and the tied head that
 reads it), norms, T5's relative-bias tables, MoE routers (small; routing is sensitive).
 Input axes come from the weight's logical names: a weight whose last axis is `embed` projects
 back to the residual stream (all other non-stacked axes are inputs); any other reads its first

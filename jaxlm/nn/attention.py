@@ -18,6 +18,17 @@ Q_NAMES = ("act_batch", "act_seq", "act_heads", None)
 KV_NAMES = ("act_batch", "act_seq", "act_kv_heads", None)
 
 
+def project_heads(out_BxSxHxV, w_HxVxD):
+    """The output projection as one contraction over heads x head dim (a plain matmul). Why
+    not einsum('bshv,hvd->bsd'): at one token per row (decoding) XLA turns that two-axis
+    contraction into an elementwise product the size of the weight, written out, then a
+    reduction: 16 us a layer for the 1B preset's 8 MB weight on an H200, where reading it takes
+    2 us."""
+    B, S, H, V = out_BxSxHxV.shape
+    return jnp.einsum("bsf,fd->bsd", out_BxSxHxV.reshape(B, S, H * V),
+                      w_HxVxD.reshape(H * V, w_HxVxD.shape[-1]))
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     d_model: int
@@ -81,7 +92,7 @@ class Attention(nnx.Module):
         out_BxSxHxK, cache = attend(q, k, v, mask, bias=bias, cache=cache, impl=c.impl,
                                     scale=c.scale)
         out_BxSxHxK = constrain(out_BxSxHxK, Q_NAMES)
-        y_BxSxD = jnp.einsum("bshk,hkd->bsd", out_BxSxHxK, self.wo[...].astype(dt))
+        y_BxSxD = project_heads(out_BxSxHxK, self.wo[...].astype(dt))
         return (y_BxSxD + self.b_o[...].astype(dt) if c.o_bias else y_BxSxD), cache
 
     def _kv(self, kv_BxTxD):

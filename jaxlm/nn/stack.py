@@ -4,7 +4,9 @@ A unit is a Block or a Group of blocks; every unit returns (h, aux, cache). Para
 stack are stacked on a leading 'layers' axis (one compiled body, and the axis pipeline parallelism
 splits); unscanned, the units are a list. `Stack` is how runners see it: `layer_fn()` is the stack
 as a pure function over the stacked state (what the pipeline schedules need) and calling it runs
-the whole stack. Aux terms of the units are summed.
+the whole stack. Aux terms of the units are summed. A KV cache goes through unscanned stacks
+only: decoding splits a scanned model's units out of their stacked arrays first (a scan would
+slice each layer's weights and rewrite the whole stacked cache on every decode step).
 """
 from __future__ import annotations
 
@@ -90,32 +92,30 @@ class Stack:
                                                        cache)), stacked)
 
     def empty_cache(self, batch: int, max_len: int):
-        """Every unit's empty KV cache, laid out as `__call__` takes them."""
-        if not self.c.scan:
-            return tuple(unit.empty_cache(batch, max_len) for unit in self.layers)
-        one = self.layers.empty_cache(batch, max_len)  # the units are alike: stack one U times
-        return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.c.num_units,) + x.shape), one)
+        """Every unit's empty KV cache, a tuple as `__call__` takes them (unscanned only)."""
+        _no_scanned_cache(self.c)
+        return tuple(unit.empty_cache(batch, max_len) for unit in self.layers)
 
     def __call__(self, h_BxSxD, inputs: LayerInputs, cache=None):
-        """Every unit in order: (h, summed aux, cache). `cache` holds each unit's cache
-        (stacked on the leading axis when scanned, a tuple otherwise). Variables a unit updates
-        in its forward pass (non-parameters, e.g. MoE's balancing bias) are updated in place."""
+        """Every unit in order: (h, summed aux, cache). `cache` (unscanned stacks only) is a
+        tuple of the units' caches. Variables a unit updates in its forward pass
+        (non-parameters, e.g. MoE's balancing bias) are updated in place."""
         apply = self._unit_call()
         if not self.c.scan:
             calls = [functools.partial(apply, unit) for unit in self.layers]
             return run_in_order(calls, h_BxSxD, inputs, cache)
+        if cache is not None:
+            _no_scanned_cache(self.c)
         graphdef, stacked = nnx.split(self.layers)
 
-        def body(h, xs):
-            unit_state, unit_cache = xs
+        def body(h, unit_state):
             unit = nnx.merge(graphdef, unit_state)
-            h, a, unit_cache = apply(unit, h, inputs, unit_cache)
-            return h, (a, unit_cache, nnx.state(unit, nnx.Not(nnx.Param)))
+            h, a, _ = apply(unit, h, inputs, None)
+            return h, (a, nnx.state(unit, nnx.Not(nnx.Param)))
 
-        h_BxSxD, (aux_U, cache, updated_U) = jax.lax.scan(body, h_BxSxD, (stacked, cache),
-                                                          unroll=self.c.unroll)
+        h_BxSxD, (aux_U, updated_U) = jax.lax.scan(body, h_BxSxD, stacked, unroll=self.c.unroll)
         nnx.update(self.layers, updated_U)
-        return h_BxSxD, jax.tree.map(lambda a: jnp.sum(a, axis=0), aux_U), cache
+        return h_BxSxD, jax.tree.map(lambda a: jnp.sum(a, axis=0), aux_U), None
 
     def _unit_call(self):
         """unit(h, inputs, cache) the way the stack calls it: under the remat policy."""
@@ -126,6 +126,12 @@ class Stack:
         # not needed; unrolled (a Python loop, or unroll > 1) it is, or remat is a no-op.
         rolled = self.c.scan and self.c.unroll == 1
         return nnx.remat(apply, policy=REMAT_POLICIES[self.c.remat], prevent_cse=not rolled)
+
+
+def _no_scanned_cache(c: StackConfig):
+    if c.scan:
+        raise ValueError("a scanned stack takes no KV cache: decoding runs the layers as a list "
+                         "(jaxlm.generate.lm.unstack_layers)")
 
 
 class Chain:
