@@ -9,6 +9,12 @@ same call, in its own process, so the two never share the GPU's memory.
     python benchmarks/decode.py --smoke                           # tiny, on CPU: does it run
     python benchmarks/decode.py --config configs/deepseek-1b.yaml --cache-dtype int8 --batches 16
     python benchmarks/decode.py --quantize int8                   # int8 weights (bf16 matmuls)
+    python benchmarks/decode.py --variants bf16,int8 --speculate 4  # both, then speculative
+
+--speculate K: batch 1, K drafts a round, against plain greedy of the same model: prompt lookup
+(3-grams) and a draft model. With random weights no small model predicts the target, so the
+draft measured is the target's own int8 copy: it shows what a round costs at high acceptance,
+not what a trained small draft would give.
 """
 from __future__ import annotations
 
@@ -56,7 +62,8 @@ def kv_bytes_per_token(lm) -> int:
     return kv.cache_bytes(shapes)
 
 
-def measure(lm, batch: int, prompt: int, new: int, bw: float, weight_bytes: int):
+def measure(lm, batch: int, prompt: int, new: int, bw: float, weight_bytes: int,
+            label: str = "bf16"):
     import jax
     import numpy as np
     from jaxlm.generate.engine import Engine, Request
@@ -77,9 +84,40 @@ def measure(lm, batch: int, prompt: int, new: int, bw: float, weight_bytes: int)
     step = (time.perf_counter() - t0) / (new - 1)
     kv_read = kv_bytes_per_token(lm) * batch * (prompt + new / 2)  # the mean cache length
     mbu = (weight_bytes + kv_read) / step / bw
-    print(f"RESULT jaxlm generate batch {batch}: {batch * new / total:,.0f} tokens/s, "
+    print(f"RESULT jaxlm generate {label} batch {batch}: {batch * new / total:,.0f} tokens/s, "
           f"{step * 1e3:.2f} ms/step, MBU {mbu * 100:.1f}% (weights {weight_bytes / 1e9:.2f} GB "
           f"+ KV {kv_read / 1e9:.3f} GB per step)", flush=True)
+
+
+def speculate(lm, K: int, prompt: int, new: int):
+    """Batch-1 greedy speculative decoding (prompt lookup, then the int8 copy as the draft)
+    against plain greedy: tokens/s end to end and acceptance; outputs must equal plain's."""
+    import numpy as np
+    from jaxlm.generate.engine import Engine, Request
+    from jaxlm.generate.lm import LM
+    from jaxlm.generate.sampling import SamplingConfig
+    from jaxlm.generate.speculative import Speculator
+    ids = np.random.default_rng(1).integers(3, lm.cfg.vocab_size, prompt)
+    req = Request(ids, SamplingConfig(temperature=0.0, max_tokens=new))
+    engine = Engine(lm, eos_id=None)
+    plain = engine.generate([req])[0].ids
+    t0 = time.perf_counter()
+    engine.generate([req])
+    base = new / (time.perf_counter() - t0)
+    draft = LM.of(lm.cfg, lm.state, quantize="int8")
+    for name, spec in (("prompt lookup (3-grams)", Speculator(lm, K, None, ngram=3)),
+                       ("draft = the target's int8 copy", Speculator(lm, K, None, draft))):
+        spec.generate(req)  # compile
+        t0 = time.perf_counter()
+        out = spec.generate(req)
+        tps = len(out.ids) / (time.perf_counter() - t0)
+        differ = next((i for i, (a, b) in enumerate(zip(out.ids, plain)) if a != b), None)
+        same = "equals plain greedy" if differ is None else (
+            f"first differs from plain greedy at token {differ} (bf16: the verify pass reads "
+            f"{K + 1} positions per matmul, plain decode one, so near-tied logits can flip)")
+        print(f"RESULT speculative K={K} {name}: {tps:,.0f} tokens/s vs plain greedy "
+              f"{base:,.0f} ({tps / base:.2f}x), acceptance {out.acceptance:.1%}, output "
+              f"{same}", flush=True)
 
 
 def main(argv=None):
@@ -89,26 +127,36 @@ def main(argv=None):
     p.add_argument("--batches", default="1,16")
     p.add_argument("--config", default="configs/llama-1b.yaml", help="the preset decoded")
     p.add_argument("--cache-dtype", choices=("bfloat16", "int8"), help="default: the model's")
-    p.add_argument("--quantize", choices=("int8",), help="int8 weights (jaxlm.generate.quantize)")
+    p.add_argument("--variants", default="bf16",
+                   help="comma-separated weight formats to measure in turn: bf16, int8")
+    p.add_argument("--quantize", choices=("int8",), help="same as --variants int8")
+    p.add_argument("--speculate", type=int, default=0, metavar="K",
+                   help="also batch-1 speculative decoding with K drafts a round")
     args = p.parse_args(argv)
     if args.peer:
         subprocess.run([sys.executable, args.peer], check=False)
     import jax
+    variants = ["int8"] if args.quantize else args.variants.split(",")
     if args.smoke:
-        lm = build("configs/tiny.yaml", ["runtime.cpu_devices=0"], args.cache_dtype,
-                   args.quantize)
+        config, overrides = "configs/tiny.yaml", ["runtime.cpu_devices=0"]
         prompt, new, batches, bw_bytes = 16, 8, (1, 2), 2**24
     else:
-        lm = build(args.config, [], args.cache_dtype, args.quantize)
+        config, overrides = args.config, []
         prompt, new, batches, bw_bytes = 128, 256, tuple(map(int, args.batches.split(","))), 2**31
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(lm.state))
     bw = copy_bandwidth(bw_bytes)
-    print(f"{jax.devices()[0].device_kind}: params {weight_bytes / 1e9:.2f} GB "
-          f"{args.quantize or 'bf16'}; copy "
-          f"bandwidth {bw / 1e12:.2f} TB/s; KV {kv_bytes_per_token(lm) / 1024:.0f} KiB/token",
-          flush=True)
-    for b in batches:
-        measure(lm, b, prompt, new, bw, weight_bytes)
+    for variant in variants:
+        if variant not in ("bf16", "int8"):
+            p.error(f"--variants: {variant!r} is not bf16 or int8")
+        lm = build(config, overrides, args.cache_dtype, None if variant == "bf16" else variant)
+        weight_bytes = sum(x.nbytes for x in jax.tree.leaves(lm.state))
+        print(f"{jax.devices()[0].device_kind}: params {weight_bytes / 1e9:.2f} GB {variant}; "
+              f"copy bandwidth {bw / 1e12:.2f} TB/s; KV {kv_bytes_per_token(lm) / 1024:.0f} "
+              f"KiB/token", flush=True)
+        for b in batches:
+            measure(lm, b, prompt, new, bw, weight_bytes, variant)
+        if args.speculate and variant == "bf16":
+            speculate(lm, args.speculate, prompt, new)
+        del lm
 
 
 if __name__ == "__main__":

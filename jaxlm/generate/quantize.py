@@ -2,16 +2,16 @@
 
 Each matmul weight (attention and MLA projections, dense and expert MLPs, an untied head) is
 replaced in the state by an `Int8Weight`: the weight rounded to int8 with one float32 scale per
-output channel (max |w| over its input axes / 127). `Int8Weight` is a pytree that a layer's
-ordinary read `self.w[...]` dequantises (nnx's `Variable.__getitem__` indexes its value), so no
-layer changes, the model is the training model merged with this state, and the dequantise sits
-where the layer reads the weight, next to its matmul, where XLA can fuse it rather than
-materialise full-precision weights per step.
+output channel (max |w| over its input axes / 127) (jaxlm.nn.param). The dense layers multiply
+through `param.project`, which feeds the int8 values to the matmul and scales its product, so
+XLA reads one byte per weight; other reads (MoE expert stacks, MLA's up-projections, BERT's
+heads) take `self.w[...]`, which dequantises next to the matmul. The model is the training
+model merged with this state.
 
 Why a state transform and not an nnx Variable subclass: the graph definition stays the
 training model's (checkpoints, the HF loaders and `abstract_weights` keep one definition), and
-the int8 arrays are plain leaves that jit and device_put already handle. Not quantised: the token table (a lookup, and the tied head that
-reads it), norms, T5's relative-bias tables, MoE routers (small; routing is sensitive).
+the int8 arrays are plain leaves that jit and device_put already handle. Not quantised: the
+token table (a lookup, and the tied head that reads it), norms, T5's relative-bias tables, MoE routers (small; routing is sensitive).
 Input axes come from the weight's logical names: a weight whose last axis is `embed` projects
 back to the residual stream (all other non-stacked axes are inputs); any other reads its first
 non-stacked axis (embed, lora, mlp) as the input.
@@ -20,24 +20,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
+
+from jaxlm.nn.param import Int8Weight
 
 STACKED = ("layers", "expert")  # leading axes that index separate matrices
 SKIP = ("embed", "router", "table", "scale", "selection_bias")  # leaf names never quantised
-
-
-@struct.dataclass
-class Int8Weight:
-    q: jax.Array                       # int8, the weight's shape
-    scale: jax.Array                   # float32, 1 on the input axes
-    dtype: str = struct.field(pytree_node=False, default="float32")  # the weight's own dtype
-
-    def __getitem__(self, index):
-        return (self.q.astype(jnp.float32) * self.scale).astype(self.dtype)[index]
-
-    @property
-    def shape(self):
-        return self.q.shape
 
 
 def input_axes(names) -> tuple[int, ...] | None:

@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxlm.nn import stack
 from jaxlm.nn.block import RESIDUAL, LayerInputs
-from jaxlm.nn.param import param
+from jaxlm.nn.param import param, project
 from jaxlm.parallel.sharding import constrain
 
 
@@ -68,8 +68,10 @@ class TokenLM(nnx.Module):
     def logits(self, h_BxSxD):
         """Final norm and head: logits [B, S, V] in the compute dtype (the loss upcasts)."""
         h_BxSxD = self.final_norm(h_BxSxD)
-        w_DxV = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
-        logits_BxSxV = jnp.einsum("bsd,dv->bsv", h_BxSxD, w_DxV.astype(self.dtype))
+        if self.cfg.tie_embeddings:
+            logits_BxSxV = jnp.einsum("bsd,dv->bsv", h_BxSxD, self.embed[...].T.astype(self.dtype))
+        else:
+            logits_BxSxV = project("bsd,dv->bsv", h_BxSxD, self.head, self.dtype)
         return constrain(logits_BxSxV, ("act_batch", "act_seq", "act_vocab"))
 
     def __call__(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.nn.attend import MaskSpec, attend
-from jaxlm.nn.attention import KV_NAMES, Q_NAMES, project_heads
+from jaxlm.nn.attention import KV_NAMES, Q_NAMES
 from jaxlm.nn.kv_cache import KVCache
 from jaxlm.nn.norms import RMSNorm
 from jaxlm.nn.param import param
@@ -97,7 +97,7 @@ class MLA(nnx.Module):
             q, k, v = constrain(q, Q_NAMES), constrain(k, KV_NAMES), constrain(v, KV_NAMES)
             out_BxSxHxV, _ = attend(q, k, v, mask, bias=bias, impl=c.impl, scale=scale)
         out_BxSxHxV = constrain(out_BxSxHxV, Q_NAMES)
-        return project_heads(out_BxSxHxV, self.wo[...].astype(dt)), cache
+        return jnp.einsum("bshv,hvd->bsd", out_BxSxHxV, self.wo[...].astype(dt)), cache
 
     def _absorbed(self, q_nope_BxSxHxKn, q_rope_BxSxHxKr, latent_BxSxR, k_rope_BxSx1xKr,
                   wkv_b_RxHxN, mask, bias, cache, scale):

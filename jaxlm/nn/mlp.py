@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.nn.param import param, zeros_param
+from jaxlm.nn.param import param, project, zeros_param
 from jaxlm.parallel.sharding import constrain
 
 ACTIVATIONS = {
@@ -55,10 +55,10 @@ class MLP(nnx.Module):
         up_BxSxF = self._project(x_BxSxD, "up")
         h_BxSxF = act(self._project(x_BxSxD, "gate")) * up_BxSxF if c.gated else act(up_BxSxF)
         h_BxSxF = constrain(h_BxSxF, ("act_batch", "act_seq", "act_mlp"))
-        y_BxSxD = jnp.einsum("bsf,fd->bsd", h_BxSxF, self.w_down[...].astype(dt))
+        y_BxSxD = project("bsf,fd->bsd", h_BxSxF, self.w_down, dt)
         return y_BxSxD + self.b_down[...].astype(dt) if c.bias else y_BxSxD
 
     def _project(self, x_BxSxD, name):
         dt = self.c.dtype
-        y_BxSxF = jnp.einsum("bsd,df->bsf", x_BxSxD, getattr(self, f"w_{name}")[...].astype(dt))
+        y_BxSxF = project("bsd,df->bsf", x_BxSxD, getattr(self, f"w_{name}"), dt)
         return y_BxSxF + getattr(self, f"b_{name}")[...].astype(dt) if self.c.bias else y_BxSxF

@@ -2,7 +2,9 @@
 
 Every parameter is an `nnx.Param` whose `out_sharding` metadata holds logical axis names; the rules
 table (jaxlm.parallel.sharding) decides what they mean on a mesh. Parameters are stored in
-`param_dtype` and cast to the compute `dtype` where they are used.
+`param_dtype` and cast to the compute `dtype` where they are used. Decoding may hold a matmul
+weight as an `Int8Weight` instead (jaxlm.generate.quantize); `project` is how the dense layers
+multiply by a weight either way.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 
 def param(rngs: nnx.Rngs, shape, names, std: float, dtype) -> nnx.Param:
@@ -31,3 +33,35 @@ def scaled_out_std(std: float, num_layers: int) -> float:
     """Residual-branch output projections start smaller so the residual stream's variance does not
     grow with depth (GPT-2 / Megatron init)."""
     return std / math.sqrt(2 * num_layers)
+
+
+@struct.dataclass
+class Int8Weight:
+    """A matmul weight as int8 values and one float32 scale per output channel (1 on the input
+    axes). Reading it whole (`w[...]`, as nnx indexes a Variable's value) dequantises it;
+    `project` instead multiplies by the int8 values and scales the product."""
+    q: jax.Array                       # int8, the weight's shape
+    scale: jax.Array                   # float32, 1 on the input axes
+    dtype: str = struct.field(pytree_node=False, default="float32")  # the weight's own dtype
+
+    def __getitem__(self, index):
+        return (self.q.astype(jnp.float32) * self.scale).astype(self.dtype)[index]
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+
+def project(subscripts: str, x, weight: nnx.Variable, dtype):
+    """einsum(subscripts, x, weight) in `dtype`. An Int8Weight enters the matmul as its int8
+    values converted (exact in 16 bits) and its scale multiplies the product: the scale is 1 on
+    the contracted axes, so the algebra is exact. Why not dequantise first: XLA fused the
+    convert into the matmul, but not the multiply by the scale, and wrote a dequantised copy of
+    each such weight every decode step (0.8 ms of the int8 1B preset's 2.1 ms step, H200)."""
+    w = weight.get_value()
+    if not isinstance(w, Int8Weight):
+        return jnp.einsum(subscripts, x, w.astype(dtype))
+    y = jnp.einsum(subscripts, x, w.q.astype(dtype))
+    # the scale laid out as the output: contracting size-1 input axes is a broadcast
+    scale = jnp.einsum(subscripts, jnp.ones((1,) * x.ndim, jnp.float32), w.scale)
+    return (y.astype(jnp.float32) * scale).astype(dtype)
