@@ -184,12 +184,45 @@ def test_greedy_speculative_equals_greedy(drafter):
     assert got.ids == plain and 0 <= got.accepted <= got.drafted
     self_spec = Speculator(lm, 3, None, draft=lm).generate(Request(prompt, s))
     assert self_spec.ids == plain and self_spec.acceptance == 1.0  # the target as its own draft
+    # a round that emits a stop token or passes the token limit ends there, mid-round
+    stop = SamplingConfig(temperature=0.0, max_tokens=12, stop_ids=(plain[6],))
+    cut = spec.generate(Request(prompt, stop))
+    assert cut.ids == plain[:plain.index(plain[6])] and cut.finish_reason == "stop"
+    short = spec.generate(Request(prompt, SamplingConfig(temperature=0.0, max_tokens=5)))
+    assert short.ids == plain[:5] and short.finish_reason == "length"
+
+
+def lookup_reference(context: list[int], n: int, K: int) -> list[int]:
+    """Prompt lookup in plain Python: the K tokens after the latest earlier occurrence of the
+    context's last n tokens (shorter n-grams down to 1), the last repeated where the context
+    runs out; the last token K times when nothing matches."""
+    for m in range(min(n, len(context) - 1), 0, -1):
+        tail = context[-m:]
+        for start in range(len(context) - m - 1, -1, -1):
+            if context[start:start + m] == tail:
+                got = context[start + m:start + m + K]
+                return got + [got[-1]] * (K - len(got))
+    return [context[-1]] * K
 
 
 def test_prompt_lookup_drafts():
-    assert lookup([1, 2, 3, 9, 1, 2], 2, 3) == [3, 9, 1]
-    assert lookup([1, 2, 3, 9, 1, 2], 2, 5) == [3, 9, 1, 2, 2]  # runs out: repeats its last
-    assert lookup([4, 5, 6], 2, 2) == [6, 6]                    # no match: the last token
+    """The compiled lookup (over a fixed-size buffer, in the decode loop) against the Python
+    reference: hand-picked cases, then 300 random contexts over 4 tokens (many matches)."""
+    run = jax.jit(lookup, static_argnums=(2, 3))
+
+    def drafts(context, n, K, size=24):
+        buf = np.full((size,), 7, np.int32)  # unused slots hold a token that must not matter
+        buf[:len(context)] = context
+        return np.asarray(run(jnp.asarray(buf), jnp.int32(len(context)), n, K)).tolist()
+
+    assert drafts([1, 2, 3, 9, 1, 2], 2, 3) == [3, 9, 1]
+    assert drafts([1, 2, 3, 9, 1, 2], 2, 5) == [3, 9, 1, 2, 2]  # runs out: repeats its last
+    assert drafts([4, 5, 6], 2, 2) == [6, 6]                    # no match: the last token
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        context = rng.integers(0, 4, rng.integers(1, 16)).tolist()
+        n, K = int(rng.integers(1, 4)), int(rng.integers(1, 5))
+        assert drafts(context, n, K) == lookup_reference(context, n, K), (context, n, K)
 
 
 def test_bfloat16_cache_stays_close_to_float32():
