@@ -337,10 +337,25 @@ def check_against_devices(cfg: Config, num_devices: int) -> dict[str, int]:
             f"{cfg.train.microbatches} = {micro} rows per microbatch, not divisible by the "
             f"data-parallel size data*fsdp*expert={batch_shards}")
     _check_pipeline_devices(cfg, sizes)
+    _check_context_parallel(cfg, sizes)
     if cfg.data.seq_len % sizes["sequence"]:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by "
                           f"mesh.sequence={sizes['sequence']}")
     return sizes
+
+
+def _check_context_parallel(cfg: Config, sizes: dict[str, int]):
+    """What ring attention cannot serve is refused here, in one line."""
+    if sizes["sequence"] == 1 or cfg.mesh.context_parallel != "ring":
+        return
+    how = f"mesh.sequence={sizes['sequence']} with mesh.context_parallel=ring"
+    if sizes["stage"] > 1:
+        raise ConfigError(f"{how}: pipeline stages (mesh.stage={sizes['stage']}) do not run "
+                          f"ring attention; use mesh.context_parallel=all_gather")
+    if cfg.model.objective == "seq2seq":
+        raise ConfigError(f"{how}: model.family={cfg.model.family} adds a relative position "
+                          f"bias to its attention logits and cross-attends to the encoder, which "
+                          f"ring attention does not take; use mesh.context_parallel=all_gather")
 
 
 def _check_pipeline_devices(cfg: Config, sizes: dict[str, int]):

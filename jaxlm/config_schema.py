@@ -75,6 +75,9 @@ class MeshConfig:
     rules: list = field(default_factory=lambda: [list(r) for r in DEFAULT_RULES])
     dcn: DcnConfig = field(default_factory=DcnConfig)
     zero1: bool = False  # shard optimizer state over `data` too (params stay replicated there)
+    # with sequence > 1, how attention reads the other devices' keys and values: passed around
+    # a ring (jaxlm.parallel.ring; no device holds the whole sequence's K/V) or all-gathered
+    context_parallel: str = field(default="ring", metadata=choices("ring", "all_gather"))
     # refuse meshes whose per-device parameter bytes exceed the ideal (total / sharding axes) by
     # more than this fraction: a rules table that silently replicates a big tensor is a bug
     max_unsharded_fraction: float = field(default=0.05, metadata=bounds(0.0))

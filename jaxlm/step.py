@@ -62,10 +62,10 @@ def make_loss_fn(cfg: Config, mesh: Mesh, graphdef):
     model_state: the variables the forward pass updates (None for models without any)."""
     objective = OBJECTIVES[cfg.model.objective]
     plan = Plan.of(mesh, cfg.pipeline)
-    rules = cfg.mesh.rules
+    rules, cp = cfg.mesh.rules, cfg.mesh.context_parallel
 
     def loss_fn(params, batch, model_state=None):
-        with use_rules(mesh, rules):
+        with use_rules(mesh, rules, cp):
             model = nnx.merge(graphdef, params, model_state or {})
             loss = objective(model, batch, plan)
         if model_state is None:

@@ -29,8 +29,10 @@ def test_pallas_attention_trains_like_xla(reference, mesh):
 
 
 def test_pallas_refuses_a_sequence_sharded_mesh():
+    """With the sequence split and K/V all-gathered, the per-shard kernel cannot run (ring
+    attention, the default, computes its blocks itself)."""
     cfg = tiny_config(*HD64, "model.attention_impl=pallas", "mesh.data=1", "mesh.fsdp=1",
-                      "mesh.sequence=2")
+                      "mesh.sequence=2", "mesh.context_parallel=all_gather")
     with pytest.raises(ValueError, match="attention_impl=pallas runs per shard and cannot split the "
                                          "sequence"):
         train_on_mesh(cfg, mesh_for(cfg, 2), packed_batches(cfg, 1))

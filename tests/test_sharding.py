@@ -1,5 +1,6 @@
 """A sharding change never changes the math: every mesh preset (DP, FSDP, FSDP+TP, TP+SP, ZeRO-1,
-multi-slice) and mixed meshes give the same initial parameters, losses, gradients and updated
+multi-slice), mixed meshes and context parallelism (ring and all-gather; packed documents, GQA)
+give the same initial parameters, losses, gradients and updated
 parameters as one device over several steps (fp32 tolerance), and shard the state as promised."""
 import dataclasses
 
@@ -16,7 +17,13 @@ from helpers import TINY, mesh_for, packed_batches, tiny_config, train_on_mesh
 PRESETS = ["dp", "fsdp", "fsdp_tp", "tp_sp", "zero1", "multislice"]
 MIXED = {"dp_fsdp_tp": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
          "fsdp_tp_microbatches": ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2",
-                                  "train.microbatches=2"]}
+                                  "train.microbatches=2"],
+         # context parallelism: ring attention (the default) and XLA's all-gather of K/V
+         "ring_sequence8": ["mesh.data=1", "mesh.sequence=8"],
+         "ring_sequence2_fsdp2_tp2": ["mesh.data=1", "mesh.sequence=2", "mesh.fsdp=2",
+                                      "mesh.tensor=2"],
+         "all_gather_sequence8": ["mesh.data=1", "mesh.sequence=8",
+                                  "mesh.context_parallel=all_gather"]}
 
 
 def preset(name, *extra):

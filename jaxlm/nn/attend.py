@@ -15,6 +15,12 @@ only one that reads a bias with segments, a query offset or a cache), `cudnn`
 `pallas` (kernels_pallas flash attention: Mosaic GPU on Hopper, segment ids inside the kernel;
 interpret mode on CPU), or `auto`: pallas on Hopper and cudnn on other GPUs for 16-bit inputs,
 else xla (no TPU has been measured, so TPU gets xla).
+
+Context parallelism: when the active rules split `act_seq` over devices and the step runs under
+`context_parallel="ring"` (mesh.context_parallel), self-attention runs as ring attention
+(jaxlm/parallel/ring.py: K/V passed around the devices, masked by the tokens' positions) with
+its own block computation whatever `impl` says; `all_gather` leaves the split to XLA, which
+gathers K/V whole onto every device.
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ from flax import struct
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.models.config import ATTENTION_IMPLS
-from jaxlm.parallel.sharding import active, logical_to_spec
+from jaxlm.parallel.ring import ring_attention
+from jaxlm.parallel.sharding import active, logical_to_spec, ring_axis_size
 
 MASKED = -1e30  # a finite "minus infinity": a fully masked row gives a uniform, not a NaN
 
@@ -36,6 +43,9 @@ class MaskSpec:
     q_segment_ids: jax.Array | None = None   # [B, S] int; None: one segment per row
     kv_segment_ids: jax.Array | None = None  # [B, T]; None: the queries' (self-attention)
     q_offset: jax.Array | None = None        # [B]: key index of each row's first query
+    # [B, S] self-attention token positions: ring attention (context parallelism) masks by
+    # them, so a row's tokens may be laid out across devices in any order
+    positions: jax.Array | None = None
 
     def allowed(self, S: int, T: int):
         """Boolean [B or 1, S, T]: may query s see key t."""
@@ -80,6 +90,15 @@ def attend(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask: MaskSpec, *, bias=None, cache=
         return _attend_xla(q_BxSxHxK, cache.keys(dt), cache.values(dt), mask, bias,
                            scale), cache
     cross = mask.kv_segment_ids is not None or k_BxTxGxK.shape[1] != q_BxSxHxK.shape[1]
+    if ring_axis_size() > 1:  # the sequence is split over devices: pass K/V around a ring
+        if cross or bias is not None or mask.positions is None:
+            raise ValueError("ring attention (mesh.context_parallel=ring) runs self-attention "
+                             "without a logit bias; use mesh.context_parallel=all_gather")
+        mesh, rules = active()
+        return ring_attention(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask.positions,
+                              mask.q_segment_ids, causal=mask.causal,
+                              sliding_window=mask.sliding_window, scale=scale, mesh=mesh,
+                              rules=rules), None
     impl = resolve_impl(impl, q_BxSxHxK.dtype, kernel_fits=bias is None and not cross)
     if impl == "xla":
         return _attend_xla(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask, bias, scale), None
@@ -158,8 +177,8 @@ def _attend_pallas(q_BxSxHxK, k_BxSxGxK, v_BxSxGxK, mask: MaskSpec, bias, scale)
     kv_spec = logical_to_spec(("act_batch", "act_seq", "act_kv_heads", None), rules, mesh)
     if q_spec[1] is not None:
         raise ValueError(f"attention_impl=pallas runs per shard and cannot split the sequence "
-                         f"(act_seq -> {q_spec[1]}); use attention_impl=xla or cudnn with "
-                         f"sequence parallelism")
+                         f"(act_seq -> {q_spec[1]}); use mesh.context_parallel=ring, or "
+                         f"attention_impl=xla or cudnn")
     if q_spec[2] != kv_spec[2]:
         raise ValueError(f"attention_impl=pallas needs kv heads split like q heads (act_heads -> "
                          f"{q_spec[2]}, act_kv_heads -> {kv_spec[2]}); use fewer tensor shards "

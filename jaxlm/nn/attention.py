@@ -77,7 +77,8 @@ class Attention(nnx.Module):
             k = rope(k, positions_BxS, c.rope_theta, c.rope_scaling)
         q, k, v = constrain(q, Q_NAMES), constrain(k, KV_NAMES), constrain(v, KV_NAMES)
         mask = MaskSpec(causal=c.causal, sliding_window=c.sliding_window,
-                        q_segment_ids=segment_ids_BxS, kv_segment_ids=memory_segment_ids_BxT)
+                        q_segment_ids=segment_ids_BxS, kv_segment_ids=memory_segment_ids_BxT,
+                        positions=None if cross else positions_BxS)
         out_BxSxHxK, cache = attend(q, k, v, mask, bias=bias, cache=cache, impl=c.impl,
                                     scale=c.scale)
         out_BxSxHxK = constrain(out_BxSxHxK, Q_NAMES)

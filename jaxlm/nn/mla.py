@@ -80,7 +80,7 @@ class MLA(nnx.Module):
         k_rope_BxSx1xKr = rope(kv_a_BxSxL[..., None, R:], positions_BxS, c.rope_theta,
                                c.rope_scaling)
         q_rope_BxSxHxKr = rope(q[..., Kn:], positions_BxS, c.rope_theta, c.rope_scaling)
-        mask = MaskSpec(causal=c.causal, q_segment_ids=segment_ids_BxS)
+        mask = MaskSpec(causal=c.causal, q_segment_ids=segment_ids_BxS, positions=positions_BxS)
         scaling = 1.0 if c.rope_scaling is None else c.rope_scaling.logit_scale  # YaRN's mscale
         scale = c.qk_head_dim ** -0.5 * scaling
         wkv_b_RxHxN = self.wkv_b[...].astype(dt)

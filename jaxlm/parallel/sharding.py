@@ -85,21 +85,32 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh: Mesh) -> P:
 class _Context(threading.local):
     mesh: Mesh | None = None
     rules: Rules | None = None
+    context_parallel: str = "all_gather"
 
 
 _ctx = _Context()
 
 
 @contextlib.contextmanager
-def use_rules(mesh: Mesh, rules: Rules):
+def use_rules(mesh: Mesh, rules: Rules, context_parallel: str = "all_gather"):
     """The one context a traced step enters: makes `constrain` (and every layer that asks
-    `active()`) see this mesh and rules; outside it `constrain` is the identity."""
-    prev = (_ctx.mesh, _ctx.rules)
+    `active()`) see this mesh and rules; outside it `constrain` is the identity.
+    `context_parallel`: with the sequence split over devices, attention passes K/V around a
+    ring (`ring`) or lets XLA gather them whole onto every device (`all_gather`)."""
+    prev = (_ctx.mesh, _ctx.rules, _ctx.context_parallel)
     _ctx.mesh, _ctx.rules = mesh, [tuple(r) for r in rules]
+    _ctx.context_parallel = context_parallel
     try:
         yield
     finally:
-        _ctx.mesh, _ctx.rules = prev
+        _ctx.mesh, _ctx.rules, _ctx.context_parallel = prev
+
+
+def ring_axis_size() -> int:
+    """Devices the sequence is split over when attention runs as a ring (1: not a ring)."""
+    if _ctx.mesh is None or _ctx.context_parallel != "ring":
+        return 1
+    return mesh_axis_of("act_seq")[1]
 
 
 def active() -> tuple[Mesh | None, Rules | None]:
