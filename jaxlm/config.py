@@ -337,10 +337,10 @@ def check_against_devices(cfg: Config, num_devices: int) -> dict[str, int]:
             f"{cfg.train.microbatches} = {micro} rows per microbatch, not divisible by the "
             f"data-parallel size data*fsdp*expert={batch_shards}")
     _check_pipeline_devices(cfg, sizes)
-    _check_context_parallel(cfg, sizes)
     if cfg.data.seq_len % sizes["sequence"]:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by "
                           f"mesh.sequence={sizes['sequence']}")
+    _check_context_parallel(cfg, sizes)
     return sizes
 
 
@@ -349,6 +349,10 @@ def _check_context_parallel(cfg: Config, sizes: dict[str, int]):
     if sizes["sequence"] == 1 or cfg.mesh.context_parallel != "ring":
         return
     how = f"mesh.sequence={sizes['sequence']} with mesh.context_parallel=ring"
+    if cfg.data.seq_len % (2 * sizes["sequence"]):
+        raise ConfigError(f"{how}: data.seq_len={cfg.data.seq_len} must divide into 2 x "
+                          f"{sizes['sequence']} chunks (each device holds an early and a late "
+                          f"one, so causal work is even)")
     if sizes["stage"] > 1:
         raise ConfigError(f"{how}: pipeline stages (mesh.stage={sizes['stage']}) do not run "
                           f"ring attention; use mesh.context_parallel=all_gather")

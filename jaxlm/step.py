@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -17,6 +18,7 @@ from jaxlm.config import Config
 from jaxlm.objectives import OBJECTIVES
 from jaxlm.optim import learning_rate_schedule
 from jaxlm.parallel.pipeline import Plan
+from jaxlm.parallel.ring import zigzag_order
 from jaxlm.parallel.sharding import BATCH_NAMES, batch_sharding, constrain, use_rules
 from jaxlm.state import StateSpec, build_state
 
@@ -34,6 +36,17 @@ class StepFns:
     eval_step: Callable        # (params, batch) -> (nll_sum, token_count)
     param_count: int
     from_weights: Callable     # ({'params', 'model_state'}, seed) -> state, optimizer fresh
+    token_order: np.ndarray | None = None  # the steps' order of a row's tokens (None: natural)
+
+    def lay_out(self, batch: dict) -> dict:
+        """A host batch ([B, length] fields) in the order the steps read a row's tokens: under
+        ring attention, the zig-zag order that gives every device of the ring an early and a
+        late chunk, so causal work is even. Every per-token field moves alike (positions and
+        segment ids travel with their tokens; the loss is a sum over tokens)."""
+        if self.token_order is None:
+            return batch
+        n = len(self.token_order)
+        return {k: x[:, self.token_order] if x.shape[1] == n else x for k, x in batch.items()}
 
 
 def build_step_fns(cfg: Config, mesh: Mesh) -> StepFns:
@@ -51,9 +64,11 @@ def build_step_fns(cfg: Config, mesh: Mesh) -> StepFns:
 
     evaluate = jax.jit(eval_step, in_shardings=(spec.shardings, batch_sh),
                        out_shardings=replicated)
+    ring = mesh.shape.get("sequence", 1) if cfg.mesh.context_parallel == "ring" else 1
+    order = None if ring == 1 else zigzag_order(cfg.data.seq_len, ring)
     return StepFns(spec.graphdef, spec.optimizer, spec.abstract_state, spec.shardings, batch_sh,
                    spec.init, train, evaluate, spec.param_count,
-                   spec.from_weights)
+                   spec.from_weights, order)
 
 
 def make_loss_fn(cfg: Config, mesh: Mesh, graphdef):

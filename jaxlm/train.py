@@ -172,6 +172,7 @@ def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     say(f"model: {fns.param_count / 1e6:.2f}M parameters; run dir {run_dir}")
 
     def to_global(batch_np):  # only the fields the model reads (data.fields), [B, length] each
+        batch_np = fns.lay_out({k: batch_np[k] for k in data.fields})
         return {k: jax.make_array_from_process_local_data(fns.batch_sharding, batch_np[k],
                                                           (B, length))
                 for k, (length, _) in data.fields.items()}

@@ -79,7 +79,7 @@ def train_on_mesh(cfg, mesh, batches) -> Run:
     fns = build_step_fns(cfg, mesh)
     state = fns.init(cfg.train.seed)
     init_params = jax.device_get(state["params"])
-    put = lambda b: jax.device_put(b, fns.batch_sharding)  # noqa: E731
+    put = lambda b: jax.device_put(fns.lay_out(b), fns.batch_sharding)  # noqa: E731
 
     loss_fn = make_loss_fn(cfg, mesh, fns.graphdef)
 

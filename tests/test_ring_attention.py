@@ -2,8 +2,9 @@
 outputs and gradients of q, k and v on 8 simulated devices (sequence=8, and sequence=2 x fsdp=2
 x tensor=2), causal with packed documents whose positions restart, padding, GQA, a sliding
 window and bidirectional; the same rows laid out in zig-zag order give the same results; the
-zig-zag layout evens out causal work; what ring attention cannot serve is refused in one line.
-Training with it equals one device in tests/test_sharding.py."""
+zig-zag layout evens out causal work and is the order the training steps read rows in; what
+ring attention cannot serve is refused in one line. Training with it (rows in zig-zag order)
+equals one device in tests/test_sharding.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,6 +101,8 @@ def test_zigzag_order_round_trips_and_evens_causal_work(seq_len, devices):
      "mesh.sequence=2 with mesh.context_parallel=ring: pipeline stages"),
     (["model.family=t5", "model.head_dim=8", "mesh.sequence=2", "mesh.data=4"],
      "model.family=t5 adds a relative position bias"),
+    (["mesh.sequence=8", "mesh.data=1", "data.seq_len=24"],
+     r"data.seq_len=24 must divide into 2 x 8 chunks"),
 ])
 def test_what_ring_cannot_serve_is_refused(extra, message):
     cfg = load_config(None, ["data.seq_len=32", "train.global_batch_size=8"] + extra)
@@ -118,3 +121,18 @@ def test_ring_refuses_what_it_cannot_compute():
     with use_rules(mesh, DEFAULT_RULES, "ring"), pytest.raises(
             ValueError, match="ring attention .* runs self-attention without a logit bias"):
         attend(q, k, v, MaskSpec(q_segment_ids=seg))
+
+
+def test_steps_read_rows_in_zigzag_order_under_ring_only():
+    from helpers import mesh_for, tiny_config
+    from jaxlm.step import build_step_fns
+    ring = tiny_config("mesh.data=1", "mesh.sequence=8")
+    fns = build_step_fns(ring, mesh_for(ring))
+    np.testing.assert_array_equal(fns.token_order, zigzag_order(32, 8))
+    batch = {"inputs": np.arange(64).reshape(2, 32), "other": np.zeros((2, 5))}
+    laid = fns.lay_out(batch)
+    np.testing.assert_array_equal(laid["inputs"][:, np.argsort(fns.token_order)],
+                                  batch["inputs"])
+    assert laid["other"] is batch["other"]  # not a per-token field of this length
+    gather = tiny_config("mesh.data=1", "mesh.sequence=8", "mesh.context_parallel=all_gather")
+    assert build_step_fns(gather, mesh_for(gather)).token_order is None

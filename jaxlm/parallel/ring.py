@@ -19,6 +19,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.parallel.sharding import logical_to_spec
@@ -55,9 +56,9 @@ def zigzag_order(seq_len: int, devices: int):
     if seq_len % (2 * devices):
         raise ValueError(f"a zig-zag layout cuts the sequence into 2 x {devices} chunks: "
                          f"{seq_len} tokens do not divide")
-    chunks = jnp.arange(seq_len).reshape(2 * devices, -1)
-    return jnp.concatenate([jnp.concatenate([chunks[i], chunks[2 * devices - 1 - i]])
-                            for i in range(devices)])
+    chunks = np.arange(seq_len).reshape(2 * devices, -1)
+    return np.concatenate([np.concatenate([chunks[i], chunks[2 * devices - 1 - i]])
+                           for i in range(devices)])
 
 
 def _allowed(causal, window, pos_q_BxS, seg_q_BxS, pos_k_BxT, seg_k_BxT):
@@ -92,10 +93,11 @@ def _ring_fwd(causal, window, scale, axis, size, q_BxSxHxK, k_BxTxGxK, v_BxTxGxV
     q = q_BxSxHxK.reshape(B, S, G, H // G, K)
     out_BxSxGxRxV = jnp.zeros(q.shape[:-1] + (v_BxTxGxV.shape[-1],), jnp.float32)
     lse_BxGxRxS = jnp.full((B, G, H // G, S), -jnp.inf, jnp.float32)
-    k, v, pos_k, seg_k = k_BxTxGxK, v_BxTxGxV, pos_BxS, seg_BxS
+    block = (k_BxTxGxK, v_BxTxGxV, pos_BxS, seg_BxS)
     for step in range(size):
-        if step:
-            k, v, pos_k, seg_k = (_hop(x, axis, size) for x in (k, v, pos_k, seg_k))
+        k, v, pos_k, seg_k = block
+        if step + 1 < size:  # the next block is sent on before this one's math: they overlap
+            block = tuple(_hop(x, axis, size) for x in block)
         s = _logits(q, k, _allowed(causal, window, pos_BxS, seg_BxS, pos_k, seg_k), scale)
         block_lse = jax.nn.logsumexp(s, axis=-1)
         p = jnp.exp(s - block_lse[..., None])
@@ -119,10 +121,13 @@ def _ring_bwd(causal, window, scale, axis, size, res, dout_BxSxHxV):
                                out_BxSxHxV.reshape(do.shape).astype(jnp.float32))
     dq = jnp.zeros(q.shape, jnp.float32)
     dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-    pos_k, seg_k = pos_BxS, seg_BxS
+    block = (k, v, pos_BxS, seg_BxS)
     for step in range(size):
-        if step:
-            k, v, pos_k, seg_k, dk, dv = (_hop(x, axis, size) for x in (k, v, pos_k, seg_k, dk, dv))
+        if step:  # dK, dV of the block just done travel with it
+            dk, dv = _hop(dk, axis, size), _hop(dv, axis, size)
+        k, v, pos_k, seg_k = block
+        if step + 1 < size:
+            block = tuple(_hop(x, axis, size) for x in block)
         ok = _allowed(causal, window, pos_BxS, seg_BxS, pos_k, seg_k)
         p = jnp.exp(_logits(q, k, ok, scale) - lse_BxGxRxS[..., None])
         dv = dv + jnp.einsum("bgrst,bsgrv->btgv", p, do)
