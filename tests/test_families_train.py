@@ -1,5 +1,5 @@
-"""Every family trains through the same step on every mesh: DP, FSDP and FSDP+TP on 8 simulated
-devices give one device's initial parameters, gradients, losses and updates (the objective's own
+"""Every family trains through the same step on every mesh: FSDP and FSDP+TP (and data x fsdp
+when resuming) on 8 simulated devices give one device's initial parameters, gradients, losses and updates (the objective's own
 batches: masked LM for BERT, span corruption for T5; DeepSeek's balancing bias rides in the train
 state); a resumed run continues bit for bit; bad family settings are one clear error each."""
 import jax
@@ -16,7 +16,9 @@ STEPS = {"deepseek": 5}  # its loss first falls by step 4 (routing settles); an 
 # At these tiny widths the replicated biases and norms are a large share of the parameters (in
 # gpt2-small, 0.1%), so the sufficiently-sharded guard gets more room here.
 ROOM = "mesh.max_unsharded_fraction=0.5"
-MESHES = {"dp": ["mesh.data=8"], "fsdp": ["mesh.data=1", "mesh.fsdp=8", ROOM],
+# No plain DP here: FSDP splits the batch the same way and shards the parameters too, and the
+# resume test below runs data=4 x fsdp=2 (Llama's DP is in tests/test_sharding.py)
+MESHES = {"fsdp": ["mesh.data=1", "mesh.fsdp=8", ROOM],
           "fsdp_tp": ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", ROOM]}
 
 
