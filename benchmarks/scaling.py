@@ -47,7 +47,8 @@ def measure(config_files, overrides, n, steps):
     return {"devices": n, "step_s": t.step_s, "tokens_per_sec": t.tokens_per_sec,
             "tokens_per_sec_per_device": t.tokens_per_sec / n,
             "mfu": mfu(t.tokens_per_sec, f, peak_flops(jax.devices()[0].device_kind), n),
-            "compile_s": t.compile_s, "peak_mem_gib": mem / 2**30 if mem else None}
+            "compile_s": t.compile_s, "peak_mem_gib": mem / 2**30 if mem else None,
+            "loss": float(t.metrics["loss"])}
 
 
 def main():

@@ -303,10 +303,11 @@ def _dkv_kernel(*refs, problem, nq, steps, group):
 
 # ---- wrappers ----
 
-def _segment_operands(segment_ids_BxS):
-    B, S = segment_ids_BxS.shape
-    seg_q_BxSxL = jnp.broadcast_to(segment_ids_BxS[:, :, None], (B, S, LANES))
-    seg_kv_Bx8xS = jnp.broadcast_to(segment_ids_BxS[:, None, :], (B, SUBLANES, S))
+def _segment_operands(segments):
+    q_segment_ids_BxS, kv_segment_ids_BxS = segments
+    B, S = q_segment_ids_BxS.shape
+    seg_q_BxSxL = jnp.broadcast_to(q_segment_ids_BxS[:, :, None], (B, S, LANES))
+    seg_kv_Bx8xS = jnp.broadcast_to(kv_segment_ids_BxS[:, None, :], (B, SUBLANES, S))
     return seg_q_BxSxL, seg_kv_Bx8xS
 
 
@@ -341,7 +342,7 @@ def _q_row_grid(problem, bq, bk, nq, nk, R):
     return _steps(band, nq), q_rows, kv_rows, seg_specs
 
 
-def forward(q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, segment_ids_BxS, problem):
+def forward(q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, segments, problem):
     """-> (out [B, S, H, D] in q's dtype, lse [B, H, S] float32, natural log)."""
     B, S, H, D = q_BxSxHxD.shape
     R = H // k_BxSxGxD.shape[2]
@@ -351,7 +352,7 @@ def forward(q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, segment_ids_BxS, problem):
     in_specs = [_tile(bq, D, q_rows), _tile(bk, D, kv_rows), _tile(bk, D, kv_rows), *seg_specs]
     operands = [_bhsd(q_BxSxHxD), _bhsd(k_BxSxGxD), _bhsd(v_BxSxGxD)]
     if problem.has_segments:
-        operands += _segment_operands(segment_ids_BxS)
+        operands += _segment_operands(segments)
     out_specs = [_tile(bq, D, q_rows), _tile(bq, LANES, q_rows)]
     out_shape = [jax.ShapeDtypeStruct((B, H, S, D), q_BxSxHxD.dtype),
                  jax.ShapeDtypeStruct((B, H, S, LANES), jnp.float32)]
@@ -363,7 +364,7 @@ def forward(q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, segment_ids_BxS, problem):
     return _bhsd(out_BxHxSxD), lse_BxHxSxL[..., 0]
 
 
-def backward(q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, segment_ids_BxS, lse_BxHxS, delta_BxHxS, do_BxSxHxD,
+def backward(q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, segments, lse_BxHxS, delta_BxHxS, do_BxSxHxD,
              problem):
     """-> (dq like q, dk like k, dv like v). delta = rowsum(out * dout) - dlse (see flash.py)."""
     B, S, H, D = q_BxSxHxD.shape
@@ -376,7 +377,7 @@ def backward(q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, segment_ids_BxS, lse_BxHxS, delta_
     delta_BxHxSxL = jnp.broadcast_to(delta_BxHxS.astype(jnp.float32)[..., None], (B, H, S, LANES))
     operands = [q, k, v, do, lse_BxHxSxL, delta_BxHxSxL]
     if problem.has_segments:
-        operands += _segment_operands(segment_ids_BxS)
+        operands += _segment_operands(segments)
 
     # dq: one q block of one q head per (b, h, i), walking its kv band
     kv_steps, q_rows, kv_rows, seg_specs = _q_row_grid(problem, bq, bk, nq, nk, R)

@@ -2,8 +2,9 @@
 
 Backends (`hopper`: Mosaic GPU for sm90 (forward in hopper.py, backward in hopper_bwd.py, what both
 use in hopper_common.py); `blocked`: BlockSpec kernels for Mosaic TPU and, with
-`interpret`, for CPU tests) each provide `forward(q, k, v, segment_ids, problem) -> (out, lse)`
-and `backward(q, k, v, segment_ids, lse, delta, do, problem) -> (dq, dk, dv)`, plus
+`interpret`, for CPU tests) each provide `forward(q, k, v, segments, problem) -> (out, lse)`
+and `backward(q, k, v, segments, lse, delta, do, problem) -> (dq, dk, dv)` (segments: None or
+(q segment ids, kv segment ids), [B, S] int32 each), plus
 `seq_multiple(problem, S)`: what the sequence is padded to. Layouts: q [B, S, H, D], k/v
 [B, S, G, D] (H a multiple of G, KV never repeated), lse and delta [B, H, S] float32, lse in
 natural log. delta = rowsum(out * dout) - dlse, so a gradient flowing into lse is exact too.
@@ -114,63 +115,113 @@ def _check_inputs(q, k, v, segment_ids, sliding_window, backend):
                          f"{sliding_window!r}")
 
 
-def flash_attention(q, k, v, *, causal=True, segment_ids=None, sm_scale=None, sliding_window=None,
-                    block_sizes: BlockSizes | None = None, backend: str | None = None):
-    """softmax(q k^T * sm_scale + mask) v with fp32 accumulation; returns [B, S, H, D]."""
+def flash_attention(q, k, v, *, causal=True, segment_ids=None, kv_segment_ids=None,
+                    sm_scale=None, sliding_window=None, block_sizes: BlockSizes | None = None,
+                    backend: str | None = None):
+    """softmax(q k^T * sm_scale + mask) v with fp32 accumulation; returns [B, S, H, D].
+    `kv_segment_ids`: the keys' segment ids where they are not the queries' (a block of a
+    longer sequence, as ring attention computes); needs `segment_ids`."""
     return flash_attention_with_lse(q, k, v, causal=causal, segment_ids=segment_ids,
-                                    sm_scale=sm_scale, sliding_window=sliding_window,
-                                    block_sizes=block_sizes, backend=backend)[0]
+                                    kv_segment_ids=kv_segment_ids, sm_scale=sm_scale,
+                                    sliding_window=sliding_window, block_sizes=block_sizes,
+                                    backend=backend)[0]
 
 
-def flash_attention_with_lse(q, k, v, *, causal=True, segment_ids=None, sm_scale=None,
-                             sliding_window=None, block_sizes: BlockSizes | None = None,
-                             backend: str | None = None):
-    """As `flash_attention`, also returning the row logsumexp [B, H, S] (float32, natural log)."""
-    backend = backend or default_backend()
-    _check_inputs(q, k, v, segment_ids, sliding_window, backend)
-    B, S, _, D = q.shape
-    problem = Problem(causal=bool(causal), sm_scale=float(D ** -0.5 if sm_scale is None
-                                                           else sm_scale),
-                      sliding_window=sliding_window, has_segments=segment_ids is not None,
-                      blocks=block_sizes or BlockSizes(), interpret=backend == "interpret")
-    if segment_ids is not None:
-        segment_ids = segment_ids.astype(jnp.int32)
-    multiple = _backend_module(backend).seq_multiple(problem, S)
-    pad = -S % multiple
-    if pad:
-        # padding keys sit in their own segment, so real queries never see them
-        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
-        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
-        base = jnp.zeros((B, S), jnp.int32) if segment_ids is None else segment_ids
-        segment_ids = jnp.pad(base, ((0, 0), (0, pad)), constant_values=PAD_SEGMENT)
-        problem = dataclasses.replace(problem, has_segments=True)
-    out, lse = _flash(q, k, v, segment_ids, problem, backend)
-    if pad:
-        out, lse = out[:, :S], lse[:, :, :S]
-    return out, lse
+def flash_attention_with_lse(q, k, v, *, causal=True, segment_ids=None, kv_segment_ids=None,
+                             sm_scale=None, sliding_window=None,
+                             block_sizes: BlockSizes | None = None, backend: str | None = None):
+    """As `flash_attention`, also returning the row logsumexp [B, H, S] (float32, natural log).
+    A row that sees no key gets a hugely negative lse (and the mean of all values), so it
+    weighs nothing when blocks are merged by lse."""
+    call = _Call.of(q, k, v, causal, segment_ids, kv_segment_ids, sm_scale, sliding_window,
+                    block_sizes, backend)
+    out, lse = _flash(*call.pad(q, k, v), call.segments, call.problem, call.backend)
+    return call.unpad(out, seq_axis=1), call.unpad(lse, seq_axis=2)
+
+
+def flash_attention_block_grads(q, k, v, lse, delta, do, *, causal=True, segment_ids=None,
+                                kv_segment_ids=None, sm_scale=None, sliding_window=None,
+                                block_sizes: BlockSizes | None = None,
+                                backend: str | None = None):
+    """The backward of one block of a softmax that spans more keys than k/v hold (ring
+    attention): this block's share of (dq, dk, dv), given the whole row's lse [B, H, S] and
+    delta = rowsum(out * dout) [B, H, S] over the whole output."""
+    call = _Call.of(q, k, v, causal, segment_ids, kv_segment_ids, sm_scale, sliding_window,
+                    block_sizes, backend)
+    lse, delta = (call.pad_rows(x.astype(jnp.float32)) for x in (lse, delta))
+    dq, dk, dv = _backend_module(call.backend).backward(*call.pad(q, k, v), call.segments, lse,
+                                                        delta, *call.pad(do), call.problem)
+    return tuple(call.unpad(x, seq_axis=1) for x in (dq, dk, dv))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One validated call: the backend, its Problem, and the padding to the tile multiple
+    (padding keys sit in a segment of their own, so real queries never see them)."""
+    backend: str
+    problem: Problem
+    segments: tuple | None  # (q segment ids, kv segment ids), padded
+    S: int
+    pad_len: int
+
+    @classmethod
+    def of(cls, q, k, v, causal, segment_ids, kv_segment_ids, sm_scale, sliding_window,
+           block_sizes, backend):
+        backend = backend or default_backend()
+        _check_inputs(q, k, v, segment_ids, sliding_window, backend)
+        B, S, _, D = q.shape
+        if kv_segment_ids is not None:
+            if segment_ids is None:
+                raise ValueError("flash_attention: kv_segment_ids needs segment_ids (the "
+                                 "queries' ids) too")
+            _check_inputs(q, k, v, kv_segment_ids, sliding_window, backend)
+        problem = Problem(causal=bool(causal),
+                          sm_scale=float(D ** -0.5 if sm_scale is None else sm_scale),
+                          sliding_window=sliding_window, has_segments=segment_ids is not None,
+                          blocks=block_sizes or BlockSizes(), interpret=backend == "interpret")
+        pad = -S % _backend_module(backend).seq_multiple(problem, S)
+        segments = None
+        if segment_ids is not None or pad:
+            q_seg = jnp.zeros((B, S), jnp.int32) if segment_ids is None else segment_ids
+            kv_seg = q_seg if kv_segment_ids is None else kv_segment_ids
+            segments = tuple(jnp.pad(x.astype(jnp.int32), ((0, 0), (0, pad)),
+                                     constant_values=PAD_SEGMENT) for x in (q_seg, kv_seg))
+            problem = dataclasses.replace(problem, has_segments=True)
+        return cls(backend, problem, segments, S, pad)
+
+    def pad(self, *xs_BxSx___):
+        widths = ((0, 0), (0, self.pad_len), (0, 0), (0, 0))
+        return tuple(jnp.pad(x, widths) if self.pad_len else x for x in xs_BxSx___)
+
+    def pad_rows(self, x_BxHxS):
+        return jnp.pad(x_BxHxS, ((0, 0), (0, 0), (0, self.pad_len))) if self.pad_len else x_BxHxS
+
+    def unpad(self, x, seq_axis):
+        return jax.lax.slice_in_dim(x, 0, self.S, axis=seq_axis) if self.pad_len else x
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flash(q, k, v, segment_ids, problem, backend):
-    return _backend_module(backend).forward(q, k, v, segment_ids, problem)
+def _flash(q, k, v, segments, problem, backend):
+    return _backend_module(backend).forward(q, k, v, segments, problem)
 
 
-def _flash_fwd(q, k, v, segment_ids, problem, backend):
-    out, lse = _backend_module(backend).forward(q, k, v, segment_ids, problem)
-    return (out, lse), (q, k, v, segment_ids, out, lse)
+def _flash_fwd(q, k, v, segments, problem, backend):
+    out, lse = _backend_module(backend).forward(q, k, v, segments, problem)
+    return (out, lse), (q, k, v, segments, out, lse)
 
 
 def _flash_bwd(problem, backend, residuals, cotangents):
-    q, k, v, segment_ids, out, lse = residuals
+    q, k, v, segments, out, lse = residuals
     do_BxSxHxD, dlse_BxHxS = cotangents
     # d lse / d logits = probs, so an lse cotangent only shifts the softmax-backward row term.
     # HIGHEST: a DEFAULT-precision f32 einsum runs as one bf16 pass on TPU (TF32 on GPU).
     delta_BxHxS = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32),
                              do_BxSxHxD.astype(jnp.float32),
                              precision=jax.lax.Precision.HIGHEST) - dlse_BxHxS
-    dq, dk, dv = _backend_module(backend).backward(q, k, v, segment_ids, lse, delta_BxHxS,
+    dq, dk, dv = _backend_module(backend).backward(q, k, v, segments, lse, delta_BxHxS,
                                                    do_BxSxHxD, problem)
-    seg_ct = None if segment_ids is None else jnp.zeros(segment_ids.shape, jax.dtypes.float0)
+    seg_ct = None if segments is None else tuple(
+        jnp.zeros(x.shape, jax.dtypes.float0) for x in segments)
     return dq, dk, dv, seg_ct
 
 

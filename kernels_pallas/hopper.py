@@ -29,7 +29,7 @@ from kernels_pallas.hopper_common import LOG2E, ROWS, WGS, seq_multiple, tiles  
 # forward
 
 
-def forward(q, k, v, segment_ids, problem):
+def forward(q, k, v, segments, problem):
     B, S, H, D = q.shape
     G = k.shape[2]
     R = H // G
@@ -42,9 +42,10 @@ def forward(q, k, v, segment_ids, problem):
 
     def flash_fwd(*refs):  # the name profilers show
         if segs:
-            q_ref, k_ref, v_ref, seg_ref, out_ref, lse_ref, *scratch = refs
+            q_ref, k_ref, v_ref, segq_ref, segk_ref, out_ref, lse_ref, *scratch = refs
         else:
-            (q_ref, k_ref, v_ref, out_ref, lse_ref, *scratch), seg_ref = refs, None
+            (q_ref, k_ref, v_ref, out_ref, lse_ref, *scratch) = refs
+            segq_ref = segk_ref = None
         (q_smem, k_smem, v_smem, lse_smem, segq_smem, segk_smem,
          q_bar, k_full, v_full, s_full, k_used, v_used, sched) = scratch
         b, h = lax.axis_index("batch"), lax.axis_index("heads")
@@ -67,7 +68,7 @@ def forward(q, k, v, segment_ids, problem):
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(r0, ROWS), h], qs, q_bar.at[wg])
             seg_rows = None
             if segs:
-                plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds(r0, ROWS)], segq_smem.at[wg],
+                plgpu.copy_gmem_to_smem(segq_ref.at[b, pl.ds(r0, ROWS)], segq_smem.at[wg],
                                         q_bar.at[WGS + wg])
                 plgpu.barrier_wait(q_bar.at[WGS + wg])
                 seg_rows = plgpu.load(segq_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
@@ -147,7 +148,7 @@ def forward(q, k, v, segment_ids, problem):
                 pl.when(i >= ns)(lambda: plgpu.barrier_wait(v_used.at[slot]))
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_full.at[slot])
                 if segs:
-                    plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds(j * bkv, bkv)],
+                    plgpu.copy_gmem_to_smem(segk_ref.at[b, pl.ds(j * bkv, bkv)],
                                             segk_smem.at[slot], s_full.at[slot])
 
     scratch = [
@@ -161,7 +162,7 @@ def forward(q, k, v, segment_ids, problem):
         plgpu.Barrier(num_arrivals=WGS, num_barriers=ns),
         plgpu.Barrier(num_arrivals=WGS),
     ]
-    args = (q, k, v) + ((segment_ids,) if segs else ())
+    args = (q, k, v) + (tuple(segments) if segs else ())
     out, lse = plgpu.kernel(
         flash_fwd,
         out_type=(jax.ShapeDtypeStruct(q.shape, dtype),

@@ -28,11 +28,11 @@ from kernels_pallas import hopper_common as hc
 from kernels_pallas.hopper_common import LOG2E, ROWS, WGS, tiles
 
 
-def backward(q, k, v, segment_ids, lse, delta, do, problem):
+def backward(q, k, v, segments, lse, delta, do, problem):
     t = tiles(problem, q.shape[-1])
     lse2 = lse * LOG2E  # the kernels work in base 2
-    dq = _dq(q, k, v, segment_ids, lse2, delta, do, problem, t)
-    dk, dv = _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t)
+    dq = _dq(q, k, v, segments, lse2, delta, do, problem, t)
+    dk, dv = _dkv(q, k, v, segments, lse2, delta, do, problem, t)
     return dq, dk, dv
 
 
@@ -120,7 +120,7 @@ def _stream(ns, n_streams):
             + [plgpu.Barrier(num_arrivals=WGS, num_barriers=ns)])
 
 
-def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
+def _dq(q, k, v, segments, lse2, delta, do, problem, t):
     B, S, H, D = q.shape
     R = H // k.shape[2]
     bkv, ns, dtype = t.block_kv_dq, t.slots, q.dtype
@@ -130,12 +130,13 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
     c = problem.sm_scale * LOG2E
 
     def flash_bwd_dq(*refs):  # the name profilers show
-        n_in = 7 if segs else 6
+        n_in = 8 if segs else 6
         ins, (dq_ref,), scratch = refs[:n_in], refs[n_in:n_in + 1], refs[n_in + 1:]
         if segs:
-            q_ref, k_ref, v_ref, seg_ref, lse_ref, delta_ref, do_ref = ins
+            q_ref, k_ref, v_ref, segq_ref, segk_ref, lse_ref, delta_ref, do_ref = ins
         else:
-            (q_ref, k_ref, v_ref, lse_ref, delta_ref, do_ref), seg_ref = ins, None
+            (q_ref, k_ref, v_ref, lse_ref, delta_ref, do_ref) = ins
+            segq_ref = segk_ref = None
         (q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, segq_smem, segk_smem,
          row_bar, done, k_full, v_full, s_full, used) = scratch
         b, h = lax.axis_index("batch"), lax.axis_index("heads")
@@ -156,7 +157,7 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
                      (lse_ref.at[b, h, pl.ds(r0, ROWS)], lse_smem.at[row]),
                      (delta_ref.at[b, h, pl.ds(r0, ROWS)], delta_smem.at[row])]
             if segs:
-                loads.append((seg_ref.at[b, pl.ds(r0, ROWS)], segq_smem.at[row]))
+                loads.append((segq_ref.at[b, pl.ds(r0, ROWS)], segq_smem.at[row]))
             _load_rows(loads, row_bar, row, share.issues(wg))
             row_layout = plgpu.Layout.WGMMA.reduce(1)
             lse_rows = plgpu.load(lse_smem.at[row], layout=row_layout)
@@ -206,7 +207,7 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_full.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_full.at[slot])
                 if segs:
-                    plgpu.copy_gmem_to_smem(seg_ref.at[b, pl.ds(j * bkv, bkv)],
+                    plgpu.copy_gmem_to_smem(segk_ref.at[b, pl.ds(j * bkv, bkv)],
                                             segk_smem.at[slot], s_full.at[slot])
 
     nr = share.row_tiles
@@ -217,7 +218,7 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
         plgpu.SMEM((nr, ROWS), jnp.int32), plgpu.SMEM((ns, bkv), jnp.int32),
         plgpu.Barrier(num_barriers=5 * WGS), plgpu.Barrier(num_arrivals=WGS), *_stream(ns, 3),
     ]
-    args = (q, k, v) + ((segment_ids,) if segs else ()) + (lse2, delta, do)
+    args = (q, k, v) + (tuple(segments) if segs else ()) + (lse2, delta, do)
     return plgpu.kernel(
         flash_bwd_dq, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=scratch,
         grid=(H, n_cta, B), grid_names=("heads", "q", "batch"),
@@ -226,7 +227,7 @@ def _dq(q, k, v, segment_ids, lse2, delta, do, problem, t):
     )(*args)
 
 
-def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
+def _dkv(q, k, v, segments, lse2, delta, do, problem, t):
     B, S, H, D = q.shape
     G = k.shape[2]
     R = H // G
@@ -237,12 +238,13 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
     c = problem.sm_scale * LOG2E
 
     def flash_bwd_dkv(*refs):  # the name profilers show
-        n_in = 7 if segs else 6
+        n_in = 8 if segs else 6
         ins, (dk_ref, dv_ref), scratch = refs[:n_in], refs[n_in:n_in + 2], refs[n_in + 2:]
         if segs:
-            q_ref, k_ref, v_ref, seg_ref, lse_ref, delta_ref, do_ref = ins
+            q_ref, k_ref, v_ref, segq_ref, segk_ref, lse_ref, delta_ref, do_ref = ins
         else:
-            (q_ref, k_ref, v_ref, lse_ref, delta_ref, do_ref), seg_ref = ins, None
+            (q_ref, k_ref, v_ref, lse_ref, delta_ref, do_ref) = ins
+            segq_ref = segk_ref = None
         (k_smem, v_smem, segk_smem, q_smem, do_smem, lse_smem, delta_smem, segq_smem,
          row_bar, done, q_full, do_full, l_full, d_full, s_full, used) = scratch
         b, g = lax.axis_index("batch"), lax.axis_index("kv_heads")
@@ -261,7 +263,7 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
             ks, vs = k_smem.at[row], v_smem.at[row]
             loads = [(k_ref.at[rows], ks), (v_ref.at[rows], vs)]
             if segs:
-                loads.append((seg_ref.at[b, pl.ds(r0, ROWS)], segk_smem.at[row]))
+                loads.append((segk_ref.at[b, pl.ds(r0, ROWS)], segk_smem.at[row]))
             _load_rows(loads, row_bar, row, share.issues(wg))
             seg_rows = (plgpu.load(segk_smem.at[row], layout=plgpu.Layout.WGMMA.reduce(1))
                         if segs else None)
@@ -326,7 +328,7 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
                 plgpu.copy_gmem_to_smem(delta_ref.at[b, h, cols], delta_smem.at[slot],
                                         d_full.at[slot])
                 if segs:
-                    plgpu.copy_gmem_to_smem(seg_ref.at[b, cols], segq_smem.at[slot],
+                    plgpu.copy_gmem_to_smem(segq_ref.at[b, cols], segq_smem.at[slot],
                                             s_full.at[slot])
 
     nr = share.row_tiles
@@ -338,7 +340,7 @@ def _dkv(q, k, v, segment_ids, lse2, delta, do, problem, t):
         plgpu.SMEM((ns, bq), jnp.int32),
         plgpu.Barrier(num_barriers=3 * WGS), plgpu.Barrier(num_arrivals=WGS), *_stream(ns, 5),
     ]
-    args = (q, k, v) + ((segment_ids,) if segs else ()) + (lse2, delta, do)
+    args = (q, k, v) + (tuple(segments) if segs else ()) + (lse2, delta, do)
     return plgpu.kernel(
         flash_bwd_dkv, out_type=(jax.ShapeDtypeStruct(k.shape, dtype),) * 2, scratch_types=scratch,
         grid=(G, n_cta, B), grid_names=("kv_heads", "kv", "batch"),

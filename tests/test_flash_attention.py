@@ -42,6 +42,7 @@ class Case(NamedTuple):
     dtype: str = "float32"
     sm_scale: float | None = None
     tol_scale: float = 1.0
+    kv_segments: bool = False  # keys carry ids of their own (a block of a ring), not the queries'
 
 
 
@@ -59,6 +60,10 @@ CASES = {
     "fp16_gqa2_causal_window": Case(1, 96, 4, 2, 64, window=40, dtype="float16"),
     "bf16_d256_gqa2_causal_segments_pad130": Case(1, 130, 4, 2, 256, segments=True,
                                                   dtype="bfloat16"),
+    "gqa2_noncausal_kv_segments_pad80": Case(2, 80, 4, 2, 64, causal=False, segments=True,
+                                             kv_segments=True),
+    "bf16_causal_kv_segments": Case(1, 128, 2, 1, 64, segments=True, kv_segments=True,
+                                    blocks=BlockSizes(64, 64), dtype="bfloat16"),
 }
 HOPPER = on_hopper()
 
@@ -73,9 +78,19 @@ def inputs(case: Case, seed: int):
     if case.segments:  # ~5 documents per row, boundaries differing between rows
         seg = jnp.cumsum(jax.random.bernoulli(ks[3], 5 / case.S, (case.B, case.S)), axis=1)
         seg = seg.astype(jnp.int32) + 7
+    if case.kv_segments:  # keys: a fifth of them moved to the next document
+        moved = jax.random.bernoulli(ks[5], 0.2, seg.shape)
+        seg = (seg, jnp.where(moved, seg + 1, seg))
     dout = jax.random.normal(ks[4], q.shape, dtype)
     dlse = jax.random.normal(ks[5], (case.B, case.H, case.S), jnp.float32)
     return q, k, v, seg, dout, dlse
+
+
+def _segment_kwargs(seg):
+    """segment_ids (and kv_segment_ids) from what `inputs` drew."""
+    if isinstance(seg, tuple):
+        return dict(segment_ids=seg[0], kv_segment_ids=seg[1])
+    return dict(segment_ids=seg)
 
 
 def with_grads(attn):
@@ -93,12 +108,13 @@ def _kwargs(case):
 @functools.cache
 def flash_fn(case: Case, backend="interpret"):
     return with_grads(lambda q, k, v, seg: flash_attention_with_lse(
-        q, k, v, segment_ids=seg, block_sizes=case.blocks, backend=backend, **_kwargs(case)))
+        q, k, v, block_sizes=case.blocks, backend=backend, **_segment_kwargs(seg),
+        **_kwargs(case)))
 
 
 @functools.cache
 def reference_fn(case: Case):
-    return with_grads(lambda q, k, v, seg: attention_reference(q, k, v, segment_ids=seg,
+    return with_grads(lambda q, k, v, seg: attention_reference(q, k, v, **_segment_kwargs(seg),
                                                                **_kwargs(case)))
 
 
@@ -119,6 +135,10 @@ def assert_close(got, want, tol, names=("out", "lse", "dq", "dk", "dv")):
 def test_matches_reference(name):
     case = CASES[name]
     args = inputs(case, seed=zlib.crc32(name.encode()))
+    if case.kv_segments:  # every query sees some key: a row that sees none has no reference lse
+        vis = visible_BxSxT(case.S, causal=case.causal, segment_ids_BxS=args[3][0],
+                            kv_segment_ids_BxT=args[3][1])
+        assert bool(jnp.all(vis.any(-1))) and not bool(jnp.all(args[3][0] == args[3][1]))
     assert_close(flash_fn(case)(*args), reference_fn(case)(*args),
                  TOL[case.dtype] * case.tol_scale)
 

@@ -36,21 +36,21 @@ def rows():
     return q, k, v, w, jnp.asarray(seg), jnp.asarray(pos)
 
 
-def attention(q, k, v, seg, pos, mask_kw, mesh=None):
+def attention(q, k, v, seg, pos, mask_kw, mesh=None, impl="xla"):
     mask = MaskSpec(q_segment_ids=seg, positions=pos, **mask_kw)
     if mesh is None:
         return attend(q, k, v, mask)[0]
     with use_rules(mesh, DEFAULT_RULES, "ring"):
-        return attend(q, k, v, mask)[0]
+        return attend(q, k, v, mask, impl=impl)[0]
 
 
-def value_and_grads(mesh, mask_kw, order=None):
+def value_and_grads(mesh, mask_kw, order=None, impl="xla"):
     q, k, v, w, seg, pos = rows()
     if order is not None:  # every row laid out in that order (positions travel with tokens)
         q, k, v, w, seg, pos = (x[:, order] for x in (q, k, v, w, seg, pos))
 
     def loss(q, k, v):
-        out = attention(q, k, v, seg, pos, mask_kw, mesh)
+        out = attention(q, k, v, seg, pos, mask_kw, mesh, impl)
         return jnp.sum(out * w), out
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
     return [np.asarray(x) for x in (out, *grads)]
@@ -78,6 +78,19 @@ def test_zigzag_layout_gives_the_same_attention(references):
     got = value_and_grads(make_mesh(sizes), MASKS["causal"], order)
     back = np.argsort(order)
     for name, a, b in zip(("out", "dq", "dk", "dv"), references["causal"], got):
+        np.testing.assert_allclose(b[:, back], a, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("mask", ["causal", "bidirectional"])
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_ring_of_flash_kernel_blocks_equals_one_device(references, mesh_name, mask):
+    """impl=pallas: every block through the flash kernel (interpret mode here), the causal
+    ones as the zig-zag layout's chunk pairs; packed documents, padding and GQA as above."""
+    sizes = dict(data=1, stage=1, fsdp=1, sequence=1, expert=1, tensor=1) | MESHES[mesh_name]
+    order = np.asarray(zigzag_order(S, sizes["sequence"]))
+    got = value_and_grads(make_mesh(sizes), MASKS[mask], order, impl="pallas")
+    back = np.argsort(order)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), references[mask], got):
         np.testing.assert_allclose(b[:, back], a, rtol=1e-5, atol=1e-5, err_msg=name)
 
 

@@ -90,15 +90,18 @@ def attend(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask: MaskSpec, *, bias=None, cache=
         return _attend_xla(q_BxSxHxK, cache.keys(dt), cache.values(dt), mask, bias,
                            scale), cache
     cross = mask.kv_segment_ids is not None or k_BxTxGxK.shape[1] != q_BxSxHxK.shape[1]
+    V = v_BxTxGxV.shape[-1]
     if ring_axis_size() > 1:  # the sequence is split over devices: pass K/V around a ring
         if cross or bias is not None or mask.positions is None:
             raise ValueError("ring attention (mesh.context_parallel=ring) runs self-attention "
                              "without a logit bias; use mesh.context_parallel=all_gather")
         mesh, rules = active()
-        return ring_attention(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask.positions,
-                              mask.q_segment_ids, causal=mask.causal,
+        kernel = resolve_impl(impl, q_BxSxHxK.dtype) == "pallas" and mask.sliding_window is None
+        q, k, v = _kernel_head_dims(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, "pallas" if kernel
+                                    else "xla")
+        return ring_attention(q, k, v, mask.positions, mask.q_segment_ids, causal=mask.causal,
                               sliding_window=mask.sliding_window, scale=scale, mesh=mesh,
-                              rules=rules), None
+                              rules=rules, kernel=kernel)[..., :V], None
     impl = resolve_impl(impl, q_BxSxHxK.dtype, kernel_fits=bias is None and not cross)
     if impl == "xla":
         return _attend_xla(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask, bias, scale), None
@@ -107,19 +110,24 @@ def attend(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask: MaskSpec, *, bias=None, cache=
     if impl == "pallas" and (bias is not None or cross):
         raise ValueError("attention impl=pallas takes neither a logit bias nor separate key "
                          "segments (cross-attention); use xla or cudnn")
-    # the kernels take one head dim for q, k and v (pallas: one of KERNEL_HEAD_DIMS): pad with
-    # zero columns, which change neither q.k (the scale is passed as it was) nor the output's
-    # first V columns
-    K, V = q_BxSxHxK.shape[-1], v_BxTxGxV.shape[-1]
-    D = max(K, V)
-    if impl == "pallas":
-        D = next((d for d in KERNEL_HEAD_DIMS if d >= D), D)
-    q, k, v = (_pad_last(x, D) for x in (q_BxSxHxK, k_BxTxGxK, v_BxTxGxV))
+    q, k, v = _kernel_head_dims(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, impl)
     fn = _attend_cudnn if impl == "cudnn" else _attend_pallas
     return fn(q, k, v, mask, bias, scale)[..., :V], None
 
 
 KERNEL_HEAD_DIMS = (64, 128, 256)  # what kernels_pallas flash attention takes
+
+
+def _kernel_head_dims(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, impl):
+    """The kernels take one head dim for q, k and v (pallas: one of KERNEL_HEAD_DIMS): pad with
+    zero columns, which change neither q.k (the scale is passed as it was) nor the output's
+    first V columns. xla takes them as they are."""
+    if impl == "xla":
+        return q_BxSxHxK, k_BxTxGxK, v_BxTxGxV
+    D = max(q_BxSxHxK.shape[-1], v_BxTxGxV.shape[-1])
+    if impl == "pallas":
+        D = next((d for d in KERNEL_HEAD_DIMS if d >= D), D)
+    return tuple(_pad_last(x, D) for x in (q_BxSxHxK, k_BxTxGxK, v_BxTxGxV))
 
 
 def _pad_last(x, n):
