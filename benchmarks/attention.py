@@ -70,6 +70,8 @@ def check(tuning, only=""):
         (1, 1024, 4, 4, 128, True, False, 300), (1, 1024, 4, 2, 64, False, False, 200),
         (2, 1000, 8, 4, 128, True, True, None), (1, 1024, 8, 2, 64, True, True, 256),
         (1, 1024, 4, 2, 256, True, True, None), (1, 1000, 4, 4, 256, False, False, 200),
+        # keys with segment ids of their own (a ring attention block): a fifth moved on
+        (2, 1024, 8, 4, 128, False, "kv", None), (2, 1000, 8, 8, 64, False, "kv", None),
     ]
     rows = []
     for B, S, H, G, D, causal, segs, W in cases:
@@ -84,10 +86,15 @@ def check(tuning, only=""):
             do = jax.random.normal(ks[3], (B, S, H, D), jnp.bfloat16)
             seg = (jnp.cumsum(jax.random.uniform(ks[4], (B, S)) < 4 / S, axis=1).astype(jnp.int32)
                    if segs else None)
+            kv_seg = None
+            if segs == "kv":
+                moved = jax.random.uniform(ks[3], (B, S)) < 0.2
+                kv_seg = jnp.where(moved, seg + 1, seg)
 
             def run(fn, q, k, v, seg, do):
                 def f(q, k, v):
-                    return fn(q, k, v, causal=causal, segment_ids=seg, sliding_window=W)
+                    return fn(q, k, v, causal=causal, segment_ids=seg, sliding_window=W,
+                              kv_segment_ids=kv_seg)
                 (o, lse), vjp = jax.vjp(f, q, k, v)
                 return (o, lse) + vjp((do, jnp.zeros_like(lse)))
 
