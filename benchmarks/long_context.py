@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -44,8 +45,16 @@ def row(mode, seq, config, overrides, steps):
     if line:
         return json.loads(line[7:])
     oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+    raised = [l for l in text.splitlines() if re.match(r"^[\w.]+(Error|Exception)\b", l)]
     return {"mode": mode, "seq": seq, "devices": n,
-            "error": "out of memory" if oom else text[-1200:]}
+            "error": "out of memory" if oom else (raised[-1][:800] if raised else text[-1200:])}
+
+
+def save(rows):
+    print(json.dumps(rows[-1]), flush=True)
+    if os.environ.get("OUT"):  # after every row: a call cut short keeps what it measured
+        with open(os.path.join(os.environ["OUT"], "long_context.json"), "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 def worker(spec, config, steps, overrides):
@@ -71,11 +80,13 @@ def main():
     if args.worker:
         print("WORKER " + json.dumps(worker(args.worker, args.config, args.steps, args.overrides)), flush=True)
         return
-    rows = [row(m, args.seq, args.config, args.overrides, args.steps)
-            for m in args.modes.split(",")]
+    rows = []
+    for m in args.modes.split(","):
+        rows.append(row(m, args.seq, args.config, args.overrides, args.steps))
+        save(rows)
     for seq in filter(None, args.longest.split(",")):
         rows.append(row("ring", int(seq), args.config, args.overrides, args.steps))
-        print(json.dumps(rows[-1]), flush=True)
+        save(rows)
         if "error" in rows[-1]:
             break
     one = next((r for r in rows if r["mode"] == "1 GPU" and "error" not in r), None)
@@ -94,9 +105,6 @@ def main():
               f"{r['tokens_per_sec_per_device']:,.0f} | {rel} | {r['step_s']:.2f} | "
               f"{fmt(r['mfu'], '.1%')} | {fmt(r['peak_mem_gib'], '.1f')} | "
               f"{r['compile_s']:.0f} | {r['loss']:.4f} |")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "long_context.json"), "w") as f:
-            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -44,10 +44,13 @@ def attention(q, k, v, seg, pos, mask_kw, mesh=None, impl="xla"):
         return attend(q, k, v, mask, impl=impl)[0]
 
 
-def value_and_grads(mesh, mask_kw, order=None, impl="xla"):
+def value_and_grads(mesh, mask_kw, order=None, impl="xla", segments=True):
     q, k, v, w, seg, pos = rows()
+    if not segments:  # one document per row, no padding
+        seg, pos = None, jnp.broadcast_to(jnp.arange(S), (B, S))
     if order is not None:  # every row laid out in that order (positions travel with tokens)
-        q, k, v, w, seg, pos = (x[:, order] for x in (q, k, v, w, seg, pos))
+        q, k, v, w, pos = (x[:, order] for x in (q, k, v, w, pos))
+        seg = None if seg is None else seg[:, order]
 
     def loss(q, k, v):
         out = attention(q, k, v, seg, pos, mask_kw, mesh, impl)
@@ -92,6 +95,16 @@ def test_ring_of_flash_kernel_blocks_equals_one_device(references, mesh_name, ma
     back = np.argsort(order)
     for name, a, b in zip(("out", "dq", "dk", "dv"), references[mask], got):
         np.testing.assert_allclose(b[:, back], a, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_ring_of_flash_kernel_blocks_without_segment_ids():
+    """Rows without segment ids take the kernel's unmasked path for the blocks they see whole."""
+    sizes = dict(data=1, stage=1, fsdp=1, sequence=4, expert=1, tensor=2)
+    order = np.asarray(zigzag_order(S, 4))
+    want = value_and_grads(None, MASKS["causal"], segments=False)
+    got = value_and_grads(make_mesh(sizes), MASKS["causal"], order, "pallas", segments=False)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), want, got):
+        np.testing.assert_allclose(b[:, np.argsort(order)], a, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("seq_len,devices", [(32, 8), (4096, 4), (96, 2)])

@@ -46,16 +46,20 @@ def ring_attention(q_BxSxHxK, k_BxSxGxK, v_BxSxGxV, positions_BxS, segment_ids_B
     axis = q_spec[1]
     size = math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis))
     row_spec = P(q_spec[0], axis)
-    B, S = q_BxSxHxK.shape[:2]
-    if segment_ids_BxS is None:
-        segment_ids_BxS = jnp.ones((B, S), jnp.int32)
     if kernel:
         if sliding_window is not None:
             raise ValueError("ring attention with the flash kernel takes no sliding window")
-        local = functools.partial(_flash_ring, causal, scale, axis, size)
-        return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec),
+        # without segment ids the kernel runs blocks it fully sees unmasked (its fast path)
+        segs = () if segment_ids_BxS is None else (segment_ids_BxS.astype(jnp.int32),)
+
+        def local(q, k, v, *segs):
+            return _flash_ring(causal, scale, axis, size, q, k, v, segs[0] if segs else None)
+        return jax.shard_map(local, mesh=mesh,
+                             in_specs=(q_spec, kv_spec, kv_spec) + (row_spec,) * len(segs),
                              out_specs=q_spec, check_vma=False)(
-            q_BxSxHxK, k_BxSxGxK, v_BxSxGxV, segment_ids_BxS.astype(jnp.int32))
+            q_BxSxHxK, k_BxSxGxK, v_BxSxGxV, *segs)
+    if segment_ids_BxS is None:
+        segment_ids_BxS = jnp.ones(q_BxSxHxK.shape[:2], jnp.int32)
     local = functools.partial(_ring, causal, sliding_window, scale, axis, size)
     return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec),
                          out_specs=q_spec, check_vma=False)(
@@ -169,15 +173,22 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 def _halves(earlier, S: int):
     """Slicers of the sequence axis (1) for a cross block's pairs (q_x, k_a) and (q_b, k_x):
-    x (half a if the block comes from an earlier device, else b), b and a."""
+    x (half a if the block comes from an earlier device, else b), b and a. None stays None
+    (rows without segment ids)."""
     c = S // 2
-    off = jnp.where(earlier, 0, c)
-    x = lambda t: jax.lax.dynamic_slice_in_dim(t, off, c, axis=1)  # noqa: E731
-    return x, (lambda t: t[:, c:]), (lambda t: t[:, :c])
+
+    def at(start):
+        return lambda t: None if t is None else jax.lax.dynamic_slice_in_dim(t, start, c, axis=1)
+    return at(jnp.where(earlier, 0, c)), at(c), at(0)
 
 
 def _stack2(first, second):
-    return jnp.concatenate([first, second], axis=0)
+    """Two halves' arrays on one batch axis (None: rows without segment ids)."""
+    return None if first is None else jnp.concatenate([first, second], axis=0)
+
+
+def _hops(block, axis, size):
+    return jax.tree.map(lambda x: _hop(x, axis, size), block)  # None (no segments) stays
 
 
 def _merge(acc_out_BxSxHxD, acc_lse_BxHxS, out_BxSxHxD, lse_BxHxS):
@@ -212,7 +223,7 @@ def _flash_ring_fwd(causal, scale, axis, size, q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, 
     for step in range(size):
         k, v, seg_k = block
         if step + 1 < size:
-            block = tuple(_hop(x, axis, size) for x in block)
+            block = _hops(block, axis, size)
         if step == 0 or not causal:
             out, lse = flash(q_BxSxHxD, k, v, causal=causal and step == 0, segment_ids=seg_BxS,
                              kv_segment_ids=seg_k)
@@ -247,7 +258,7 @@ def _flash_ring_bwd(causal, scale, axis, size, res, dout_BxSxHxD):
             dk, dv = _hop(dk, axis, size), _hop(dv, axis, size)
         kb, vb, seg_k = block
         if step + 1 < size:
-            block = tuple(_hop(x, axis, size) for x in block)
+            block = _hops(block, axis, size)
         if step == 0 or not causal:
             g = grads(q, kb, vb, lse_BxHxS, delta_BxHxS, do, causal=causal and step == 0,
                       segment_ids=seg, kv_segment_ids=seg_k)
