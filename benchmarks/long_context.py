@@ -26,9 +26,7 @@ BASE = ["train.global_batch_size=1", "model.remat=full", "mesh.data=1", "mesh.fs
 MODES = {  # name -> (devices, overrides)
     "1 GPU": (1, []),
     "ring": (2, ["mesh.sequence=2", "mesh.context_parallel=ring"]),
-    # the Pallas kernel runs per shard and cannot take a split sequence: cuDNN under XLA's split
-    "all_gather": (2, ["mesh.sequence=2", "mesh.context_parallel=all_gather",
-                       "model.attention_impl=cudnn"]),
+    "all_gather": (2, ["mesh.sequence=2", "mesh.context_parallel=all_gather"]),
 }
 
 

@@ -1,6 +1,7 @@
 """jaxlm's `attention_impl: pallas` path: the model trains like the xla reference with the Pallas
-kernel (CPU interpret mode here), on one device and per shard on a mesh (shard_map over batch and
-heads), and meshes the kernel cannot serve are refused in one line."""
+kernel (CPU interpret mode here), on one device, per shard on a mesh (shard_map over batch and
+heads) and per block with the sequence split (context parallelism), and meshes the kernel
+cannot serve are refused in one line."""
 import jax
 import pytest
 from helpers import mesh_for, packed_batches, tiny_config, train_on_mesh
@@ -28,14 +29,14 @@ def test_pallas_attention_trains_like_xla(reference, mesh):
     assert_same_training(ref, got)
 
 
-def test_pallas_refuses_a_sequence_sharded_mesh():
-    """With the sequence split and K/V all-gathered, the per-shard kernel cannot run (ring
-    attention, the default, computes its blocks itself)."""
-    cfg = tiny_config(*HD64, "model.attention_impl=pallas", "mesh.data=1", "mesh.fsdp=1",
-                      "mesh.sequence=2", "mesh.context_parallel=all_gather")
-    with pytest.raises(ValueError, match="attention_impl=pallas runs per shard and cannot split the "
-                                         "sequence"):
-        train_on_mesh(cfg, mesh_for(cfg, 2), packed_batches(cfg, 1))
+@pytest.mark.parametrize("mode", ["ring", "all_gather"])
+def test_pallas_trains_with_the_sequence_split(reference, mode):
+    """mesh.sequence=2 (x fsdp 2): every attention block goes through the kernel, K/V passed
+    around a ring (zig-zag rows) or all-gathered (natural order); packed documents included."""
+    batches, ref = reference
+    cfg = tiny_config(*HD64, "model.attention_impl=pallas", "mesh.data=1", "mesh.fsdp=2",
+                      "mesh.sequence=2", f"mesh.context_parallel={mode}")
+    assert_same_training(ref, train_on_mesh(cfg, mesh_for(cfg, 4), batches))
 
 
 def test_auto_picks_xla_off_gpu():

@@ -36,15 +36,15 @@ def rows():
     return q, k, v, w, jnp.asarray(seg), jnp.asarray(pos)
 
 
-def attention(q, k, v, seg, pos, mask_kw, mesh=None, impl="xla"):
+def attention(q, k, v, seg, pos, mask_kw, mesh=None, impl="xla", mode="ring"):
     mask = MaskSpec(q_segment_ids=seg, positions=pos, **mask_kw)
     if mesh is None:
         return attend(q, k, v, mask)[0]
-    with use_rules(mesh, DEFAULT_RULES, "ring"):
+    with use_rules(mesh, DEFAULT_RULES, mode):
         return attend(q, k, v, mask, impl=impl)[0]
 
 
-def value_and_grads(mesh, mask_kw, order=None, impl="xla", segments=True):
+def value_and_grads(mesh, mask_kw, order=None, impl="xla", segments=True, mode="ring"):
     q, k, v, w, seg, pos = rows()
     if not segments:  # one document per row, no padding
         seg, pos = None, jnp.broadcast_to(jnp.arange(S), (B, S))
@@ -53,7 +53,7 @@ def value_and_grads(mesh, mask_kw, order=None, impl="xla", segments=True):
         seg = None if seg is None else seg[:, order]
 
     def loss(q, k, v):
-        out = attention(q, k, v, seg, pos, mask_kw, mesh, impl)
+        out = attention(q, k, v, seg, pos, mask_kw, mesh, impl, mode)
         return jnp.sum(out * w), out
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
     return [np.asarray(x) for x in (out, *grads)]
@@ -95,6 +95,16 @@ def test_ring_of_flash_kernel_blocks_equals_one_device(references, mesh_name, ma
     back = np.argsort(order)
     for name, a, b in zip(("out", "dq", "dk", "dv"), references[mask], got):
         np.testing.assert_allclose(b[:, back], a, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("mask", ["causal", "bidirectional"])
+def test_all_gather_of_flash_kernel_blocks_equals_one_device(references, mask):
+    """mesh.context_parallel=all_gather with impl=pallas: K/V gathered whole, rows in natural
+    order, each key block through the kernel (full, causal or skipped by device)."""
+    sizes = dict(data=1, stage=1, fsdp=1, sequence=4, expert=1, tensor=2)
+    got = value_and_grads(make_mesh(sizes), MASKS[mask], impl="pallas", mode="all_gather")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), references[mask], got):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def test_ring_of_flash_kernel_blocks_without_segment_ids():

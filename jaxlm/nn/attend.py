@@ -16,11 +16,12 @@ only one that reads a bias with segments, a query offset or a cache), `cudnn`
 interpret mode on CPU), or `auto`: pallas on Hopper and cudnn on other GPUs for 16-bit inputs,
 else xla (no TPU has been measured, so TPU gets xla).
 
-Context parallelism: when the active rules split `act_seq` over devices and the step runs under
-`context_parallel="ring"` (mesh.context_parallel), self-attention runs as ring attention
-(jaxlm/parallel/ring.py: K/V passed around the devices, masked by the tokens' positions) with
-its own block computation whatever `impl` says; `all_gather` leaves the split to XLA, which
-gathers K/V whole onto every device.
+Context parallelism: when the active rules split `act_seq` over devices, self-attention with
+impl resolving to pallas (and no sliding window) runs the flash kernel per block
+(jaxlm/parallel/flash_context.py), K/V reaching each device around a ring or gathered whole as
+mesh.context_parallel says. Otherwise `ring` runs jnp blocks masked by the tokens' positions
+(jaxlm/parallel/ring.py), and `all_gather` leaves the split to XLA, which gathers K/V whole
+onto every device.
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ from flax import struct
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.models.config import ATTENTION_IMPLS
+from jaxlm.parallel.flash_context import flash_context_attention
 from jaxlm.parallel.ring import ring_attention
-from jaxlm.parallel.sharding import active, logical_to_spec, ring_axis_size
+from jaxlm.parallel.sharding import active, context_split, logical_to_spec
 
 MASKED = -1e30  # a finite "minus infinity": a fully masked row gives a uniform, not a NaN
 
@@ -91,18 +93,32 @@ def attend(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask: MaskSpec, *, bias=None, cache=
                            scale), cache
     cross = mask.kv_segment_ids is not None or k_BxTxGxK.shape[1] != q_BxSxHxK.shape[1]
     V = v_BxTxGxV.shape[-1]
-    if ring_axis_size() > 1:  # the sequence is split over devices: pass K/V around a ring
-        if cross or bias is not None or mask.positions is None:
-            raise ValueError("ring attention (mesh.context_parallel=ring) runs self-attention "
-                             "without a logit bias; use mesh.context_parallel=all_gather")
+    mode, split = context_split()
+    self_attention = not cross and bias is None and mask.positions is not None
+    if split > 1 and mode == "ring" and not self_attention:
+        raise ValueError("ring attention (mesh.context_parallel=ring) runs self-attention "
+                         "without a logit bias; use mesh.context_parallel=all_gather")
+    kernel_fits = bias is None and not cross
+    if split > 1 and self_attention:  # the sequence is split over devices
         mesh, rules = active()
-        kernel = resolve_impl(impl, q_BxSxHxK.dtype) == "pallas" and mask.sliding_window is None
-        q, k, v = _kernel_head_dims(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, "pallas" if kernel
-                                    else "xla")
-        return ring_attention(q, k, v, mask.positions, mask.q_segment_ids, causal=mask.causal,
-                              sliding_window=mask.sliding_window, scale=scale, mesh=mesh,
-                              rules=rules, kernel=kernel)[..., :V], None
-    impl = resolve_impl(impl, q_BxSxHxK.dtype, kernel_fits=bias is None and not cross)
+        if resolve_impl(impl, q_BxSxHxK.dtype) == "pallas" and mask.sliding_window is None:
+            q, k, v = _kernel_head_dims(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, "pallas")
+            return flash_context_attention(q, k, v, mask.q_segment_ids, causal=mask.causal,
+                                           scale=scale, mesh=mesh, rules=rules,
+                                           gather=mode == "all_gather")[..., :V], None
+        if mode == "ring":
+            return ring_attention(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask.positions,
+                                  mask.q_segment_ids, causal=mask.causal,
+                                  sliding_window=mask.sliding_window, scale=scale, mesh=mesh,
+                                  rules=rules), None
+        kernel_fits = False  # all_gather by XLA: the kernel runs per shard
+    chosen = resolve_impl(impl, q_BxSxHxK.dtype, kernel_fits=kernel_fits)
+    if chosen == "cudnn" and split > 1:  # jax's cuDNN call refuses a split sequence
+        if impl != "auto":
+            raise ValueError(f"attention_impl=cudnn cannot split the sequence (over {split} "
+                             f"devices here): use attention_impl=pallas (Hopper) or xla")
+        chosen = "xla"
+    impl = chosen
     if impl == "xla":
         return _attend_xla(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask, bias, scale), None
     if mask.q_offset is not None:

@@ -106,11 +106,11 @@ def use_rules(mesh: Mesh, rules: Rules, context_parallel: str = "all_gather"):
         _ctx.mesh, _ctx.rules, _ctx.context_parallel = prev
 
 
-def ring_axis_size() -> int:
-    """Devices the sequence is split over when attention runs as a ring (1: not a ring)."""
-    if _ctx.mesh is None or _ctx.context_parallel != "ring":
-        return 1
-    return mesh_axis_of("act_seq")[1]
+def context_split() -> tuple[str, int]:
+    """(mesh.context_parallel, devices the sequence is split over: 1 when it is not)."""
+    if _ctx.mesh is None:
+        return _ctx.context_parallel, 1
+    return _ctx.context_parallel, mesh_axis_of("act_seq")[1]
 
 
 def active() -> tuple[Mesh | None, Rules | None]:
