@@ -1,7 +1,6 @@
 """jaxlm's `attention_impl: pallas` path: the model trains like the xla reference with the Pallas
 kernel (CPU interpret mode here), on one device, per shard on a mesh (shard_map over batch and
-heads) and per block with the sequence split (context parallelism), and meshes the kernel
-cannot serve are refused in one line."""
+heads) and per block with the sequence split (context parallelism)."""
 import jax
 import pytest
 from helpers import mesh_for, packed_batches, tiny_config, train_on_mesh
