@@ -107,6 +107,21 @@ def test_all_gather_of_flash_kernel_blocks_equals_one_device(references, mask):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("mode", ["ring", "all_gather"])
+def test_flash_kernel_blocks_in_bfloat16(references, mode):
+    """bf16 inputs (as on a GPU): the blocks' results merge in float32 and come out in bf16."""
+    q, k, v, _, seg, pos = rows()
+    sizes = dict(data=1, stage=1, fsdp=2, sequence=2, expert=1, tensor=2)
+    order = np.asarray(zigzag_order(S, 2)) if mode == "ring" else np.arange(S)
+    q, k, v, seg, pos = (x[:, order] for x in (q, k, v, seg, pos))
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    out = jax.jit(lambda q, k, v: attention(q, k, v, seg, pos, MASKS["causal"], make_mesh(sizes),
+                                            "pallas", mode))(q, k, v)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32)[:, np.argsort(order)],
+                               references["causal"][0], atol=3e-2, rtol=3e-2)
+
+
 def test_ring_of_flash_kernel_blocks_without_segment_ids():
     """Rows without segment ids take the kernel's unmasked path for the blocks they see whole."""
     sizes = dict(data=1, stage=1, fsdp=1, sequence=4, expert=1, tensor=2)

@@ -49,10 +49,13 @@ def _block_grads(**kw):
     return functools.partial(flash_attention_block_grads, **kw)
 
 
-def _delta(out_BxSxHxD, do_BxSxHxD):
-    """rowsum(out * dout) [B, H, S]: the softmax backward's row term over the whole row."""
-    return jnp.einsum("bshd,bshd->bhs", out_BxSxHxD.astype(jnp.float32),
-                      do_BxSxHxD.astype(jnp.float32))
+def _backward_inputs(res, dout_BxSxHxD):
+    """(q, k, v, seg, lse, dout in q's dtype, delta): what every block's backward reads;
+    delta = rowsum(out * dout) [B, H, S], the softmax backward's row term over the whole row."""
+    q, k, v, seg, out, lse_BxHxS = res
+    do = dout_BxSxHxD.astype(q.dtype)
+    delta_BxHxS = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), do.astype(jnp.float32))
+    return q, k, v, seg, lse_BxHxS, do, delta_BxHxS
 
 
 # ---- ring ----------------------------------------------------------------------------------
@@ -84,6 +87,12 @@ def _hops(block, axis, size):
     return jax.tree.map(lambda x: hop(x, axis, size), block)  # None (no segments) stays
 
 
+def _seen_nothing(q_BxSxHxD):
+    """(out, lse) of rows that have seen no key yet: zeros (float32) and -inf."""
+    B, S, H, D = q_BxSxHxD.shape
+    return jnp.zeros((B, S, H, D), jnp.float32), jnp.full((B, H, S), -jnp.inf, jnp.float32)
+
+
 def _merge(acc_out_BxSxHxD, acc_lse_BxHxS, out_BxSxHxD, lse_BxHxS):
     """Two partial softmax results over disjoint keys -> their union's (rows seeing nothing in
     both stay at lse -inf, out 0)."""
@@ -109,8 +118,8 @@ def _flash_ring(causal, scale, axis, size, q, k, v, seg):
 def _flash_ring_fwd(causal, scale, axis, size, q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, seg_BxS):
     flash = _flash(sm_scale=scale)
     me = jax.lax.axis_index(axis)
-    B, S, H, D = q_BxSxHxD.shape
-    acc = (jnp.zeros((B, S, H, D), jnp.float32), jnp.full((B, H, S), -jnp.inf, jnp.float32))
+    B, S = q_BxSxHxD.shape[:2]
+    acc = _seen_nothing(q_BxSxHxD)
     block = (k_BxSxGxD, v_BxSxGxD, seg_BxS)
     for step in range(size):
         k, v, seg_k = block
@@ -136,11 +145,9 @@ def _flash_ring_fwd(causal, scale, axis, size, q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, 
 
 def _flash_ring_bwd(causal, scale, axis, size, res, dout_BxSxHxD):
     grads = _block_grads(sm_scale=scale)
-    q, k, v, seg, out, lse_BxHxS = res
+    q, k, v, seg, lse_BxHxS, do, delta_BxHxS = _backward_inputs(res, dout_BxSxHxD)
     me = jax.lax.axis_index(axis)
     B = q.shape[0]
-    do = dout_BxSxHxD.astype(q.dtype)
-    delta_BxHxS = _delta(out, do)
     dq = jnp.zeros(q.shape, jnp.float32)
     dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     block = (k, v, seg)
@@ -203,17 +210,17 @@ def _flash_gather(causal, scale, axis, size, q, k, v, seg):
 def _flash_gather_fwd(causal, scale, axis, size, q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, seg_BxS):
     flash = _flash(sm_scale=scale)
     me = jax.lax.axis_index(axis)
-    B, S, H, D = q_BxSxHxD.shape
+    B, S = q_BxSxHxD.shape[:2]
     k_all, v_all, seg_all = (_gather(x, axis) for x in (k_BxSxGxD, v_BxSxGxD, seg_BxS))
-    acc = (jnp.zeros((B, S, H, D), jnp.float32), jnp.full((B, H, S), -jnp.inf, jnp.float32))
+    acc = _seen_nothing(q_BxSxHxD)
     for j in range(size):
         k, v, seg_k = (_block(x, j, S) for x in (k_all, v_all, seg_all))
-        run = lambda causal_block, k=k, v=v, seg_k=seg_k: flash(  # noqa: E731
-            q_BxSxHxD, k, v, causal=causal_block, segment_ids=seg_BxS, kv_segment_ids=seg_k)
-        hidden = lambda: (jnp.zeros(q_BxSxHxD.shape, q_BxSxHxD.dtype),  # noqa: E731
-                          jnp.full((B, H, S), -jnp.inf, jnp.float32))
-        out, lse = jax.lax.switch(_kind(causal, j, me), [lambda: run(False), lambda: run(True),
-                                                        hidden])
+        def run(causal_block, k=k, v=v, seg_k=seg_k):
+            out, lse = flash(q_BxSxHxD, k, v, causal=causal_block, segment_ids=seg_BxS,
+                             kv_segment_ids=seg_k)
+            return out.astype(jnp.float32), lse  # as _seen_nothing's: switch branches agree
+        out, lse = jax.lax.switch(_kind(causal, j, me), [
+            lambda: run(False), lambda: run(True), lambda: _seen_nothing(q_BxSxHxD)])
         acc = _merge(*acc, out, lse)
     out_BxSxHxD = acc[0].astype(q_BxSxHxD.dtype)
     return out_BxSxHxD, (q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, seg_BxS, out_BxSxHxD, acc[1])
@@ -221,11 +228,9 @@ def _flash_gather_fwd(causal, scale, axis, size, q_BxSxHxD, k_BxSxGxD, v_BxSxGxD
 
 def _flash_gather_bwd(causal, scale, axis, size, res, dout_BxSxHxD):
     grads = _block_grads(sm_scale=scale)
-    q, k, v, seg, out, lse_BxHxS = res
+    q, k, v, seg, lse_BxHxS, do, delta_BxHxS = _backward_inputs(res, dout_BxSxHxD)
     me = jax.lax.axis_index(axis)
     S = q.shape[1]
-    do = dout_BxSxHxD.astype(q.dtype)
-    delta_BxHxS = _delta(out, do)
     k_all, v_all, seg_all = (_gather(x, axis) for x in (k, v, seg))
     dq = jnp.zeros(q.shape, jnp.float32)
     dk_blocks, dv_blocks = [], []
