@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlm import nonfinite
 from jaxlm.config import Config
+from jaxlm.nn.fp8 import matmul_precision
 from jaxlm.objectives import OBJECTIVES
 from jaxlm.optim import learning_rate_schedule
 from jaxlm.parallel.pipeline import Plan
@@ -80,7 +81,7 @@ def make_loss_fn(cfg: Config, mesh: Mesh, graphdef):
     rules, cp = cfg.mesh.rules, cfg.mesh.context_parallel
 
     def loss_fn(params, batch, model_state=None):
-        with use_rules(mesh, rules, cp):
+        with use_rules(mesh, rules, cp), matmul_precision(cfg.model.matmul_precision):
             model = nnx.merge(graphdef, params, model_state or {})
             loss = objective(model, batch, plan)
         if model_state is None:

@@ -197,6 +197,8 @@ def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
 
     flops_tok = cfg.model.run_flops_per_token(cfg.data)
     peak = M.peak_flops(device.device_kind, cfg.log.peak_tflops)
+    if cfg.model.matmul_precision == "fp8" and peak:
+        say("fp8 matmuls: MFU is still counted against the bf16 peak (fp8's is twice that)")
     tokens_per_step = B * S
     writer = M.MetricsWriter(run_dir, cfg.log.jsonl, cfg.log.tensorboard)
     cleanup.callback(writer.close)

@@ -35,6 +35,9 @@ class ModelConfig:
     # stay stacked either way, so checkpoints and the 'layers' axis do not change)
     scan_unroll: int = field(default=1, metadata=bounds(1))
     remat: str = field(default="none", metadata=choices("none", "full", "save_dots"))
+    # fp8: attention and dense-MLP projections multiply in float8 (e4m3 forward, e5m2
+    # gradients, per-tensor current scaling; jaxlm/nn/fp8.py); default: in `dtype`
+    matmul_precision: str = field(default="default", metadata=choices("default", "fp8"))
     # a Hugging Face model directory: the architecture fields come from its config.json and a
     # fresh run starts from its weights (the optimizer state fresh); see jaxlm/hf
     init_from: str = ""

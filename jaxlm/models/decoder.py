@@ -71,7 +71,7 @@ class TokenLM(nnx.Module):
         if self.cfg.tie_embeddings:
             logits_BxSxV = jnp.einsum("bsd,dv->bsv", h_BxSxD, self.embed[...].T.astype(self.dtype))
         else:
-            logits_BxSxV = project("bsd,dv->bsv", h_BxSxD, self.head, self.dtype)
+            logits_BxSxV = project("bsd,dv->bsv", h_BxSxD, self.head, self.dtype, fp8=False)
         return constrain(logits_BxSxV, ("act_batch", "act_seq", "act_vocab"))
 
     def __call__(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None):

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from jaxlm.nn.fp8 import fp8_active, fp8_einsum
+
 
 def param(rngs: nnx.Rngs, shape, names, std: float, dtype) -> nnx.Param:
     value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
@@ -52,14 +54,17 @@ class Int8Weight:
         return self.q.shape
 
 
-def project(subscripts: str, x, weight: nnx.Variable, dtype):
-    """einsum(subscripts, x, weight) in `dtype`. An Int8Weight enters the matmul as its int8
+def project(subscripts: str, x, weight: nnx.Variable, dtype, *, fp8: bool = True):
+    """einsum(subscripts, x, weight) in `dtype`; in fp8 where the training step turned that on
+    (jaxlm.nn.fp8) and `fp8` allows it (the head says no). An Int8Weight enters the matmul as its int8
     values converted (exact in 16 bits) and its scale multiplies the product: the scale is 1 on
     the contracted axes, so the algebra is exact. Why not dequantise first: XLA fused the
     convert into the matmul, but not the multiply by the scale, and wrote a dequantised copy of
     each such weight every decode step (0.8 ms of the int8 1B preset's 2.1 ms step, H200)."""
     w = weight.get_value()
     if not isinstance(w, Int8Weight):
+        if fp8 and fp8_active():
+            return fp8_einsum(subscripts, x, w, dtype)
         return jnp.einsum(subscripts, x, w.astype(dtype))
     y = jnp.einsum(subscripts, x, w.q.astype(dtype))
     # the scale laid out as the output: contracting size-1 input axes is a broadcast
