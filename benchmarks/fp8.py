@@ -33,8 +33,12 @@ def start(precision, steps, gpu, config, overrides):
     return run_dir, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def result(precision, run_dir, proc):
-    proc.wait()
+def result(precision, run_dir, proc, timeout=None):
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return {"precision": precision, "error": f"still running after {timeout} s"}
     path = os.path.join(run_dir, "metrics.jsonl")
     rows = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
     train = [r for r in rows if "loss" in r and "tokens_per_sec" in r]
@@ -65,6 +69,7 @@ def main():
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--peer", default=".peer/ref_models.py", help="'' to skip")
     ap.add_argument("--config", default="configs/llama-1b.yaml")
+    ap.add_argument("--timeout", type=float, default=450, help="seconds a jaxlm run may take")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     try:
@@ -72,13 +77,15 @@ def main():
                               text=True).stdout.count("GPU ")
     except FileNotFoundError:  # no GPU here
         gpus = 0
+    # the peer first, alone on the GPU; then the two precisions
+    torch_row = peer(args.peer) if args.peer else {"name": "torch.compile", "error": "skipped"}
     runs = []
     for i, p in enumerate(PRECISIONS):
         runs.append((p, *start(p, args.steps, i % max(gpus, 1), args.config, args.overrides)))
         if gpus < 2:  # one GPU: one run at a time
-            runs[-1] = result(*runs[-1])
-    rows = [r if isinstance(r, dict) else result(*r) for r in runs]
-    rows.append(peer(args.peer) if args.peer else {"name": "torch.compile", "error": "skipped"})
+            runs[-1] = result(*runs[-1], timeout=args.timeout)
+    rows = [r if isinstance(r, dict) else result(*r, timeout=args.timeout) for r in runs]
+    rows.append(torch_row)
     bf16, fp8 = rows[0], rows[1]
     summary = {}
     if "error" not in bf16 and "error" not in fp8:
