@@ -11,25 +11,35 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.nn.fp8 import E4M3, fp8_einsum
-x = jax.random.normal(jax.random.key(0), (8192, 2048), jnp.bfloat16)
-w = jax.random.normal(jax.random.key(1), (2048, 5632), jnp.float32)
 def bf16(x, w): return jnp.einsum("sd,df->sf", x, w.astype(jnp.bfloat16))
+
 def fp8(x, w): return fp8_einsum("sd,df->sf", x, w, jnp.bfloat16)
+
 def raw(x, w):  # float8 operands straight into dot_general, scales outside
     sx = jnp.max(jnp.abs(x.astype(jnp.float32))) / 448.0; sw = jnp.max(jnp.abs(w)) / 448.0
     xq = (x.astype(jnp.float32) / sx).astype(E4M3); wq = (w / sw).astype(E4M3)
     y = jax.lax.dot_general(xq, wq, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     return (y * (sx * sw)).astype(jnp.bfloat16)
-for name, f in [("bf16", bf16), ("fp8_qdq", fp8), ("fp8_raw", raw)]:
-    g = jax.jit(f); c = g.lower(x, w).compile(); txt = c.as_text()
-    calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', txt)))
-    f8 = len(re.findall(r"f8e4m3|f8e5m2", txt))
-    for _ in range(3): g(x, w).block_until_ready()
-    t = time.perf_counter(); n = 50
-    for _ in range(n): y = g(x, w)
-    y.block_until_ready(); dt = (time.perf_counter() - t) / n
-    print(f"{name}: {dt*1e6:.0f} us, {2*8192*2048*5632/dt/1e12:.0f} TFLOP/s, custom calls {calls}, f8 mentions {f8}", flush=True)
-# the training gradient too
+
 def loss(x, w): return jnp.sum(fp8_einsum("sd,df->sf", x, w, jnp.bfloat16).astype(jnp.float32))
-c = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
-print("fp8 grad custom calls", sorted(set(re.findall(r'custom_call_target="([^"]+)"', c))), "f8 mentions", len(re.findall(r"f8e4m3|f8e5m2", c)))
+
+
+def main():
+    x = jax.random.normal(jax.random.key(0), (8192, 2048), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (2048, 5632), jnp.float32)
+    for name, f in [("bf16", bf16), ("fp8_qdq", fp8), ("fp8_raw", raw)]:
+        g = jax.jit(f); c = g.lower(x, w).compile(); txt = c.as_text()
+        calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', txt)))
+        f8 = len(re.findall(r"f8e4m3|f8e5m2", txt))
+        for _ in range(3): g(x, w).block_until_ready()
+        t = time.perf_counter(); n = 50
+        for _ in range(n): y = g(x, w)
+        y.block_until_ready(); dt = (time.perf_counter() - t) / n
+        print(f"{name}: {dt*1e6:.0f} us, {2*8192*2048*5632/dt/1e12:.0f} TFLOP/s, custom calls {calls}, f8 mentions {f8}", flush=True)
+    # the training gradient too
+    c = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+    print("fp8 grad custom calls", sorted(set(re.findall(r'custom_call_target="([^"]+)"', c))), "f8 mentions", len(re.findall(r"f8e4m3|f8e5m2", c)))
+
+
+if __name__ == "__main__":
+    main()
