@@ -8,7 +8,7 @@ same call, in its own process, so the two never share the GPU's memory.
     python benchmarks/decode.py [--peer .peer/ref_decode.py]     # on the GPU
     python benchmarks/decode.py --smoke                           # tiny, on CPU: does it run
     python benchmarks/decode.py --config configs/deepseek-1b.yaml --cache-dtype int8 --batches 16
-    python benchmarks/decode.py --quantize int8                   # int8 weights (bf16 matmuls)
+    python benchmarks/decode.py --variants int8                   # int8 weights (bf16 matmuls)
     python benchmarks/decode.py --variants bf16,int8 --speculate 4  # both, then speculative
 
 --speculate K: batch 1, K drafts a round, against plain greedy of the same model: prompt lookup
@@ -129,14 +129,13 @@ def main(argv=None):
     p.add_argument("--cache-dtype", choices=("bfloat16", "int8"), help="default: the model's")
     p.add_argument("--variants", default="bf16",
                    help="comma-separated weight formats to measure in turn: bf16, int8")
-    p.add_argument("--quantize", choices=("int8",), help="same as --variants int8")
     p.add_argument("--speculate", type=int, default=0, metavar="K",
                    help="also batch-1 speculative decoding with K drafts a round")
     args = p.parse_args(argv)
     if args.peer:
         subprocess.run([sys.executable, args.peer], check=False)
     import jax
-    variants = ["int8"] if args.quantize else args.variants.split(",")
+    variants = args.variants.split(",")
     if args.smoke:
         config, overrides = "configs/tiny.yaml", ["runtime.cpu_devices=0"]
         prompt, new, batches, bw_bytes = 16, 8, (1, 2), 2**24
