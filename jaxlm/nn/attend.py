@@ -33,9 +33,9 @@ from jax.sharding import PartitionSpec as P
 from jaxlm.models.config import ATTENTION_IMPLS
 from jaxlm.parallel.flash_context import flash_context_attention
 from jaxlm.parallel.ring import ring_attention
+from jaxlm.nn.visibility import MASKED, visible
 from jaxlm.parallel.sharding import active, context_split, logical_to_spec
 
-MASKED = -1e30  # a finite "minus infinity": a fully masked row gives a uniform, not a NaN
 
 
 @struct.dataclass
@@ -50,20 +50,14 @@ class MaskSpec:
     positions: jax.Array | None = None
 
     def allowed(self, S: int, T: int):
-        """Boolean [B or 1, S, T]: may query s see key t."""
-        ok_BxSxT = jnp.ones((1, S, T), bool)
-        q_SxT = jnp.arange(S)[:, None]
+        """Boolean [B or 1, S, T]: may query s see key t (by index: key t is at position t,
+        query s at s + q_offset)."""
+        q_pos = jnp.arange(S)
         if self.q_offset is not None:
-            q_SxT = q_SxT[None] + self.q_offset[:, None, None]
-        k_T = jnp.arange(T)
-        if self.causal:
-            ok_BxSxT = ok_BxSxT & (q_SxT >= k_T)
-        if self.sliding_window is not None:
-            ok_BxSxT = ok_BxSxT & (jnp.abs(q_SxT - k_T) < self.sliding_window)
-        if self.q_segment_ids is not None:
-            kv_seg = self.q_segment_ids if self.kv_segment_ids is None else self.kv_segment_ids
-            ok_BxSxT = ok_BxSxT & (self.q_segment_ids[:, :, None] == kv_seg[:, None, :])
-        return ok_BxSxT
+            q_pos = q_pos[None] + self.q_offset[:, None]
+        kv_seg = self.q_segment_ids if self.kv_segment_ids is None else self.kv_segment_ids
+        return visible(self.causal, self.sliding_window, q_pos, jnp.arange(T),
+                       self.q_segment_ids, kv_seg)
 
 
 def resolve_impl(impl: str, dtype, kernel_fits: bool = True) -> str:

@@ -22,9 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from jaxlm.nn.visibility import MASKED, visible
 from jaxlm.parallel.sharding import logical_to_spec
-
-MASKED = -1e30  # as jaxlm.nn.attend: finite, so a fully masked row is uniform, not NaN
 
 
 def ring_attention(q_BxSxHxK, k_BxSxGxK, v_BxSxGxV, positions_BxS, segment_ids_BxS, *,
@@ -69,15 +68,6 @@ def zigzag_order(seq_len: int, devices: int):
                            for i in range(devices)])
 
 
-def _allowed(causal, window, pos_q_BxS, seg_q_BxS, pos_k_BxT, seg_k_BxT):
-    ok_BxSxT = seg_q_BxS[:, :, None] == seg_k_BxT[:, None, :]
-    if causal:
-        ok_BxSxT &= pos_k_BxT[:, None, :] <= pos_q_BxS[:, :, None]
-    if window is not None:
-        ok_BxSxT &= jnp.abs(pos_q_BxS[:, :, None] - pos_k_BxT[:, None, :]) < window
-    return ok_BxSxT
-
-
 def _logits(q_BxSxGxRxK, k_BxTxGxK, ok_BxSxT, scale):
     s = jnp.einsum("bsgrk,btgk->bgrst", q_BxSxGxRxK, k_BxTxGxK,
                    preferred_element_type=jnp.float32) * scale
@@ -106,7 +96,7 @@ def _ring_fwd(causal, window, scale, axis, size, q_BxSxHxK, k_BxTxGxK, v_BxTxGxV
         k, v, pos_k, seg_k = block
         if step + 1 < size:  # the next block is sent on before this one's math: they overlap
             block = tuple(hop(x, axis, size) for x in block)
-        s = _logits(q, k, _allowed(causal, window, pos_BxS, seg_BxS, pos_k, seg_k), scale)
+        s = _logits(q, k, visible(causal, window, pos_BxS, pos_k, seg_BxS, seg_k), scale)
         block_lse = jax.nn.logsumexp(s, axis=-1)
         p = jnp.exp(s - block_lse[..., None])
         block_out = jnp.einsum("bgrst,btgv->bsgrv", p, v.astype(jnp.float32))
@@ -136,7 +126,7 @@ def _ring_bwd(causal, window, scale, axis, size, res, dout_BxSxHxV):
         k, v, pos_k, seg_k = block
         if step + 1 < size:
             block = tuple(hop(x, axis, size) for x in block)
-        ok = _allowed(causal, window, pos_BxS, seg_BxS, pos_k, seg_k)
+        ok = visible(causal, window, pos_BxS, pos_k, seg_BxS, seg_k)
         p = jnp.exp(_logits(q, k, ok, scale) - lse_BxGxRxS[..., None])
         dv = dv + jnp.einsum("bgrst,bsgrv->btgv", p, do)
         dp = jnp.einsum("bsgrv,btgv->bgrst", do, v.astype(jnp.float32))
