@@ -2,13 +2,14 @@
 read by `param.project`, the one function the dense layers multiply by a weight with; no layer
 branches on it.
 
-Forward: the activation and the weight are each rounded to float8_e4m3fn with one per-tensor
-scale; backward: the output's gradient is rounded to float8_e5m2 (more range, for gradients)
-before both gradient matmuls, which then multiply e5m2 by e4m3 operands, as Hopper's fp8 recipes
-do. Rounding is quantise-then-dequantise (flax's fp8_ops.qdq): the values the matmul sees lie on
-the fp8 grid times the scale, which is the pattern XLA's GPU compiler turns into an fp8 cuBLAS
-matmul; elsewhere the same numbers are multiplied in the compute dtype. Gradients pass the
-rounding straight through.
+Forward: the activation and the weight are each cast to float8_e4m3fn after dividing by one
+per-tensor scale; backward: the output's gradient is cast to float8_e5m2 (more range, for
+gradients) and multiplied against the saved e4m3 operands, as Hopper's fp8 recipes do. The
+float8 arrays go into the matmul themselves, accumulating in float32, and each product is
+rescaled by its operands' scales afterwards: that is what XLA's GPU compiler hands to cuBLAS's
+fp8 GEMM (`__cublas$lt$matmul$f8`). Quantise-dequantise around a bf16 matmul (flax's qdq), the
+first version, was folded back into bf16 arithmetic by XLA and never ran an fp8 GEMM
+(benchmarks/fp8_matmul_probe.py).
 
 Scaling is *current*: each tensor's scale is its own amax / the format's largest value, taken
 in the step that uses it. Why not delayed scaling (an amax history carried in the train state):
@@ -24,7 +25,6 @@ import threading
 
 import jax
 import jax.numpy as jnp
-from flax.linen import fp8_ops
 
 E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
 PRECISIONS = ("default", "fp8")
@@ -59,43 +59,51 @@ def scale_of(x, fmt):
     return jax.lax.stop_gradient(jnp.where(amax > 0, amax / float(jnp.finfo(fmt).max), 1.0))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def round_to(x, fmt):
-    """x on fmt's grid times its scale, in x's dtype. Its gradient is the identity (straight
-    through): differentiating the casts would round the tangent itself to fp8, unscaled."""
-    return fp8_ops.qdq(x, fmt, scale_of(x, fmt), jnp.float32)
+def quantise(x, fmt):
+    """(x / scale as fmt, scale): the operand a float8 matmul takes, with its per-tensor
+    current scale (clipped: float8_e4m3fn has no infinity, and an overflow would be NaN)."""
+    scale = scale_of(x, fmt)
+    big = float(jnp.finfo(fmt).max)
+    return jnp.clip(x.astype(jnp.float32) / scale, -big, big).astype(fmt), scale
 
 
-def _round_fwd(x, fmt):
-    return round_to(x, fmt), None
-
-
-def _round_bwd(fmt, _, g):
-    return (g,)
-
-
-round_to.defvjp(_round_fwd, _round_bwd)
-
-
-@jax.custom_vjp
-def _e5m2_gradient(y):
-    return y
-
-
-def _e5m2_fwd(y):
-    return y, None
-
-
-def _e5m2_bwd(_, g):
-    return (round_to(g, E5M2),)
-
-
-_e5m2_gradient.defvjp(_e5m2_fwd, _e5m2_bwd)
+def gradient_subscripts(subscripts: str) -> tuple[str, str]:
+    """For y = einsum('x,w->y'): the subscripts of dx = einsum('y,w->x') and
+    dw = einsum('x,y->w'), valid when every index of x and of w is in y or in the other."""
+    ins, out = subscripts.replace(" ", "").split("->")
+    x, w = ins.split(",")
+    for name, a, b in (("x", x, w), ("w", w, x)):
+        if not set(a) <= set(out) | set(b):
+            raise ValueError(f"fp8 einsum {subscripts!r}: an index of {name} is summed alone")
+    return f"{out},{w}->{x}", f"{x},{out}->{w}"
 
 
 def fp8_einsum(subscripts: str, x, w, dtype):
-    """einsum(subscripts, x, w) with both operands rounded to e4m3 and the output's gradient to
-    e5m2; accumulation in float32, the result in `dtype`."""
-    y = jnp.einsum(subscripts, round_to(x.astype(dtype), E4M3), round_to(w.astype(dtype), E4M3),
-                   preferred_element_type=jnp.float32)
-    return _e5m2_gradient(y.astype(dtype))
+    """einsum(subscripts, x, w) with float8 operands: x and w as e4m3, and in the backward the
+    output's gradient as e5m2 against the saved e4m3 operands; accumulation in float32, each
+    product rescaled by its operands' scales, the result in `dtype`. The operands reach the
+    matmul as float8 arrays, which is what XLA's GPU compiler hands to cuBLAS's fp8 GEMM."""
+    return _fp8_einsum(subscripts, x.astype(dtype), w.astype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fp8_einsum(subscripts, x, w):
+    return _fp8_fwd(subscripts, x, w)[0]
+
+
+def _fp8_fwd(subscripts, x, w):
+    (xq, sx), (wq, sw) = quantise(x, E4M3), quantise(w, E4M3)
+    y = jnp.einsum(subscripts, xq, wq, preferred_element_type=jnp.float32) * (sx * sw)
+    return y.astype(x.dtype), (xq, sx, wq, sw)
+
+
+def _fp8_bwd(subscripts, res, g):
+    xq, sx, wq, sw = res
+    gq, sg = quantise(g, E5M2)
+    dx_sub, dw_sub = gradient_subscripts(subscripts)
+    dx = jnp.einsum(dx_sub, gq, wq, preferred_element_type=jnp.float32) * (sg * sw)
+    dw = jnp.einsum(dw_sub, xq, gq, preferred_element_type=jnp.float32) * (sx * sg)
+    return dx.astype(g.dtype), dw.astype(g.dtype)
+
+
+_fp8_einsum.defvjp(_fp8_fwd, _fp8_bwd)
