@@ -84,7 +84,7 @@ def _backend_module(name: str):
     return blocked
 
 
-def _check_inputs(q, k, v, segment_ids, sliding_window, backend):
+def _check_inputs(q, k, v, segment_ids, kv_segment_ids, sliding_window, backend):
     if backend not in BACKENDS:
         raise ValueError(f"flash_attention: backend={backend!r}; expected one of {BACKENDS}")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -106,10 +106,13 @@ def _check_inputs(q, k, v, segment_ids, sliding_window, backend):
     if q.dtype not in [jnp.dtype(d) for d in allowed]:
         raise ValueError(f"flash_attention: dtype {q.dtype} not supported on {backend}; expected "
                          f"one of {[jnp.dtype(d).name for d in allowed]}")
-    if segment_ids is not None:
-        if segment_ids.shape != (B, S) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(f"flash_attention: segment_ids must be an integer [{B}, {S}] array; "
-                             f"got {segment_ids.dtype} {segment_ids.shape}")
+    if kv_segment_ids is not None and segment_ids is None:
+        raise ValueError("flash_attention: kv_segment_ids needs segment_ids (the queries' ids) "
+                         "too")
+    for name, ids in (("segment_ids", segment_ids), ("kv_segment_ids", kv_segment_ids)):
+        if ids is not None and (ids.shape != (B, S) or not jnp.issubdtype(ids.dtype, jnp.integer)):
+            raise ValueError(f"flash_attention: {name} must be an integer [{B}, {S}] array; "
+                             f"got {ids.dtype} {ids.shape}")
     if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
         raise ValueError(f"flash_attention: sliding_window must be a positive int; got "
                          f"{sliding_window!r}")
@@ -168,13 +171,8 @@ class _Call:
     def of(cls, q, k, v, causal, segment_ids, kv_segment_ids, sm_scale, sliding_window,
            block_sizes, backend):
         backend = backend or default_backend()
-        _check_inputs(q, k, v, segment_ids, sliding_window, backend)
+        _check_inputs(q, k, v, segment_ids, kv_segment_ids, sliding_window, backend)
         B, S, _, D = q.shape
-        if kv_segment_ids is not None:
-            if segment_ids is None:
-                raise ValueError("flash_attention: kv_segment_ids needs segment_ids (the "
-                                 "queries' ids) too")
-            _check_inputs(q, k, v, kv_segment_ids, sliding_window, backend)
         problem = Problem(causal=bool(causal),
                           sm_scale=float(D ** -0.5 if sm_scale is None else sm_scale),
                           sliding_window=sliding_window, has_segments=segment_ids is not None,

@@ -343,6 +343,9 @@ def test_hopper_kernels_lower_for_cuda(D, G, kw):
     (dict(dtype=jnp.int32), "dtype int32 not supported"),
     (dict(segment_ids=(2, 63)), "segment_ids must be an integer \\[2, 64\\]"),
     (dict(segment_ids_dtype=jnp.float32), "segment_ids must be an integer"),
+    (dict(segment_ids=(2, 64), kv_segment_ids=(2, 32)),
+     "kv_segment_ids must be an integer \\[2, 64\\]"),
+    (dict(kv_segment_ids=(2, 64)), "kv_segment_ids needs segment_ids"),
     (dict(sliding_window=0), "sliding_window must be a positive int"),
     (dict(block_sizes=BlockSizes(block_q=20)), "multiples of 8"),
 ])
@@ -355,6 +358,9 @@ def test_bad_input_raises_clear_value_error(change, match):
     if "segment_ids" in change or "segment_ids_dtype" in change:
         seg = jnp.zeros(change.get("segment_ids", (2, 64)), change.get("segment_ids_dtype",
                                                                         jnp.int32))
+    kv_seg = (jnp.zeros(change["kv_segment_ids"], jnp.int32) if "kv_segment_ids" in change
+              else None)
     with pytest.raises(ValueError, match=match):
-        flash_attention(q, k, v, segment_ids=seg, sliding_window=change.get("sliding_window"),
+        flash_attention(q, k, v, segment_ids=seg, kv_segment_ids=kv_seg,
+                        sliding_window=change.get("sliding_window"),
                         block_sizes=change.get("block_sizes"), backend="interpret")
