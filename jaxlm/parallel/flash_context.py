@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxlm.parallel.ring import hop, sequence_specs
+from jaxlm.parallel.ring import hop, merge_partials, nothing_seen, sequence_specs
 
 
 def flash_context_attention(q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, segment_ids_BxS, *, causal: bool,
@@ -87,22 +87,6 @@ def _hops(block, axis, size):
     return jax.tree.map(lambda x: hop(x, axis, size), block)  # None (no segments) stays
 
 
-def _seen_nothing(q_BxSxHxD):
-    """(out, lse) of rows that have seen no key yet: zeros (float32) and -inf."""
-    B, S, H, D = q_BxSxHxD.shape
-    return jnp.zeros((B, S, H, D), jnp.float32), jnp.full((B, H, S), -jnp.inf, jnp.float32)
-
-
-def _merge(acc_out_BxSxHxD, acc_lse_BxHxS, out_BxSxHxD, lse_BxHxS):
-    """Two partial softmax results over disjoint keys -> their union's (rows seeing nothing in
-    both stay at lse -inf, out 0)."""
-    new_lse = jnp.logaddexp(acc_lse_BxHxS, lse_BxHxS)
-    safe = jnp.where(jnp.isneginf(new_lse), 0.0, new_lse)
-    weight = lambda lse: jnp.exp(lse - safe).transpose(0, 2, 1)[..., None]  # noqa: E731
-    return (acc_out_BxSxHxD * weight(acc_lse_BxHxS)
-            + out_BxSxHxD.astype(jnp.float32) * weight(lse_BxHxS)), new_lse
-
-
 def _at_rows(part_BxCx___, first_half, axis=1, fill=0.0):
     """A half-length block placed in the first or second half of a full-length one."""
     blank = jnp.full_like(part_BxCx___, fill)
@@ -119,7 +103,7 @@ def _flash_ring_fwd(causal, scale, axis, size, q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, 
     flash = _flash(sm_scale=scale)
     me = jax.lax.axis_index(axis)
     B, S = q_BxSxHxD.shape[:2]
-    acc = _seen_nothing(q_BxSxHxD)
+    acc = nothing_seen(*q_BxSxHxD.shape)
     block = (k_BxSxGxD, v_BxSxGxD, seg_BxS)
     for step in range(size):
         k, v, seg_k = block
@@ -128,7 +112,7 @@ def _flash_ring_fwd(causal, scale, axis, size, q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, 
         if step == 0 or not causal:
             out, lse = flash(q_BxSxHxD, k, v, causal=causal and step == 0, segment_ids=seg_BxS,
                              kv_segment_ids=seg_k)
-            acc = _merge(*acc, out, lse)
+            acc = merge_partials(*acc, out, lse)
             continue
         earlier = (me - step) % size < me
         x, b, a = _halves(earlier, S)
@@ -137,7 +121,7 @@ def _flash_ring_fwd(causal, scale, axis, size, q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, 
                          segment_ids=_stack2(x(seg_BxS), b(seg_BxS)),
                          kv_segment_ids=_stack2(a(seg_k), x(seg_k)))
         for rows_x, part in ((earlier, slice(None, B)), (False, slice(B, None))):
-            acc = _merge(*acc, _at_rows(out[part], rows_x),
+            acc = merge_partials(*acc, _at_rows(out[part], rows_x),
                          _at_rows(lse[part], rows_x, axis=2, fill=-jnp.inf))
     out_BxSxHxD = acc[0].astype(q_BxSxHxD.dtype)
     return out_BxSxHxD, (q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, seg_BxS, out_BxSxHxD, acc[1])
@@ -212,16 +196,16 @@ def _flash_gather_fwd(causal, scale, axis, size, q_BxSxHxD, k_BxSxGxD, v_BxSxGxD
     me = jax.lax.axis_index(axis)
     B, S = q_BxSxHxD.shape[:2]
     k_all, v_all, seg_all = (_gather(x, axis) for x in (k_BxSxGxD, v_BxSxGxD, seg_BxS))
-    acc = _seen_nothing(q_BxSxHxD)
+    acc = nothing_seen(*q_BxSxHxD.shape)
     for j in range(size):
         k, v, seg_k = (_block(x, j, S) for x in (k_all, v_all, seg_all))
         def run(causal_block, k=k, v=v, seg_k=seg_k):
             out, lse = flash(q_BxSxHxD, k, v, causal=causal_block, segment_ids=seg_BxS,
                              kv_segment_ids=seg_k)
-            return out.astype(jnp.float32), lse  # as _seen_nothing's: switch branches agree
+            return out.astype(jnp.float32), lse  # as nothing_seen's: switch branches agree
         out, lse = jax.lax.switch(_kind(causal, j, me), [
-            lambda: run(False), lambda: run(True), lambda: _seen_nothing(q_BxSxHxD)])
-        acc = _merge(*acc, out, lse)
+            lambda: run(False), lambda: run(True), lambda: nothing_seen(*q_BxSxHxD.shape)])
+        acc = merge_partials(*acc, out, lse)
     out_BxSxHxD = acc[0].astype(q_BxSxHxD.dtype)
     return out_BxSxHxD, (q_BxSxHxD, k_BxSxGxD, v_BxSxGxD, seg_BxS, out_BxSxHxD, acc[1])
 

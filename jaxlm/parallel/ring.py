@@ -74,6 +74,21 @@ def _logits(q_BxSxGxRxK, k_BxTxGxK, ok_BxSxT, scale):
     return jnp.where(ok_BxSxT[:, None, None], s, MASKED)
 
 
+def nothing_seen(B: int, S: int, H: int, V: int):
+    """The (out, lse) merge_partials starts from: rows that have seen no key yet."""
+    return jnp.zeros((B, S, H, V), jnp.float32), jnp.full((B, H, S), -jnp.inf, jnp.float32)
+
+
+def merge_partials(acc_out_BxSxHxV, acc_lse_BxHxS, out_BxSxHxV, lse_BxHxS):
+    """Two partial softmax results over disjoint keys -> their union's, in float32 (rows that
+    have seen nothing in both stay at lse -inf and out 0)."""
+    new_lse = jnp.logaddexp(acc_lse_BxHxS, lse_BxHxS)
+    safe = jnp.where(jnp.isneginf(new_lse), 0.0, new_lse)
+    weight = lambda lse: jnp.exp(lse - safe).transpose(0, 2, 1)[..., None]  # noqa: E731
+    return (acc_out_BxSxHxV * weight(acc_lse_BxHxS)
+            + out_BxSxHxV.astype(jnp.float32) * weight(lse_BxHxS)), new_lse
+
+
 def hop(x, axis, size):
     """x from the previous device of the ring (this device's goes to the next)."""
     return jax.lax.ppermute(x, axis, [(i, (i + 1) % size) for i in range(size)])
@@ -87,10 +102,9 @@ def _ring(causal, window, scale, axis, size, q, k, v, pos, seg):
 def _ring_fwd(causal, window, scale, axis, size, q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, pos_BxS,
               seg_BxS):
     B, S, H, K = q_BxSxHxK.shape
-    G = k_BxTxGxK.shape[2]
+    G, V = k_BxTxGxK.shape[2], v_BxTxGxV.shape[-1]
     q = q_BxSxHxK.reshape(B, S, G, H // G, K)
-    out_BxSxGxRxV = jnp.zeros(q.shape[:-1] + (v_BxTxGxV.shape[-1],), jnp.float32)
-    lse_BxGxRxS = jnp.full((B, G, H // G, S), -jnp.inf, jnp.float32)
+    acc = nothing_seen(B, S, H, V)
     block = (k_BxTxGxK, v_BxTxGxV, pos_BxS, seg_BxS)
     for step in range(size):
         k, v, pos_k, seg_k = block
@@ -100,19 +114,16 @@ def _ring_fwd(causal, window, scale, axis, size, q_BxSxHxK, k_BxTxGxK, v_BxTxGxV
         block_lse = jax.nn.logsumexp(s, axis=-1)
         p = jnp.exp(s - block_lse[..., None])
         block_out = jnp.einsum("bgrst,btgv->bsgrv", p, v.astype(jnp.float32))
-        new_lse = jnp.logaddexp(lse_BxGxRxS, block_lse)
-        old_w = jnp.exp(lse_BxGxRxS - new_lse).transpose(0, 3, 1, 2)[..., None]
-        new_w = jnp.exp(block_lse - new_lse).transpose(0, 3, 1, 2)[..., None]
-        out_BxSxGxRxV = out_BxSxGxRxV * old_w + block_out * new_w
-        lse_BxGxRxS = new_lse
-    out = out_BxSxGxRxV.reshape(B, S, H, -1).astype(q_BxSxHxK.dtype)
-    return out, (q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, pos_BxS, seg_BxS, out, lse_BxGxRxS)
+        acc = merge_partials(*acc, block_out.reshape(B, S, H, V), block_lse.reshape(B, H, S))
+    out = acc[0].astype(q_BxSxHxK.dtype)
+    return out, (q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, pos_BxS, seg_BxS, out, acc[1])
 
 
 def _ring_bwd(causal, window, scale, axis, size, res, dout_BxSxHxV):
-    q_BxSxHxK, k, v, pos_BxS, seg_BxS, out_BxSxHxV, lse_BxGxRxS = res
+    q_BxSxHxK, k, v, pos_BxS, seg_BxS, out_BxSxHxV, lse_BxHxS = res
     B, S, H, K = q_BxSxHxK.shape
     G, V = k.shape[2], v.shape[-1]
+    lse_BxGxRxS = lse_BxHxS.reshape(B, G, H // G, S)
     q = q_BxSxHxK.reshape(B, S, G, H // G, K)
     do = dout_BxSxHxV.reshape(B, S, G, H // G, V).astype(jnp.float32)
     delta_BxGxRxS = jnp.einsum("bsgrv,bsgrv->bgrs", do,
