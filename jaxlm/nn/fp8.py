@@ -81,29 +81,36 @@ def gradient_subscripts(subscripts: str) -> tuple[str, str]:
 def fp8_einsum(subscripts: str, x, w, dtype):
     """einsum(subscripts, x, w) with float8 operands: x and w as e4m3, and in the backward the
     output's gradient as e5m2 against the saved e4m3 operands; accumulation in float32, each
-    product rescaled by its operands' scales, the result in `dtype`. The operands reach the
-    matmul as float8 arrays, which is what XLA's GPU compiler hands to cuBLAS's fp8 GEMM."""
-    return _fp8_einsum(subscripts, x.astype(dtype), w.astype(dtype))
+    product written in `dtype` (x's gradient in the gradient's dtype) and rescaled by its
+    operands' scales. The operands reach the matmul as float8 arrays, which is what XLA's GPU
+    compiler hands to cuBLAS's fp8 GEMM. The weight is rounded from its stored (master) dtype,
+    with no `dtype` copy in between, and its gradient comes back in that dtype."""
+    return _fp8_einsum(subscripts, jnp.dtype(w.dtype), x.astype(dtype), w)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fp8_einsum(subscripts, x, w):
-    return _fp8_fwd(subscripts, x, w)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fp8_einsum(subscripts, w_dtype, x, w):
+    return _fp8_fwd(subscripts, w_dtype, x, w)[0]
 
 
-def _fp8_fwd(subscripts, x, w):
+def _fp8_fwd(subscripts, w_dtype, x, w):
     (xq, sx), (wq, sw) = quantise(x, E4M3), quantise(w, E4M3)
-    y = jnp.einsum(subscripts, xq, wq, preferred_element_type=jnp.float32) * (sx * sw)
-    return y.astype(x.dtype), (xq, sx, wq, sw)
+    return _scaled(subscripts, xq, wq, sx * sw, x.dtype), (xq, sx, wq, sw)
 
 
-def _fp8_bwd(subscripts, res, g):
+def _fp8_bwd(subscripts, w_dtype, res, g):
     xq, sx, wq, sw = res
     gq, sg = quantise(g, E5M2)
     dx_sub, dw_sub = gradient_subscripts(subscripts)
-    dx = jnp.einsum(dx_sub, gq, wq, preferred_element_type=jnp.float32) * (sg * sw)
-    dw = jnp.einsum(dw_sub, xq, gq, preferred_element_type=jnp.float32) * (sx * sg)
-    return dx.astype(g.dtype), dw.astype(g.dtype)
+    return (_scaled(dx_sub, gq, wq, sg * sw, g.dtype),
+            _scaled(dw_sub, xq, gq, sx * sg, w_dtype))
+
+
+def _scaled(subscripts, a, b, scale, dtype):
+    """einsum of two float8 arrays written in `dtype`, times the product of their scales. The
+    GEMM writes `dtype` itself: a float32 product of an activation-sized output, rescaled and
+    cast in a second pass, cost the 1B step ~10% (H200: 110.6k against 100.0k tokens/s)."""
+    return jnp.einsum(subscripts, a, b, preferred_element_type=dtype) * scale.astype(dtype)
 
 
 _fp8_einsum.defvjp(_fp8_fwd, _fp8_bwd)
