@@ -1,0 +1,1 @@
+"""Serving: paged KV cache, continuous batching, an OpenAI-compatible server."""
