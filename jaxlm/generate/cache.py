@@ -7,14 +7,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.nn.kv_cache import KVCache
+from jaxlm.nn.paged_cache import PagedKVCache
 from jaxlm.parallel.sharding import constrain
 
 # logical names of one layer's cache arrays: rows on the data axes, kv heads on `tensor`
 KV_CACHE_NAMES = ("act_batch", None, "act_kv_heads", None)
+PAGE_NAMES = (None, None, "act_kv_heads", None)  # a paged pool: pages, slots, kv heads, head dim
 
 
 def is_cache(x) -> bool:
-    return isinstance(x, KVCache)
+    return isinstance(x, (KVCache, PagedKVCache))
 
 
 def map_caches(fn, tree):
@@ -24,8 +26,12 @@ def map_caches(fn, tree):
 
 def constrain_caches(tree):
     """Every cache laid out by the active rules (a no-op without a mesh)."""
-    def one(c: KVCache):
+    def one(c: KVCache | PagedKVCache):
         kv = lambda x: None if x is None else constrain(x, KV_CACHE_NAMES)  # noqa: E731
+        if isinstance(c, PagedKVCache):  # pages of many rows: only the kv heads are split
+            pages = lambda x: None if x is None else constrain(x, PAGE_NAMES)  # noqa: E731
+            return c.replace(k_pages_PxBxGxK=pages(c.k_pages_PxBxGxK),
+                             v_pages_PxBxGxV=pages(c.v_pages_PxBxGxV))
         scale = lambda x: None if x is None else constrain(x, KV_CACHE_NAMES[:3])  # noqa: E731
         return c.replace(k_BxTxGxK=kv(c.k_BxTxGxK), v_BxTxGxV=kv(c.v_BxTxGxV),
                          k_scale_BxTxG=scale(c.k_scale_BxTxG),

@@ -7,7 +7,8 @@ per-row segment ids (packed documents; segment 0 marks padding, which no real to
 for decoding, where each row's queries start among the keys. `bias` is an additive logit bias
 [B or 1, H, S, T] (relative positions). `cache` is an explicit KV cache (jaxlm/nn/kv_cache.py):
 the new keys/values are appended to it and the queries attend over all of it; nothing else about
-decoding reaches a layer.
+decoding reaches a layer. Serving passes a PagedKVCache (jaxlm/nn/paged_cache.py): the queries are
+then one flat row of many sequences' tokens, each attending over its own sequence's pages.
 
 Implementations (`impl`): `xla` (plain jnp, the reference every other one is tested against; the
 only one that reads a bias with segments, a query offset or a cache), `cudnn`
@@ -33,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 from jaxlm.models.config import ATTENTION_IMPLS
 from jaxlm.parallel.flash_context import flash_context_attention
 from jaxlm.parallel.ring import ring_attention
+from jaxlm.nn.paged_cache import PagedKVCache
 from jaxlm.nn.visibility import MASKED, visible
 from jaxlm.parallel.sharding import active, context_split, logical_to_spec
 
@@ -80,6 +82,9 @@ def attend(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask: MaskSpec, *, bias=None, cache=
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; expected one of "
                          f"{', '.join(ATTENTION_IMPLS)}")
+    if isinstance(cache, PagedKVCache):  # serving: flat tokens of many sequences, paged K/V
+        cache, _ = cache.update(k_BxTxGxK, v_BxTxGxV, mask)
+        return cache.attend(q_BxSxHxK, scale), cache
     if cache is not None:  # decoding: bandwidth-bound, read through the reference path
         cache, mask = cache.update(k_BxTxGxK, v_BxTxGxV, mask)
         dt = q_BxSxHxK.dtype

@@ -1,0 +1,85 @@
+"""The paged KV cache: serving's cache behind the same `attend(..., cache=)` contract as the dense
+KVCache, so the trained model serves requests unchanged.
+
+Keys and values live in one pool of pages per layer ([P, page_size, G, K]); which pages hold a
+sequence is host bookkeeping (jaxlm/serve/blocks.py), handed to each step as a block table. A
+step's queries are flat: T tokens of many sequences in a [1, T] batch (decodes, prefill chunks,
+padding), so one compiled step serves any mix of requests. The step's layout (`PagedStep`) is
+the same for every layer; each layer's cache carries its own pages and a reference to it.
+
+Writing: each new token's K/V goes to its slot (page * page_size + offset; padding tokens write
+the reserved page 0, which no table lists). Reading: ragged paged attention
+(kernels_pallas/paged.py) over each sequence's pages, GQA inside the kernel; `impl=xla` takes its
+plain-jnp reference (CPU tests, and any device without the kernel).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from kernels_pallas.paged import paged_attention, paged_attention_reference
+
+
+@struct.dataclass
+class PagedStep:
+    """Where one step's T flat query tokens go and what they read (shared by every layer)."""
+    slots_T: jax.Array           # cache slot each token's K/V is written to
+    block_tables_SxM: jax.Array  # pages of each sequence slot (unused entries: page 0)
+    kv_lens_S: jax.Array         # tokens of each sequence in the cache after this step's writes
+    cu_q_lens_S1: jax.Array      # sequence s's queries are rows [cu[s], cu[s + 1])
+    max_q_len: int = struct.field(pytree_node=False, default=1)  # most queries of one sequence
+
+
+@struct.dataclass
+class PagedKVCache:
+    """One layer's pages (values None: the keys' first `v_dim` columns, MLA's shared latent)."""
+    k_pages_PxBxGxK: jax.Array
+    v_pages_PxBxGxV: jax.Array | None
+    step: PagedStep | None = None
+    v_dim: int = struct.field(pytree_node=False, default=0)
+    impl: str = struct.field(pytree_node=False, default="xla")
+
+    @classmethod
+    def empty(cls, pages: int, page_size: int, kv_heads: int, head_dim: int, dtype,
+              v_head_dim: int | None = None, shared_values: bool = False) -> "PagedKVCache":
+        k = jnp.zeros((pages, page_size, kv_heads, head_dim), dtype)
+        v = None if shared_values else jnp.zeros(
+            (pages, page_size, kv_heads, v_head_dim or head_dim), dtype)
+        return cls(k, v, v_dim=(v_head_dim or head_dim) if shared_values else 0)
+
+    @property
+    def page_size(self) -> int:
+        return self.k_pages_PxBxGxK.shape[1]
+
+    def update(self, k_BxTxGxK, v_BxTxGxV, mask):
+        """Write the step's new keys and values to their slots; the mask is unchanged (the
+        step's layout says what each query sees)."""
+        if k_BxTxGxK.shape[0] != 1:
+            raise ValueError(f"a paged cache takes one flat row of tokens, got a batch of "
+                             f"{k_BxTxGxK.shape[0]}")
+        slots_T = self.step.slots_T
+
+        def write(pages, new_TxGxK):
+            P, N = pages.shape[:2]
+            flat = pages.reshape(P * N, *pages.shape[2:])
+            return flat.at[slots_T].set(new_TxGxK.astype(pages.dtype)).reshape(pages.shape)
+
+        v = None if self.v_pages_PxBxGxV is None else write(self.v_pages_PxBxGxV, v_BxTxGxV[0])
+        return self.replace(k_pages_PxBxGxK=write(self.k_pages_PxBxGxK, k_BxTxGxK[0]),
+                            v_pages_PxBxGxV=v), mask
+
+    def attend(self, q_BxTxHxK, scale: float):
+        """Every query over its own sequence's pages (causal): [1, T, H, V]."""
+        s = self.step
+        v_pages = self.k_pages_PxBxGxK if self.v_pages_PxBxGxV is None else self.v_pages_PxBxGxV
+        args = (q_BxTxHxK[0], self.k_pages_PxBxGxK, v_pages, s.block_tables_SxM, s.kv_lens_S,
+                s.cu_q_lens_S1)
+        if self.impl == "pallas":
+            out_TxHxV = paged_attention(*args, sm_scale=scale, max_q_len=s.max_q_len)
+        else:
+            out_TxHxV = paged_attention_reference(*args, sm_scale=scale)
+        out_TxHxV = out_TxHxV.astype(q_BxTxHxK.dtype)
+        if self.v_pages_PxBxGxV is None:
+            out_TxHxV = out_TxHxV[..., :self.v_dim]
+        return out_TxHxV[None]

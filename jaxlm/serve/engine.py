@@ -1,0 +1,370 @@
+"""The serving engine: continuous batching over a paged KV cache, with chunked prefill and
+prefix caching.
+
+Every step the scheduler fills a token budget: first each running sequence's next tokens in
+arrival order (one for a decoding sequence, a chunk of its prompt for one still prefilling),
+then new requests from the queue while sequence slots and pages last. A sequence's unknown
+tokens are simply `tokens[computed:]`, so a decode is a prefill of one token, and a sequence
+preempted when pages run out (the newest running one goes first) is recomputed from its prompt
+and output so far when it is readmitted. Prefix caching hands a new sequence the full pages of
+an earlier identical prefix (jaxlm/serve/blocks.py), so only the rest is computed.
+
+Requests arrive and leave between steps (`add`, `abort`, `step`), which is what a server needs;
+`generate` runs a list of requests to completion for tests and benchmarks. Outputs follow
+jaxlm.generate: the same sampling (same seeds give the same tokens), stop tokens excluded.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+import jax
+import numpy as np
+
+from jaxlm.config_fields import ConfigError
+from jaxlm.generate.engine import Output, Request
+from jaxlm.generate.lm import LM
+from jaxlm.generate.sampling import RowParams, SamplingConfig
+from jaxlm.nn.attend import resolve_impl
+from jaxlm.serve.blocks import NULL_BLOCK, BlockPool, OutOfBlocks, SequenceBlocks, num_blocks_for
+from jaxlm.serve.step import DeviceStep, StepBatch, page_bytes, page_pools
+
+MIN_ROWS = 8     # the smallest step (T); steps are powers of two up to the token budget
+COUNTERS = ("steps", "computed_tokens", "generated_tokens", "finished", "aborted", "preempted")
+IDLE = SamplingConfig(temperature=0.0)  # an empty slot's settings (keeps all-greedy steps cheap)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    page_size: int = 16
+    pages: int = 0                   # 0: as many as `memory_fraction` of free device memory holds
+    memory_fraction: float = 0.85
+    max_seqs: int = 64               # sequences in flight (slots of a step)
+    token_budget: int = 512          # tokens one step computes at most
+    chunked_prefill: bool = True     # off: a prompt is prefilled in one step (budget >= context)
+    prefix_caching: bool = True
+    max_model_len: int | None = None  # None: the model's context
+    max_queue: int = 1024            # waiting requests beyond this are refused (QueueFull)
+    attention_impl: str = "auto"     # pallas (the paged kernel) or xla (its jnp reference)
+
+    def validate(self):
+        for name, lo in (("page_size", 1), ("pages", 0), ("max_seqs", 1), ("token_budget", 1),
+                         ("max_queue", 1)):
+            if getattr(self, name) < lo:
+                raise ConfigError(f"serve.{name}={getattr(self, name)}: expected >= {lo}")
+        if not 0 < self.memory_fraction <= 1:
+            raise ConfigError(f"serve.memory_fraction={self.memory_fraction}: expected (0, 1]")
+        if self.attention_impl not in ("auto", "pallas", "xla"):
+            raise ConfigError(f"serve.attention_impl={self.attention_impl!r}: expected auto, "
+                              f"pallas or xla")
+        return self
+
+
+class QueueFull(Exception):
+    """The waiting queue holds `max_queue` requests (a server answers 429)."""
+
+
+@dataclasses.dataclass
+class Sequence:
+    id: str
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    stop_ids: frozenset
+    max_tokens: int
+    arrived: float
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    blocks: SequenceBlocks | None = None
+    computed: int = 0                 # tokens whose K/V are in the cache
+    slot: int = -1
+    fresh: bool = False               # took its slot this step
+    preemptions: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def penalised(self) -> bool:
+        """Penalties read every prompt token from the device's seen table, which only tokens
+        that pass through a step mark: such a sequence takes no cached prefix."""
+        s = self.sampling
+        return s.repetition_penalty != 1.0 or s.presence_penalty != 0.0
+
+
+@dataclasses.dataclass
+class Delta:
+    """What one step produced for one request."""
+    request_id: str
+    token_ids: list[int]              # new tokens (a stop token is not included)
+    finish_reason: str | None = None  # "stop", "length", or None while it runs
+
+
+class ServingEngine:
+    def __init__(self, lm: LM, cfg: ServeConfig = ServeConfig(), eos_id: int | None = None):
+        self.cfg, self.lm, self.eos_id = cfg.validate(), lm, eos_id
+        max_len = cfg.max_model_len or lm.context_len
+        if max_len is None:
+            raise ConfigError("serve.max_model_len: the model has no context limit of its own; "
+                              "give the longest sequence to serve")
+        if lm.context_len is not None and max_len > lm.context_len:
+            raise ConfigError(f"serve.max_model_len={max_len}: the model reads at most "
+                              f"{lm.context_len} tokens")
+        if not cfg.chunked_prefill and cfg.token_budget < max_len:
+            raise ConfigError(f"serve.token_budget={cfg.token_budget} with chunked_prefill off "
+                              f"must hold a whole prompt: expected >= max_model_len={max_len}")
+        if getattr(lm.cfg, "sliding_window", None):
+            raise ConfigError("serving does not run sliding-window attention yet")
+        self.max_len = max_len
+        self.table_width = -(-max_len // cfg.page_size)
+        impl = cfg.attention_impl
+        if impl == "auto":  # the kernel where flash attention would run (Hopper), else jnp
+            impl = "pallas" if resolve_impl("auto", lm.cfg.dtype) == "pallas" else "xla"
+        pages = cfg.pages or self._pages_from_memory(impl)
+        self.pool = BlockPool(pages, cfg.page_size, prefix_caching=cfg.prefix_caching)
+        self.device = DeviceStep(lm, pages, cfg.page_size, cfg.max_seqs, impl)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.by_id: dict[str, Sequence] = {}
+        self.free_slots = list(range(cfg.max_seqs - 1, -1, -1))
+        self.counters = collections.Counter(dict.fromkeys(COUNTERS, 0))
+
+    def _pages_from_memory(self, impl: str) -> int:
+        stats = jax.devices()[0].memory_stats() or {}
+        if "bytes_limit" not in stats:
+            raise ConfigError("serve.pages: this device reports no free memory; give the number "
+                              "of KV pages")
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        one = page_bytes(jax.eval_shape(lambda: page_pools(self.lm, 1, self.cfg.page_size, impl)))
+        return num_blocks_for(free, self.cfg.memory_fraction, self.cfg.page_size,
+                              one // self.cfg.page_size)
+
+    # ---------------------------------------------------------------- requests
+
+    def add(self, request_id: str, prompt_ids, sampling: SamplingConfig = SamplingConfig()):
+        """Queue a request; bad input raises ConfigError (naming what is wrong), a full queue
+        QueueFull."""
+        prompt = [int(t) for t in prompt_ids]
+        if request_id in self.by_id:
+            raise ConfigError(f"request id {request_id!r} is already in flight")
+        if not prompt:
+            raise ConfigError("the prompt is empty: it needs at least one token")
+        if len(prompt) >= self.max_len:
+            raise ConfigError(f"the prompt has {len(prompt)} tokens, but this server reads at "
+                              f"most {self.max_len} (prompt and output): shorten it")
+        vocab = self.lm.cfg.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ConfigError(f"prompt token ids must be in [0, {vocab})")
+        sampling.validate()
+        longest = min(len(prompt) + sampling.max_tokens, self.max_len)
+        if -(-longest // self.cfg.page_size) > self.pool.num_blocks - 1:
+            raise ConfigError(f"the request may reach {longest} tokens, more than all "
+                              f"{self.pool.num_blocks - 1} KV pages of {self.cfg.page_size} hold: "
+                              f"lower max_tokens or shorten the prompt")
+        if len(self.waiting) >= self.cfg.max_queue:
+            raise QueueFull(f"{len(self.waiting)} requests are waiting (serve.max_queue)")
+        stops = frozenset(sampling.stop_ids) | (
+            frozenset() if self.eos_id is None else {self.eos_id})
+        seq = Sequence(request_id, prompt, sampling, stops,
+                       min(sampling.max_tokens, self.max_len - len(prompt)), time.monotonic())
+        self.waiting.append(seq)
+        self.by_id[request_id] = seq
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request now (a client went away): its pages are freed at once."""
+        seq = self.by_id.pop(request_id, None)
+        if seq is None:
+            return False
+        if seq in self.running:
+            self._leave(seq)
+        else:
+            self.waiting.remove(seq)
+            if seq.blocks is not None:
+                seq.blocks.release()
+        self.counters["aborted"] += 1
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---------------------------------------------------------------- scheduling
+
+    def _leave(self, seq: Sequence):
+        """Take a running sequence out: pages released, slot freed."""
+        self.running.remove(seq)
+        seq.blocks.release()
+        seq.blocks = None
+        self.free_slots.append(seq.slot)
+        seq.slot = -1
+
+    def _preempt(self, seq: Sequence):
+        """Out of pages: the sequence goes back to the front of the queue, to be recomputed
+        (its full pages stay cached for its return)."""
+        self._leave(seq)
+        seq.computed, seq.preemptions = 0, seq.preemptions + 1
+        self.waiting.appendleft(seq)
+        self.counters["preempted"] += 1
+
+    def _take(self, seq: Sequence, budget: int) -> int:
+        """How many of the sequence's unknown tokens fit this step (0: none)."""
+        want = len(seq.tokens) - seq.computed
+        n = min(want, budget) if self.cfg.chunked_prefill else want
+        return n if n <= budget else 0
+
+    def _schedule(self) -> list[tuple[Sequence, int, np.ndarray]]:
+        budget, scheduled = self.cfg.token_budget, []
+        queue = list(self.running)  # arrival order; the newest is preempted first
+        while queue and budget:
+            seq = queue.pop(0)
+            n = self._take(seq, budget)
+            if not n:
+                continue
+            while True:
+                try:
+                    slots = seq.blocks.append(n)
+                    break
+                except OutOfBlocks:
+                    victim = queue.pop() if queue else seq
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+            if seq.slot < 0:  # it preempted itself
+                continue
+            scheduled.append((seq, n, slots))
+            budget -= n
+        while self.waiting and budget and self.free_slots:
+            seq = self.waiting[0]
+            if seq.blocks is None:
+                seq.blocks = SequenceBlocks(self.pool)
+                seq.computed = 0 if seq.penalised else seq.blocks.start(seq.tokens)
+            n = self._take(seq, budget)
+            try:
+                slots = seq.blocks.append(n) if n else None
+            except OutOfBlocks:
+                slots = None
+            if slots is None:  # `add` made sure a sequence alone always fits
+                seq.blocks.release()
+                seq.blocks, seq.computed = None, 0
+                break
+            self.waiting.popleft()
+            seq.slot, seq.fresh = self.free_slots.pop(), True
+            self.running.append(seq)
+            scheduled.append((seq, n, slots))
+            budget -= n
+        return scheduled
+
+    def _batch(self, scheduled) -> StepBatch:
+        cfg, S, M = self.cfg, self.cfg.max_seqs, self.table_width
+        total = sum(n for _, n, _ in scheduled)
+        T = max(MIN_ROWS, 1 << (total - 1).bit_length())
+        tokens, positions, real, slots_T, owner = (np.zeros(T, np.int32) for _ in range(5))
+        owner[:] = S
+        slots_T[:] = NULL_BLOCK * cfg.page_size
+        tables = np.full((S, M), NULL_BLOCK, np.int32)
+        kv_lens, q_lens, last_row, index = (np.zeros(S, np.int32) for _ in range(4))
+        sampling, fresh = np.zeros(S, bool), np.zeros(S, bool)
+        settings = [IDLE] * S
+        row = 0
+        for seq, n, slots in sorted(scheduled, key=lambda x: x[0].slot):
+            s, start = seq.slot, seq.computed
+            tokens[row:row + n] = seq.tokens[start:start + n]
+            positions[row:row + n] = np.arange(start, start + n)
+            real[row:row + n], slots_T[row:row + n], owner[row:row + n] = 1, slots, s
+            tables[s] = seq.blocks.table(M)
+            kv_lens[s], q_lens[s], last_row[s] = start + n, n, row + n - 1
+            sampling[s] = start + n == len(seq.tokens)
+            fresh[s], index[s], settings[s] = seq.fresh, len(seq.output_ids), seq.sampling
+            seq.fresh = False
+            row += n
+        cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+        return StepBatch(tokens, positions, real, slots_T, owner, tables, kv_lens, cu, last_row,
+                         sampling, fresh, index, RowParams.of(settings),
+                         max_q_len=1 if max(n for _, n, _ in scheduled) == 1 else T)
+
+    def warmup(self):
+        """Compile every step shape before serving, so no request waits for a compile: each
+        power-of-two row count up to the budget, decode-only (one query per sequence) where
+        that many sequences fit, and mixed. The steps are all padding (page 0, nothing read)."""
+        S, M = self.cfg.max_seqs, self.table_width
+        decode_rows = max(MIN_ROWS, 1 << (S - 1).bit_length())  # a step of S decodes
+        T = MIN_ROWS
+        while True:
+            for max_q in {1, T} if T <= decode_rows else {T}:
+                zeros = np.zeros(T, np.int32)
+                self.device(StepBatch(
+                    zeros, zeros, zeros, zeros + NULL_BLOCK * self.cfg.page_size, zeros + S,
+                    np.full((S, M), NULL_BLOCK, np.int32), np.zeros(S, np.int32),
+                    np.zeros(S + 1, np.int32), np.zeros(S, np.int32), np.zeros(S, bool),
+                    np.zeros(S, bool), np.zeros(S, np.int32), RowParams.of([IDLE] * S),
+                    max_q_len=max_q))
+            if T >= self.cfg.token_budget:
+                return
+            T *= 2
+
+    def step(self) -> list[Delta]:
+        """One step of every running sequence (and new ones, as room allows): what each
+        request gained. Nothing to do: []."""
+        scheduled = self._schedule()
+        if not scheduled:
+            return []
+        copies = [c for seq, _, _ in scheduled for c in seq.blocks.pending_copies]
+        self.device.copy_pages(copies)
+        for seq, _, _ in scheduled:
+            seq.blocks.pending_copies.clear()
+        token_S = self.device(self._batch(scheduled))
+        self.counters["steps"] += 1
+        deltas = []
+        for seq, n, _ in scheduled:
+            seq.computed += n
+            self.counters["computed_tokens"] += n
+            if seq.computed < len(seq.tokens):  # still prefilling: nothing sampled
+                seq.blocks.commit(seq.tokens)
+                continue
+            token = int(token_S[seq.slot])
+            if token in seq.stop_ids:
+                deltas.append(self._finish(seq, [], "stop"))
+                continue
+            seq.output_ids.append(token)
+            self.counters["generated_tokens"] += 1
+            seq.blocks.commit(seq.tokens[:seq.computed])
+            if len(seq.output_ids) >= seq.max_tokens:
+                deltas.append(self._finish(seq, [token], "length"))
+            else:
+                deltas.append(Delta(seq.id, [token]))
+        return deltas
+
+    def _finish(self, seq: Sequence, tokens: list[int], reason: str) -> Delta:
+        seq.blocks.commit(seq.tokens[:seq.computed])
+        self._leave(seq)
+        del self.by_id[seq.id]
+        self.counters["finished"] += 1
+        return Delta(seq.id, tokens, reason)
+
+    # ---------------------------------------------------------------- whole runs, stats
+
+    def generate(self, requests: list[Request]) -> list[Output]:
+        """Every request to its end, all queued at once: outputs in request order."""
+        ids = [f"r{i}" for i in range(len(requests))]
+        for rid, r in zip(ids, requests):
+            self.add(rid, r.prompt_ids, r.sampling)
+        got = {rid: [] for rid in ids}
+        done = {}
+        while self.has_work:
+            for d in self.step():
+                got[d.request_id] += d.token_ids
+                if d.finish_reason:
+                    done[d.request_id] = d.finish_reason
+        return [Output(got[rid], done[rid]) for rid in ids]
+
+    def stats(self) -> dict:
+        """Queue, pool and counters, as /metrics reports them."""
+        pool, size = self.pool, self.cfg.page_size
+        held = sum(len(s.blocks.blocks) for s in self.running)
+        waste = sum(s.blocks.waste() for s in self.running)
+        return {"waiting": len(self.waiting), "running": len(self.running),
+                "pages_total": pool.num_blocks - 1, "pages_used": pool.num_used,
+                "pages_cached": pool.num_cached, "pool_usage": pool.usage(),
+                "kv_waste": waste / (held * size) if held else 0.0,
+                "prefix_hit_rate": pool.hits / pool.queries if pool.queries else 0.0,
+                **self.counters}

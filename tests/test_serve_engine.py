@@ -1,0 +1,143 @@
+"""The serving engine (continuous batching over paged KV, chunked prefill, prefix caching):
+outputs equal jaxlm.generate's token for token, for requests arriving at different steps, with
+chunked prefill on and off, under preemption, with sampling seeds and penalties; no page leaks;
+bad requests get one clear error each."""
+import numpy as np
+import pytest
+
+from jaxlm.config_fields import ConfigError
+from jaxlm.generate.engine import Engine, Request
+from jaxlm.generate.sampling import SamplingConfig
+from jaxlm.serve.engine import QueueFull, ServeConfig, ServingEngine
+from test_generate import tiny_lm
+
+SHARED = [7, 3, 9, 1, 4, 4, 2, 8, 6, 5]  # two pages of 4 and a bit: prefix-cache hits
+PROMPTS = [SHARED + [11], [5, 9, 2, 33, 17, 8, 1], [40, 3], SHARED + [12, 13, 14],
+           list(range(20, 39))]
+ARRIVALS = [0, 0, 1, 3, 4]  # the step each request joins at
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm("llama-gqa")[1]
+
+
+def requests(sampling):
+    return [Request(p, s) for p, s in zip(PROMPTS, sampling)]
+
+
+def serve(lm, reqs, arrivals=ARRIVALS, warmup=False, **cfg):
+    """Requests joining at their arrival steps; (outputs in request order, engine)."""
+    engine = ServingEngine(lm, ServeConfig(**{"page_size": 4, "pages": 40, "max_seqs": 4,
+                                              "max_model_len": 64, **cfg}))
+    if warmup:
+        engine.warmup()
+        compiled = engine.device._run._cache_size()
+    got, done, step = {i: [] for i in range(len(reqs))}, {}, 0
+    while len(done) < len(reqs):
+        for i, r in enumerate(reqs):
+            if arrivals[i] == step:
+                engine.add(str(i), r.prompt_ids, r.sampling)
+        for d in engine.step():
+            got[int(d.request_id)] += d.token_ids
+            if d.finish_reason:
+                done[int(d.request_id)] = d.finish_reason
+        step += 1
+        assert step < 200
+    engine.pool.check()
+    assert engine.pool.num_used == 0 and not engine.running  # every page came back
+    if warmup:  # every step shape was compiled before the first request
+        assert engine.device._run._cache_size() == compiled
+    return [(got[i], done[i]) for i in range(len(reqs))], engine
+
+
+def expected(lm, reqs):
+    return [(o.ids, o.finish_reason) for o in Engine(lm).generate(reqs)]
+
+
+GREEDY = [SamplingConfig(temperature=0.0, max_tokens=n) for n in (6, 3, 8, 5, 4)]
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(token_budget=8),                                             # chunked, mixed steps
+    dict(token_budget=64, chunked_prefill=False, prefix_caching=False),  # whole prompts
+])
+def test_greedy_equals_generate(lm, cfg):
+    reqs = requests(GREEDY)
+    got, engine = serve(lm, reqs, warmup=True, **cfg)
+    assert got == expected(lm, reqs)
+    if cfg.get("prefix_caching", True):  # request 3 shares request 0's two full pages
+        assert engine.pool.hits >= 2
+
+
+def test_sampling_seeds_and_penalties_equal_generate(lm):
+    """Sampled tokens depend on the request's seed and its output index only, as in generate;
+    penalties read the prompt and output through the device's seen table."""
+    sampling = [SamplingConfig(temperature=0.9, top_k=20, seed=s, max_tokens=5) for s in range(3)]
+    sampling += [SamplingConfig(temperature=0.7, repetition_penalty=1.5, presence_penalty=0.5,
+                                seed=7, max_tokens=6),
+                 SamplingConfig(temperature=1.0, top_p=0.8, min_p=0.05, seed=3, max_tokens=4)]
+    reqs = requests(sampling)
+    got, _ = serve(lm, reqs, token_budget=8, max_seqs=2)  # slots (and their seen rows) reused
+    assert got == expected(lm, reqs)
+
+
+def test_a_reused_slot_forgets_its_last_sequence(lm):
+    """One slot, taken in turn: a penalised request must not see the tokens of the request
+    that held the slot before it (a strong presence penalty would push them all down)."""
+    wide = SamplingConfig(temperature=0.0, max_tokens=3)
+    penalised = SamplingConfig(temperature=0.0, presence_penalty=30.0, max_tokens=6)
+    reqs = [Request(list(range(3, 60)), wide), Request([5, 9, 2], penalised)]
+    got, _ = serve(lm, reqs, arrivals=[0, 0], max_seqs=1, token_budget=64)
+    assert got == expected(lm, reqs)
+
+
+def test_preemption_recomputes_and_still_equals_generate(lm):
+    """A pool of 12 pages (4 slots each) cannot hold every running sequence to its end: the
+    newest are preempted, recomputed on return, and the outputs do not change."""
+    reqs = requests([SamplingConfig(temperature=0.0, max_tokens=12)] * 5)
+    got, engine = serve(lm, reqs, arrivals=[0] * 5, pages=12, token_budget=16)
+    assert engine.counters["preempted"] > 0
+    assert got == expected(lm, reqs)
+
+
+def test_stop_tokens_and_abort_free_pages(lm):
+    reqs = requests(GREEDY)
+    first = expected(lm, reqs[:1])[0][0]
+    stop = SamplingConfig(temperature=0.0, max_tokens=6, stop_ids=(first[2],))
+    got, _ = serve(lm, [Request(PROMPTS[0], stop)], arrivals=[0], token_budget=8)
+    assert got == [(first[:first.index(first[2])], "stop")]
+    engine = ServingEngine(lm, ServeConfig(page_size=4, pages=40, max_model_len=64))
+    engine.add("a", PROMPTS[1], GREEDY[0])
+    engine.add("b", PROMPTS[2], GREEDY[0])
+    engine.step()
+    assert engine.pool.num_used > 0
+    assert engine.abort("a") and engine.abort("b") and not engine.abort("b")
+    assert engine.pool.num_used == 0 and not engine.has_work
+    engine.pool.check()
+
+
+def test_bad_requests_get_one_clear_error(lm):
+    engine = ServingEngine(lm, ServeConfig(page_size=4, pages=8, max_model_len=32, max_queue=2))
+    with pytest.raises(ConfigError, match="prompt is empty"):
+        engine.add("x", [])
+    with pytest.raises(ConfigError, match="reads at most 32"):
+        engine.add("x", list(range(32)))
+    with pytest.raises(ConfigError, match=r"token ids must be in \[0, 64\)"):
+        engine.add("x", [1, 64])
+    with pytest.raises(ConfigError, match="--top-p=1.5"):
+        engine.add("x", [1, 2], SamplingConfig(top_p=1.5))
+    with pytest.raises(ConfigError, match="more than all 7 KV pages"):
+        engine.add("x", [1, 2], SamplingConfig(max_tokens=29))
+    short = SamplingConfig(max_tokens=4)
+    engine.add("x", [1, 2], short)
+    with pytest.raises(ConfigError, match="already in flight"):
+        engine.add("x", [3], short)
+    engine.add("y", [1, 2], short)
+    with pytest.raises(QueueFull):
+        engine.add("z", [1, 2], short)
+    with pytest.raises(ConfigError, match="chunked_prefill off"):
+        ServingEngine(lm, ServeConfig(pages=8, max_model_len=32, token_budget=16,
+                                      chunked_prefill=False))
+    with pytest.raises(ConfigError, match="serve.page_size=0"):
+        ServingEngine(lm, ServeConfig(page_size=0, pages=8))
