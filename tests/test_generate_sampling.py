@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from jaxlm.config import ConfigError
-from jaxlm.generate.cli import held_back
 from jaxlm.generate.sampling import RowParams, SamplingConfig, cut_at_stop, filter_logits, \
     penalize, sample
 from jaxlm.generate.speculative import accept
+from jaxlm.generate.text import held_back
 
 
 def np_filter(logits, seen, c: SamplingConfig):

@@ -12,6 +12,7 @@ import sys
 from jaxlm.config import ConfigError
 from jaxlm.generate.lm import CACHE_DTYPES
 from jaxlm.generate.sampling import SamplingConfig, cut_at_stop
+from jaxlm.generate.text import TextStream
 
 EXIT_BAD_INPUT = 2
 
@@ -166,37 +167,18 @@ def run(args) -> int:
 
 
 def _stream(engine, request, prompt: str, tok, stops) -> int:
-    """Print the prompt, then the completion as it comes; text that could still turn out to
-    begin a stop string is held back until it cannot."""
+    """Print the prompt, then the completion as it comes (jaxlm.generate.text: text that could
+    still turn out to begin a stop string is held back until it cannot)."""
     sys.stdout.write(prompt)
     sys.stdout.flush()
-    ids, shown = [], 0
+    text = TextStream(tok, stops)
     for t in engine.stream(request):
-        ids.append(t)
-        text, stopped = cut_at_stop(tok.decode(ids), stops)
-        safe = len(text) if stopped else len(text) - held_back(text, stops)
-        if text.endswith("\ufffd") and not stopped:  # an incomplete UTF-8 sequence so far
-            safe = min(safe, len(text) - 1)
-        if safe > shown:
-            sys.stdout.write(text[shown:safe])
+        piece = text.push([t])
+        if piece:
+            sys.stdout.write(piece)
             sys.stdout.flush()
-            shown = safe
-        if stopped:
+        if text.stopped:
             break
-    else:
-        text = cut_at_stop(tok.decode(ids), stops)[0]
-        sys.stdout.write(text[shown:])
-    sys.stdout.write("\n")
+    sys.stdout.write(text.finish() + "\n")
     sys.stdout.flush()
     return 0
-
-
-def held_back(text: str, stops) -> int:
-    """Length of the longest end of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
