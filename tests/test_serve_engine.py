@@ -2,7 +2,8 @@
 outputs equal jaxlm.generate's token for token, for requests arriving at different steps, with
 chunked prefill on and off, under preemption, with sampling seeds and penalties; no page leaks;
 bad requests get one clear error each."""
-import numpy as np
+import dataclasses
+
 import pytest
 
 from jaxlm.config_fields import ConfigError
@@ -90,6 +91,38 @@ def test_a_reused_slot_forgets_its_last_sequence(lm):
     reqs = [Request(list(range(3, 60)), wide), Request([5, 9, 2], penalised)]
     got, _ = serve(lm, reqs, arrivals=[0, 0], max_seqs=1, token_budget=64)
     assert got == expected(lm, reqs)
+
+
+@pytest.mark.parametrize("prompt,sampling", [
+    (PROMPTS[0], SamplingConfig(temperature=0.9, seed=4, max_tokens=5)),  # 11 tokens: 3 pages
+    ([17], SamplingConfig(temperature=0.9, seed=4, max_tokens=5)),  # forks before any step
+    (PROMPTS[1], SamplingConfig(temperature=0.9, presence_penalty=1.0, seed=4, max_tokens=5)),
+])
+def test_n_choices_share_the_prompt_and_equal_single_requests(lm, prompt, sampling):
+    """n=3: choice i is what one request with seed + i gives; the choices share the prompt's
+    pages, and the partly filled last one is copied on write, not recomputed (penalised
+    requests run as independent sequences)."""
+    engine = ServingEngine(lm, ServeConfig(page_size=4, pages=40, max_seqs=4, max_model_len=64,
+                                           token_budget=8))
+    engine.add("a", prompt, sampling, n=3)
+    got, done = {}, set()
+    while engine.has_work:
+        for d in engine.step():
+            got.setdefault(d.index, []).extend(d.token_ids)
+            if d.finish_reason:
+                done.add(d.index)
+    seeds = [Request(prompt, dataclasses.replace(sampling, seed=sampling.seed + i))
+             for i in range(3)]
+    assert [got[i] for i in range(3)] == [ids for ids, _ in expected(lm, seeds)]
+    assert done == {0, 1, 2} and engine.pool.num_used == 0
+    shared = sampling.presence_penalty == 0
+    assert engine.counters["forked"] == shared
+    # 11 prompt tokens: the choices fork after 10, with 2 of the last page's 4 slots filled
+    assert engine.counters["copied_pages"] == (2 if shared and len(prompt) % 4 != 1 else 0)
+    assert engine.counters["computed_tokens"] == (len(prompt) + 2 if shared else 3 * len(prompt)) \
+        + 3 * 4  # each choice's first 4 outputs are fed back (the 5th is not)
+    with pytest.raises(ConfigError, match="n=5: expected 1 to 4 choices"):
+        engine.add("b", prompt, sampling, n=5)
 
 
 def test_preemption_recomputes_and_still_equals_generate(lm):

@@ -31,7 +31,8 @@ from jaxlm.serve.blocks import NULL_BLOCK, BlockPool, OutOfBlocks, SequenceBlock
 from jaxlm.serve.step import DeviceStep, StepBatch, page_bytes, page_pools
 
 MIN_ROWS = 8     # the smallest step (T); steps are powers of two up to the token budget
-COUNTERS = ("steps", "computed_tokens", "generated_tokens", "finished", "aborted", "preempted")
+COUNTERS = ("steps", "computed_tokens", "generated_tokens", "finished", "aborted", "preempted",
+            "forked", "copied_pages")
 IDLE = SamplingConfig(temperature=0.0)  # an empty slot's settings (keeps all-greedy steps cheap)
 
 
@@ -79,6 +80,9 @@ class Sequence:
     slot: int = -1
     fresh: bool = False               # took its slot this step
     preemptions: int = 0
+    index: int = 0                    # which of its request's n choices
+    fanout: int = 1                   # choices still to fork off it (before its last token)
+    reserved: list[int] = dataclasses.field(default_factory=list)  # its choices' slots
 
     @property
     def tokens(self) -> list[int]:
@@ -88,8 +92,22 @@ class Sequence:
     def penalised(self) -> bool:
         """Penalties read every prompt token from the device's seen table, which only tokens
         that pass through a step mark: such a sequence takes no cached prefix."""
-        s = self.sampling
-        return s.repetition_penalty != 1.0 or s.presence_penalty != 0.0
+        return _penalised(self.sampling)
+
+    @property
+    def unknown(self) -> int:
+        """Tokens to compute before it can sample (or, with choices to fork, before it forks:
+        each choice computes the last prompt token itself)."""
+        return len(self.tokens) - self.computed - (self.fanout > 1)
+
+
+def _penalised(s: SamplingConfig) -> bool:
+    return s.repetition_penalty != 1.0 or s.presence_penalty != 0.0
+
+
+def _seeded(s: SamplingConfig, i: int) -> SamplingConfig:
+    """Choice i's settings: the request's seed + i."""
+    return dataclasses.replace(s, seed=(s.seed + i) % 2**31)
 
 
 @dataclasses.dataclass
@@ -98,6 +116,7 @@ class Delta:
     request_id: str
     token_ids: list[int]              # new tokens (a stop token is not included)
     finish_reason: str | None = None  # "stop", "length", or None while it runs
+    index: int = 0                    # the choice (of the request's n)
 
 
 class ServingEngine:
@@ -125,7 +144,7 @@ class ServingEngine:
         self.device = DeviceStep(lm, pages, cfg.page_size, cfg.max_seqs, impl)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
-        self.by_id: dict[str, Sequence] = {}
+        self.by_id: dict[str, list[Sequence]] = {}  # a request's sequences (n choices)
         self.free_slots = list(range(cfg.max_seqs - 1, -1, -1))
         self.counters = collections.Counter(dict.fromkeys(COUNTERS, 0))
 
@@ -141,9 +160,16 @@ class ServingEngine:
 
     # ---------------------------------------------------------------- requests
 
-    def add(self, request_id: str, prompt_ids, sampling: SamplingConfig = SamplingConfig()):
-        """Queue a request; bad input raises ConfigError (naming what is wrong), a full queue
-        QueueFull."""
+    def add(self, request_id: str, prompt_ids, sampling: SamplingConfig = SamplingConfig(),
+            n: int = 1):
+        """Queue a request for `n` choices (choice i samples with seed + i); bad input raises
+        ConfigError (naming what is wrong), a full queue QueueFull.
+
+        The n choices share the prompt's pages: one sequence computes all of the prompt but its
+        last token, then forks (every page shared, copy-on-write for the partly filled last
+        one), and each choice computes the last token itself and samples from there. A
+        penalised request is n independent sequences instead: penalties read the prompt from
+        a device table that only the tokens a sequence computes itself fill."""
         prompt = [int(t) for t in prompt_ids]
         if request_id in self.by_id:
             raise ConfigError(f"request id {request_id!r} is already in flight")
@@ -156,6 +182,8 @@ class ServingEngine:
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ConfigError(f"prompt token ids must be in [0, {vocab})")
         sampling.validate()
+        if not 1 <= n <= self.cfg.max_seqs:
+            raise ConfigError(f"n={n}: expected 1 to {self.cfg.max_seqs} choices (serve.max_seqs)")
         longest = min(len(prompt) + sampling.max_tokens, self.max_len)
         if -(-longest // self.cfg.page_size) > self.pool.num_blocks - 1:
             raise ConfigError(f"the request may reach {longest} tokens, more than all "
@@ -165,22 +193,27 @@ class ServingEngine:
             raise QueueFull(f"{len(self.waiting)} requests are waiting (serve.max_queue)")
         stops = frozenset(sampling.stop_ids) | (
             frozenset() if self.eos_id is None else {self.eos_id})
-        seq = Sequence(request_id, prompt, sampling, stops,
-                       min(sampling.max_tokens, self.max_len - len(prompt)), time.monotonic())
-        self.waiting.append(seq)
-        self.by_id[request_id] = seq
+        limit, now = min(sampling.max_tokens, self.max_len - len(prompt)), time.monotonic()
+        if n > 1 and _penalised(sampling):
+            seqs = [Sequence(request_id, prompt, _seeded(sampling, i), stops, limit, now, index=i)
+                    for i in range(n)]
+        else:
+            seqs = [Sequence(request_id, prompt, sampling, stops, limit, now, fanout=n)]
+        self.waiting.extend(seqs)
+        self.by_id[request_id] = seqs
 
     def abort(self, request_id: str) -> bool:
         """Drop a request now (a client went away): its pages are freed at once."""
-        seq = self.by_id.pop(request_id, None)
-        if seq is None:
+        seqs = self.by_id.pop(request_id, None)
+        if seqs is None:
             return False
-        if seq in self.running:
-            self._leave(seq)
-        else:
-            self.waiting.remove(seq)
-            if seq.blocks is not None:
-                seq.blocks.release()
+        for seq in seqs:
+            if seq in self.running:
+                self._leave(seq)
+            else:
+                self.waiting.remove(seq)
+                if seq.blocks is not None:
+                    seq.blocks.release()
         self.counters["aborted"] += 1
         return True
 
@@ -195,8 +228,8 @@ class ServingEngine:
         self.running.remove(seq)
         seq.blocks.release()
         seq.blocks = None
-        self.free_slots.append(seq.slot)
-        seq.slot = -1
+        self.free_slots += [seq.slot] + seq.reserved
+        seq.slot, seq.reserved = -1, []
 
     def _preempt(self, seq: Sequence):
         """Out of pages: the sequence goes back to the front of the queue, to be recomputed
@@ -208,12 +241,28 @@ class ServingEngine:
 
     def _take(self, seq: Sequence, budget: int) -> int:
         """How many of the sequence's unknown tokens fit this step (0: none)."""
-        want = len(seq.tokens) - seq.computed
+        want = seq.unknown
         n = min(want, budget) if self.cfg.chunked_prefill else want
         return n if n <= budget else 0
 
+    def _fork(self, seq: Sequence):
+        """The choices of a request whose prompt (all but its last token) is computed: each a
+        sequence sharing every page, with seed + i and a slot of its own."""
+        for i in range(1, seq.fanout):
+            child = Sequence(seq.id, seq.prompt_ids, _seeded(seq.sampling, i), seq.stop_ids,
+                             seq.max_tokens, seq.arrived, index=i,
+                             blocks=seq.blocks.fork(), computed=seq.computed)
+            child.slot, child.fresh = seq.reserved.pop(), True
+            self.running.append(child)
+            self.by_id[seq.id].append(child)
+        seq.fanout = 1
+        self.counters["forked"] += 1
+
     def _schedule(self) -> list[tuple[Sequence, int, np.ndarray]]:
         budget, scheduled = self.cfg.token_budget, []
+        for seq in list(self.running):  # choices fork once the shared prompt is in the cache
+            if seq.fanout > 1 and not seq.unknown:
+                self._fork(seq)
         queue = list(self.running)  # arrival order; the newest is preempted first
         while queue and budget:
             seq = queue.pop(0)
@@ -233,14 +282,14 @@ class ServingEngine:
                 continue
             scheduled.append((seq, n, slots))
             budget -= n
-        while self.waiting and budget and self.free_slots:
+        while self.waiting and budget and len(self.free_slots) >= self.waiting[0].fanout:
             seq = self.waiting[0]
             if seq.blocks is None:
                 seq.blocks = SequenceBlocks(self.pool)
                 seq.computed = 0 if seq.penalised else seq.blocks.start(seq.tokens)
             n = self._take(seq, budget)
-            try:
-                slots = seq.blocks.append(n) if n else None
+            try:  # a parent with nothing left before its fork is admitted to fork
+                slots = seq.blocks.append(n) if n or not seq.unknown else None
             except OutOfBlocks:
                 slots = None
             if slots is None:  # `add` made sure a sequence alone always fits
@@ -249,8 +298,10 @@ class ServingEngine:
                 break
             self.waiting.popleft()
             seq.slot, seq.fresh = self.free_slots.pop(), True
+            seq.reserved = [self.free_slots.pop() for _ in range(seq.fanout - 1)]
             self.running.append(seq)
-            scheduled.append((seq, n, slots))
+            if n:
+                scheduled.append((seq, n, slots))
             budget -= n
         return scheduled
 
@@ -310,6 +361,7 @@ class ServingEngine:
             return []
         copies = [c for seq, _, _ in scheduled for c in seq.blocks.pending_copies]
         self.device.copy_pages(copies)
+        self.counters["copied_pages"] += len(copies)
         for seq, _, _ in scheduled:
             seq.blocks.pending_copies.clear()
         token_S = self.device(self._batch(scheduled))
@@ -318,7 +370,7 @@ class ServingEngine:
         for seq, n, _ in scheduled:
             seq.computed += n
             self.counters["computed_tokens"] += n
-            if seq.computed < len(seq.tokens):  # still prefilling: nothing sampled
+            if seq.unknown or seq.fanout > 1:  # still prefilling: nothing sampled
                 seq.blocks.commit(seq.tokens)
                 continue
             token = int(token_S[seq.slot])
@@ -331,15 +383,18 @@ class ServingEngine:
             if len(seq.output_ids) >= seq.max_tokens:
                 deltas.append(self._finish(seq, [token], "length"))
             else:
-                deltas.append(Delta(seq.id, [token]))
+                deltas.append(Delta(seq.id, [token], index=seq.index))
         return deltas
 
     def _finish(self, seq: Sequence, tokens: list[int], reason: str) -> Delta:
         seq.blocks.commit(seq.tokens[:seq.computed])
         self._leave(seq)
-        del self.by_id[seq.id]
+        group = self.by_id[seq.id]
+        group.remove(seq)
+        if not group:
+            del self.by_id[seq.id]
         self.counters["finished"] += 1
-        return Delta(seq.id, tokens, reason)
+        return Delta(seq.id, tokens, reason, seq.index)
 
     # ---------------------------------------------------------------- whole runs, stats
 
