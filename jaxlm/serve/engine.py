@@ -39,7 +39,7 @@ IDLE = SamplingConfig(temperature=0.0)  # an empty slot's settings (keeps all-gr
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
     page_size: int = 16
-    pages: int = 0                   # 0: as many as `memory_fraction` of free device memory holds
+    pages: int = 0                   # 0: as many as `memory_fraction` of free memory holds
     memory_fraction: float = 0.85
     max_seqs: int = 64               # sequences in flight (slots of a step)
     token_budget: int = 512          # tokens one step computes at most
@@ -149,10 +149,11 @@ class ServingEngine:
         self.counters = collections.Counter(dict.fromkeys(COUNTERS, 0))
 
     def _pages_from_memory(self, impl: str) -> int:
+        """As many pages as `memory_fraction` of the device's free memory holds; on a device
+        that reports no memory (a CPU), room for every slot's longest sequence."""
         stats = jax.devices()[0].memory_stats() or {}
         if "bytes_limit" not in stats:
-            raise ConfigError("serve.pages: this device reports no free memory; give the number "
-                              "of KV pages")
+            return self.cfg.max_seqs * self.table_width + 1
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
         one = page_bytes(jax.eval_shape(lambda: page_pools(self.lm, 1, self.cfg.page_size, impl)))
         return num_blocks_for(free, self.cfg.memory_fraction, self.cfg.page_size,
