@@ -147,6 +147,56 @@ def test_chat_fallback_template_streamed_or_not(served):
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
+def test_n_choices_are_the_single_requests_with_seed_plus_i(served):
+    """n=3 gives choice i what n=1 with seed 5+i gives, stop strings cutting each choice on its
+    own; one time-to-first-token per request; usage sums the choices; no page is left held."""
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0.8)
+    answers = [served.client.completions.create(seed=5 + i, **kw) for i in range(3)]
+    singles = [a.choices[0] for a in answers]
+    ttft = "jaxlm_time_to_first_token_seconds_count"
+    before = served.metrics()[ttft]
+    r = served.client.completions.create(n=3, seed=5, **kw)
+    assert served.metrics()[ttft] == before + 1
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [(c.text, c.finish_reason) for c in r.choices] == \
+        [(c.text, c.finish_reason) for c in singles]
+    assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in answers)
+    assert r.usage.prompt_tokens == len(PROMPT)
+    # a stop string from choice 0's text: each choice is cut (or not) as its single request is
+    text = singles[0].text
+    at = next(i for i in range(2, len(text) - 1) if "\ufffd" not in text[i:i + 2])
+    kw["stop"] = text[at:at + 2]
+    singles = [served.client.completions.create(seed=5 + i, **kw).choices[0] for i in range(3)]
+    r = served.client.completions.create(n=3, seed=5, **kw)
+    assert [(c.text, c.finish_reason) for c in r.choices] == \
+        [(c.text, c.finish_reason) for c in singles]
+    assert r.choices[0].finish_reason == "stop"
+    assert served.wait_idle()["pages_used"] == 0
+
+
+def test_n_choices_stream_one_choice_per_chunk(served):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
+            "temperature": 0.8, "seed": 3, "n": 2}
+    whole = httpx2.post(served.url + "/v1/chat/completions", json=body).json()
+    with httpx2.stream("POST", served.url + "/v1/chat/completions",
+                       json={**body, "stream": True}) as r:
+        events = [line[len("data: "):] for line in r.iter_lines() if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(len(c["choices"]) == 1 for c in chunks)
+    got = {0: [], 1: []}
+    for c in chunks:
+        got[c["choices"][0]["index"]].append(c["choices"][0])
+    for i, choices in got.items():
+        assert choices[0]["delta"] == {"role": "assistant", "content": ""}
+        reasons = [c["finish_reason"] for c in choices]
+        assert reasons[-1] in ("stop", "length") and not any(reasons[:-1]), reasons
+        want = whole["choices"][i]
+        assert "".join(c["delta"].get("content", "") for c in choices) == \
+            want["message"]["content"]
+        assert reasons[-1] == want["finish_reason"]
+
+
 def test_chat_template_from_tokenizer_config(tmp_path):
     template = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}"
                 "{% if m.role == 'tool' %}{{ raise_exception('no tools') }}{% endif %}"
@@ -195,7 +245,9 @@ BAD = {  # case: (endpoint, body, text the message must hold)
     "top_p 0": ("completions", {"prompt": "a", "top_p": 0}, "top_p=0"),
     "top_p 1.5": ("completions", {"prompt": "a", "top_p": 1.5}, "top_p=1.5: expected in (0, 1]"),
     "unknown model": ("completions", {"prompt": "a", "model": "gpt-9"}, "model='gpt-9'"),
-    "n=2": ("completions", {"prompt": "a", "n": 2}, "n=2"),
+    "n=0": ("completions", {"prompt": "a", "n": 0}, "n=0: expected 1 to 16"),
+    "n=17": ("chat/completions", {"messages": [{"role": "user", "content": "a"}], "n": 17},
+             "n=17: expected 1 to 16"),
     "two prompts": ("completions", {"prompt": ["a", "b"]}, "one prompt per request"),
     "frequency penalty": ("completions", {"prompt": "a", "frequency_penalty": 0.5},
                           "frequency_penalty=0.5"),

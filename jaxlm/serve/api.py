@@ -3,9 +3,11 @@ that turn them into a SamplingConfig, response and stream-chunk objects, and err
 
 Clients are written against OpenAI's API, so everything a client reads follows it: errors are
 `{"error": {"message", "type", "param", "code"}}`, streams are Server-Sent Events ending in
-`data: [DONE]`. What this server cannot do (n > 1, logprobs, echo, ...) is refused with a 400
+`data: [DONE]`. What this server cannot do (logprobs, echo, best_of, ...) is refused with a 400
 naming the parameter rather than silently ignored; unknown parameters are refused the same way,
-so a typo never passes for a default.
+so a typo never passes for a default. `n` (1 to MAX_N) asks for several choices of one prompt:
+choice i samples with seed `seed + i`, so choice 0 is what the same request with n=1 gives; a
+stream's chunks each carry one choice, named by its `index`.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from jaxlm.config_fields import ConfigError
 from jaxlm.generate.sampling import SamplingConfig
 
 MAX_STOPS = 16
+MAX_N = 16  # choices per request
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -68,7 +71,7 @@ class GenerationRequest(BaseModel):
     stop: Any = None                       # a string or a list of strings
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = None                   # only 1
+    n: int | None = None                   # choices: 1 to MAX_N
     logit_bias: dict[str, float] | None = None  # only empty
     user: str | None = None                # accepted, unused
 
@@ -110,8 +113,8 @@ def describe_validation(errors) -> ApiError:
 
 def check_supported(req: GenerationRequest):
     """OpenAI parameters this server does not implement: a 400 unless left at their default."""
-    if req.n not in (None, 1):
-        raise bad(f"n={req.n}: this server returns one choice per request (n=1)", "n")
+    if req.n is not None and not 1 <= req.n <= MAX_N:
+        raise bad(f"n={req.n}: expected 1 to {MAX_N} choices per request", "n")
     if req.frequency_penalty not in (None, 0):
         raise bad(f"frequency_penalty={req.frequency_penalty}: not supported (only 0); "
                   f"presence_penalty and repetition_penalty are", "frequency_penalty")
@@ -190,6 +193,11 @@ def stop_strings(stop) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def choices_of(req: GenerationRequest) -> int:
+    """How many choices the request asks for (check_supported has bounded it)."""
+    return 1 if req.n is None else req.n
+
+
 def sampling_of(req: GenerationRequest, max_tokens: int) -> SamplingConfig:
     """The request's SamplingConfig; a bad value is a 400 naming the OpenAI parameter. No seed:
     a fresh random one (two identical requests sample differently, as OpenAI's do)."""
@@ -215,28 +223,33 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(id: str, created: int, model: str, text: str, finish_reason: str | None,
-               used: dict | None = None, chunk: bool = False) -> dict:
+def completion(id: str, created: int, model: str, choices: list[tuple[str, str | None]],
+               used: dict | None = None, chunk: bool = False, first_index: int = 0) -> dict:
+    """A whole answer (choices: (text, finish_reason) by index) or, with chunk, one stream
+    chunk (one choice, numbered first_index)."""
     body = {"id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None,
-                         "finish_reason": finish_reason}]}
+            "choices": [{"index": first_index + i, "text": text, "logprobs": None,
+                         "finish_reason": finish_reason}
+                        for i, (text, finish_reason) in enumerate(choices)]}
     if not chunk:
         body["usage"] = used
     return body
 
 
-def chat(id: str, created: int, model: str, text: str, finish_reason: str | None,
+def chat(id: str, created: int, model: str, choices: list[tuple[str, str | None]],
          used: dict | None = None) -> dict:
+    """A whole answer; choices: (text, finish_reason) by index."""
     return {"id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": finish_reason}
+                        for i, (text, finish_reason) in enumerate(choices)],
             "usage": used}
 
 
-def chat_chunk(id: str, created: int, model: str, delta: dict, finish_reason: str | None
-               ) -> dict:
+def chat_chunk(id: str, created: int, model: str, delta: dict, finish_reason: str | None,
+               index: int = 0) -> dict:
     return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None,
+            "choices": [{"index": index, "delta": delta, "logprobs": None,
                          "finish_reason": finish_reason}]}
 
 

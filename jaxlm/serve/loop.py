@@ -6,6 +6,9 @@ that thread through one command queue (add, abort, call), and the thread hands e
 results back to whoever asked through that request's `deliver` callable (the server's wraps
 `loop.call_soon_threadsafe`). Between steps the thread drains every queued command, so an
 abort frees its pages before the next step; with nothing to do it blocks on the queue.
+A request of n choices (parallel sampling) is one request here: its deliveries are the deltas
+of all its choices (each names its choice by `index`), and it is done once every choice has
+finished.
 
 A step that raises fails every request in flight (each gets a `Failed` event, the engine drops
 them so their pages come back) and the thread goes on serving: one bad step never takes the
@@ -34,7 +37,8 @@ class Failed:
 class _Track:
     deliver: Callable[[Any], None]  # takes a Delta or a Failed; must not block
     arrived: float                  # time.monotonic() when the server got the request
-    last: float | None = None       # when its last delta was handed out
+    choices: int = 1                # choices not yet finished
+    last: dict = dataclasses.field(default_factory=dict)  # choice -> when its last delta came
 
 
 class _NoMetrics:
@@ -79,13 +83,14 @@ class EngineLoop:
         """Commands not yet taken by the engine thread (tests wait on this)."""
         return self._commands.qsize()
 
-    def add(self, request_id: str, prompt_ids, sampling, deliver, arrived: float
+    def add(self, request_id: str, prompt_ids, sampling, deliver, arrived: float, n: int = 1
             ) -> concurrent.futures.Future:
-        """Queue a request. The future resolves to None once the engine took it, or to the
-        engine's exception (ConfigError, QueueFull); cancelling it first skips the add."""
+        """Queue a request of n choices. The future resolves to None once the engine took it,
+        or to the engine's exception (ConfigError, QueueFull); cancelling it first skips the
+        add."""
         future = concurrent.futures.Future()
         self._commands.put(("add", request_id, prompt_ids, sampling,
-                            _Track(deliver, arrived), future))
+                            _Track(deliver, arrived, n), future))
         return future
 
     def abort(self, request_id: str):
@@ -138,7 +143,10 @@ class EngineLoop:
             if not future.set_running_or_notify_cancel():
                 return  # the asker gave up before the engine got to it
             try:
-                self.engine.add(request_id, prompt_ids, sampling)
+                if track.choices == 1:
+                    self.engine.add(request_id, prompt_ids, sampling)
+                else:
+                    self.engine.add(request_id, prompt_ids, sampling, n=track.choices)
             except Exception as e:  # noqa: BLE001 (ConfigError, QueueFull: the asker's to report)
                 future.set_exception(e)
                 return
@@ -170,14 +178,16 @@ class EngineLoop:
             track = self._tracks.get(delta.request_id)
             if track is None:
                 continue
-            if track.last is None:
+            if not track.last:  # the request's first output, of any choice
                 self.metrics.first_token(now - track.arrived)
-            elif delta.token_ids:
-                self.metrics.inter_token(now - track.last)
-            track.last = now
+            elif delta.token_ids and delta.index in track.last:
+                self.metrics.inter_token(now - track.last[delta.index])
+            track.last[delta.index] = now
             generated += len(delta.token_ids)
             if delta.finish_reason:
-                del self._tracks[delta.request_id]
+                track.choices -= 1
+                if not track.choices:
+                    del self._tracks[delta.request_id]
             track.deliver(delta)
         self.metrics.generated(now, generated)
 

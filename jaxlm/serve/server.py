@@ -10,6 +10,13 @@ could begin one held back). A stop string ends the request in the engine at once
 a client that goes away: a watcher task waits on the connection's `http.disconnect` for the
 whole life of the request, so the engine's pages come back whether the client left while its
 answer streamed or while it waited for a whole one.
+
+A request with n > 1 (parallel sampling) has n choices, each with its own TextStream and its
+own finish. The engine cannot end one choice alone, so a stop string in a choice only ends
+what the client sees of it (later tokens of that choice are dropped here); once every choice
+has finished the request is aborted in the engine if any choice still runs there. Streams send
+each chunk with one choice, named by its index; whole answers list the choices by index, and
+usage counts the completion tokens of all of them.
 """
 from __future__ import annotations
 
@@ -103,7 +110,7 @@ class Server:
     async def serve(self, request: Request, req, prompt: list[int], sampling, arrived: float,
                     chat: bool):
         pending = Pending(self, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-                          len(prompt), sampling.stop)
+                          len(prompt), sampling.stop, api.choices_of(req))
         await pending.start(prompt, sampling, arrived)
         watcher = asyncio.create_task(pending.watch(request))
         shape = _Shape(pending.id, self.model_name, chat)
@@ -112,10 +119,10 @@ class Server:
             return StreamingResponse(self._events(pending, watcher, shape, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        pieces = []
+        pieces = [[] for _ in pending.choices]
         try:
-            async for piece, _ in pending.pieces():
-                pieces.append(piece)
+            async for index, piece, _ in pending.pieces():
+                pieces[index].append(piece)
         except EngineFailed as e:
             raise api.ApiError(500, str(e), type="server_error", code="engine_error") from None
         except ClientGone:
@@ -123,19 +130,22 @@ class Server:
         finally:
             watcher.cancel()
             pending.close()
-        return JSONResponse(shape.whole("".join(pieces), pending.finish_reason, pending.usage()))
+        return JSONResponse(shape.whole(
+            [("".join(p), c.finish_reason) for p, c in zip(pieces, pending.choices)],
+            pending.usage()))
 
     async def _events(self, pending: "Pending", watcher, shape: "_Shape", include_usage: bool):
         """The SSE body: chunks as text becomes safe, a finish chunk, [DONE]. An engine failure
         mid-stream is an error event (the status line has already gone out)."""
         try:
             if shape.chat:
-                yield api.sse(shape.chunk({"role": "assistant", "content": ""}, None))
-            async for piece, reason in pending.pieces():
+                for index in range(len(pending.choices)):
+                    yield api.sse(shape.chunk({"role": "assistant", "content": ""}, None, index))
+            async for index, piece, reason in pending.pieces():
                 if piece:
-                    yield api.sse(shape.chunk(piece, None))
+                    yield api.sse(shape.chunk(piece, None, index))
                 if reason:
-                    yield api.sse(shape.chunk("", reason))
+                    yield api.sse(shape.chunk("", reason, index))
             if include_usage:
                 yield api.sse(api.usage_chunk(shape.id, shape.created, shape.model,
                                               shape.chunk_object, pending.usage()))
@@ -156,27 +166,39 @@ class _Shape:
         self.id, self.model, self.chat, self.created = id, model, chat, int(time.time())
         self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(self, piece, finish_reason):
+    def chunk(self, piece, finish_reason, index: int = 0):
+        """One stream chunk of choice `index`."""
         if self.chat:  # the finish chunk carries an empty delta
             delta = piece if isinstance(piece, dict) else ({"content": piece} if piece else {})
-            return api.chat_chunk(self.id, self.created, self.model, delta, finish_reason)
-        return api.completion(self.id, self.created, self.model, piece, finish_reason,
-                              chunk=True)
+            return api.chat_chunk(self.id, self.created, self.model, delta, finish_reason,
+                                  index)
+        return api.completion(self.id, self.created, self.model, [(piece, finish_reason)],
+                              chunk=True, first_index=index)
 
-    def whole(self, text, finish_reason, used):
+    def whole(self, choices, used):
+        """The whole answer; choices: (text, finish_reason) by index."""
         make = api.chat if self.chat else api.completion
-        return make(self.id, self.created, self.model, text, finish_reason, used)
+        return make(self.id, self.created, self.model, choices, used)
+
+
+class _Choice:
+    """One choice of a request: its text so far and how it ended."""
+
+    def __init__(self, tokenizer, stops):
+        self.text = TextStream(tokenizer, stops)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None  # set once the client has seen its end
+        self.running = True                    # the engine still computes it
 
 
 class Pending:
     """One request in flight, on the event loop's side."""
 
-    def __init__(self, server: Server, request_id: str, prompt_tokens: int, stops):
+    def __init__(self, server: Server, request_id: str, prompt_tokens: int, stops, n: int = 1):
         self.server, self.id = server, request_id
         self.events: asyncio.Queue = asyncio.Queue()
-        self.text = TextStream(server.tokenizer, stops)
-        self.prompt_tokens, self.completion_tokens = prompt_tokens, 0
-        self.finish_reason: str | None = None
+        self.choices = [_Choice(server.tokenizer, stops) for _ in range(n)]
+        self.prompt_tokens = prompt_tokens
         self.ended = False  # the engine owes it nothing more (finished, failed or dropped)
         self._event_loop = asyncio.get_running_loop()
 
@@ -189,7 +211,8 @@ class Pending:
 
     async def start(self, prompt: list[int], sampling, arrived: float):
         """Hand the request to the engine; its refusal is a 400 (bad input) or 429 (busy)."""
-        future = self.server.loop.add(self.id, prompt, sampling, self._deliver, arrived)
+        future = self.server.loop.add(self.id, prompt, sampling, self._deliver, arrived,
+                                      len(self.choices))
         try:
             await asyncio.wrap_future(future)
         except QueueFull as e:
@@ -198,7 +221,9 @@ class Pending:
                                code="rate_limit_exceeded") from None
         except ConfigError as e:
             self.ended = True
-            raise api.bad(str(e), "prompt" if "prompt" in str(e) else None) from None
+            message = str(e)
+            param = "n" if message.startswith("n=") else "prompt" if "prompt" in message else None
+            raise api.bad(message, param) from None
         except asyncio.CancelledError:  # the add may have landed all the same
             self.ended = True
             self.server.loop.abort(self.id)
@@ -214,9 +239,10 @@ class Pending:
             self.events.put_nowait(_GONE)
 
     async def pieces(self):
-        """(new text, finish_reason or None) as the engine's tokens come; the last one has a
-        finish_reason ("stop" also when a stop string cut the text)."""
-        metrics = self.server.metrics
+        """(choice index, new text, finish_reason or None) as the engine's tokens come; each
+        choice's last one has a finish_reason ("stop" also when a stop string cut the text),
+        and the iteration ends once every choice has had its last."""
+        metrics, unfinished = self.server.metrics, len(self.choices)
         while True:
             event = await self.events.get()
             if event is _GONE:
@@ -225,22 +251,30 @@ class Pending:
                 self.ended = True
                 metrics.failed.inc()
                 raise EngineFailed(event.message)
-            self.completion_tokens += len(event.token_ids)
-            piece, reason = self.text.push(event.token_ids), None
-            if self.text.stopped:
+            choice = self.choices[event.index]
+            if event.finish_reason:
+                choice.running = False
+            if choice.finish_reason:  # cut by a stop string: what follows is not shown
+                continue
+            choice.completion_tokens += len(event.token_ids)
+            piece, reason = choice.text.push(event.token_ids), None
+            if choice.text.stopped:
                 reason = "stop"
-                if event.finish_reason is None:  # the engine would go on: free its pages now
-                    self.server.loop.abort(self.id)
             elif event.finish_reason:
                 reason = event.finish_reason
-                piece += self.text.finish()
+                piece += choice.text.finish()
             if reason:
-                self.ended, self.finish_reason = True, reason
+                choice.finish_reason, unfinished = reason, unfinished - 1
                 metrics.finished.labels(reason).inc()
-                yield piece, reason
-                return
-            if piece:
-                yield piece, None
+                if not unfinished:
+                    self.ended = True
+                    if any(c.running for c in self.choices):  # free the engine's pages now
+                        self.server.loop.abort(self.id)
+                yield event.index, piece, reason
+                if not unfinished:
+                    return
+            elif piece:
+                yield event.index, piece, None
 
     def close(self):
         """The request is over for the client: if the engine still runs it, drop it."""
@@ -250,7 +284,7 @@ class Pending:
             self.server.metrics.aborted.inc()
 
     def usage(self) -> dict:
-        return api.usage(self.prompt_tokens, self.completion_tokens)
+        return api.usage(self.prompt_tokens, sum(c.completion_tokens for c in self.choices))
 
 
 def build_app(engine, tokenizer, model_name: str = "jaxlm",
