@@ -85,8 +85,10 @@ def attend(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask: MaskSpec, *, bias=None, cache=
     if isinstance(cache, PagedKVCache):  # serving: flat tokens of many sequences, paged K/V
         cache, _ = cache.update(k_BxTxGxK, v_BxTxGxV, mask)
         return cache.attend(q_BxSxHxK, scale), cache
-    if cache is not None:  # decoding: bandwidth-bound, read through the reference path
+    if cache is not None:  # decoding: bandwidth-bound
         cache, mask = cache.update(k_BxTxGxK, v_BxTxGxV, mask)
+        if _cache_pages(cache, mask, bias, impl, q_BxSxHxK.dtype):
+            return _attend_cache_paged(q_BxSxHxK, cache, scale), cache
         dt = q_BxSxHxK.dtype
         return _attend_xla(q_BxSxHxK, cache.keys(dt), cache.values(dt), mask, bias,
                            scale), cache
@@ -128,6 +130,47 @@ def attend(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask: MaskSpec, *, bias=None, cache=
     q, k, v = _kernel_head_dims(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, impl)
     fn = _attend_cudnn if impl == "cudnn" else _attend_pallas
     return fn(q, k, v, mask, bias, scale)[..., :V], None
+
+
+CACHE_PAGE = 64  # a dense cache read as pages of this many slots by the paged kernel
+
+
+def _cache_pages(cache, mask: MaskSpec, bias, impl: str, dtype) -> int:
+    """Whether a dense decode cache is read by the paged-attention kernel: where the flash
+    kernel would run (impl resolving to pallas), for causal self-attention with neither window
+    nor bias, float keys, one device, a cache length of whole pages and head dims the GPU
+    kernel tiles (powers of two >= 16; MLA's 576-wide latent is not). Why: XLA computes
+    decode attention in ~8 small kernels a layer (logits, max, exp-sum, a materialised P x V
+    product...), the kernel in one."""
+    mesh, _ = active()
+    return (resolve_impl(impl, dtype, kernel_fits=bias is None) == "pallas" and bias is None
+            and mask.causal and mask.sliding_window is None and not cache.quantized
+            and (mesh is None or mesh.size == 1) and cache.k_BxTxGxK.shape[1] % CACHE_PAGE == 0
+            and all(d >= 16 and not d & (d - 1) for d in (cache.k_BxTxGxK.shape[-1], cache.v_dim
+                                                         or cache.v_BxTxGxV.shape[-1])))
+
+
+def _attend_cache_paged(q_BxSxHxK, cache, scale):
+    """Attention of S new queries per row over a dense cache [B, T, G, K] through the paged
+    kernel: the cache reshaped (no copy) into B * T / CACHE_PAGE pages, row b's table its own
+    pages in order, its length the cache's. Slots past a row's length are never read, so a
+    prefill's padding (written after the real tokens) needs no segment mask."""
+    from kernels_pallas.paged import paged_attention
+    B, S, H, K = q_BxSxHxK.shape
+    T, G = cache.k_BxTxGxK.shape[1:3]
+    M = T // CACHE_PAGE
+
+    def pages(x):  # [B, T, G, D] -> [B * M, CACHE_PAGE, G, D]
+        return x.reshape(B * M, CACHE_PAGE, G, x.shape[-1])
+    k_pages = pages(cache.k_BxTxGxK)
+    v_pages = k_pages if cache.v_BxTxGxV is None else pages(cache.v_BxTxGxV)
+    tables_BxM = jnp.arange(B * M, dtype=jnp.int32).reshape(B, M)
+    cu_B1 = jnp.arange(B + 1, dtype=jnp.int32) * S
+    out_NxHxV = paged_attention(q_BxSxHxK.reshape(B * S, H, K), k_pages, v_pages, tables_BxM,
+                                cache.lengths_B.astype(jnp.int32), cu_B1, sm_scale=scale,
+                                max_q_len=S)
+    V = cache.v_dim if cache.v_BxTxGxV is None else out_NxHxV.shape[-1]
+    return out_NxHxV.reshape(B, S, H, -1)[..., :V].astype(q_BxSxHxK.dtype)
 
 
 KERNEL_HEAD_DIMS = (64, 128, 256)  # what kernels_pallas flash attention takes
