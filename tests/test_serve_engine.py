@@ -8,6 +8,8 @@ import pytest
 
 from jaxlm.config_fields import ConfigError
 from jaxlm.generate.engine import Engine, Request
+from jaxlm.generate.lm import LM
+from jaxlm.generate.load import mesh_of
 from jaxlm.generate.sampling import SamplingConfig
 from jaxlm.serve.engine import QueueFull, ServeConfig, ServingEngine
 from test_generate import tiny_lm
@@ -20,7 +22,9 @@ ARRIVALS = [0, 0, 1, 3, 4]  # the step each request joins at
 
 @pytest.fixture(scope="module")
 def lm():
-    return tiny_lm("llama-gqa")[1]
+    """On a one-device mesh, as `python -m jaxlm.serve` loads a run."""
+    plain = tiny_lm("llama-gqa")[1]
+    return LM.of(plain.cfg, plain.state, mesh=mesh_of(None))
 
 
 def requests(sampling):

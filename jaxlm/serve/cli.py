@@ -9,6 +9,7 @@ import argparse
 import os
 import re
 import sys
+import time
 
 from jaxlm.config import ConfigError
 
@@ -71,7 +72,7 @@ def flag_names(message: str) -> str:
     return re.sub(r"serve\.([a-z_]+)", lambda m: "--" + m[1].replace("_", "-"), message)
 
 
-def build(args):
+def build(args, warmup: bool = False):
     """Load the model and build the app (every problem a ConfigError)."""
     from jaxlm import faults
     from jaxlm.generate.load import load_hf, load_run, parse_mesh
@@ -85,6 +86,11 @@ def build(args):
     loaded = load_hf(args.hf, mesh) if args.hf else load_run(args.run, args.step, mesh)
     tokenizer = loaded.tokenizer
     engine = ServingEngine(loaded.lm, cfg, eos_id=getattr(tokenizer, "eos_id", None))
+    if warmup:  # every step shape compiled now, not while the first requests wait
+        t0 = time.perf_counter()
+        engine.warmup()
+        print(f"compiled the engine's step shapes in {time.perf_counter() - t0:.1f} s; "
+              f"{engine.pool.num_blocks - 1} KV pages of {cfg.page_size} tokens", flush=True)
     template = ChatTemplate.beside(getattr(tokenizer, "path", None))
     name = args.model_name or os.path.basename(os.path.normpath(args.hf or args.run))
     return build_app(engine, tokenizer, name, template)
@@ -93,7 +99,7 @@ def build(args):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        app = build(args)
+        app = build(args, warmup=True)
     except ConfigError as e:
         print(f"error: {flag_names(str(e))}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT

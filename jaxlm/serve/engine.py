@@ -337,22 +337,26 @@ class ServingEngine:
     def warmup(self):
         """Compile every step shape before serving, so no request waits for a compile: each
         power-of-two row count up to the budget, decode-only (one query per sequence) where
-        that many sequences fit, and mixed. The steps are all padding (page 0, nothing read)."""
+        that many sequences fit, and mixed. The steps are all padding (page 0, nothing read).
+        The first shape runs twice: the pools and the seen table enter the first step as
+        they were created, every later step as the step returned them (on a mesh, placed
+        differently), and only the later form recurs."""
         S, M = self.cfg.max_seqs, self.table_width
         decode_rows = max(MIN_ROWS, 1 << (S - 1).bit_length())  # a step of S decodes
-        T = MIN_ROWS
+        shapes, T = [], MIN_ROWS
         while True:
-            for max_q in {1, T} if T <= decode_rows else {T}:
-                zeros = np.zeros(T, np.int32)
-                self.device(StepBatch(
-                    zeros, zeros, zeros, zeros + NULL_BLOCK * self.cfg.page_size, zeros + S,
-                    np.full((S, M), NULL_BLOCK, np.int32), np.zeros(S, np.int32),
-                    np.zeros(S + 1, np.int32), np.zeros(S, np.int32), np.zeros(S, bool),
-                    np.zeros(S, bool), np.zeros(S, np.int32), RowParams.of([IDLE] * S),
-                    max_q_len=max_q))
+            shapes += [(T, max_q) for max_q in sorted({1, T} if T <= decode_rows else {T})]
             if T >= self.cfg.token_budget:
-                return
+                break
             T *= 2
+        for T, max_q in shapes[:1] + shapes:
+            zeros = np.zeros(T, np.int32)
+            self.device(StepBatch(
+                zeros, zeros, zeros, zeros + NULL_BLOCK * self.cfg.page_size, zeros + S,
+                np.full((S, M), NULL_BLOCK, np.int32), np.zeros(S, np.int32),
+                np.zeros(S + 1, np.int32), np.zeros(S, np.int32), np.zeros(S, bool),
+                np.zeros(S, bool), np.zeros(S, np.int32), RowParams.of([IDLE] * S),
+                max_q_len=max_q))
 
     def step(self) -> list[Delta]:
         """One step of every running sequence (and new ones, as room allows): what each
