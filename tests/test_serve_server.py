@@ -348,16 +348,18 @@ def test_client_leaving_a_whole_answer_aborts_it(served):
         engine.step = lambda: (time.sleep(0.05), real(engine))[1]
 
     served.server.loop.call(slow).result(30)
-    before = served.stats().get("aborted", 0)
+    before = served.stats()
     try:
         with pytest.raises(httpx2.ReadTimeout):
             httpx2.post(served.url + "/v1/completions", timeout=0.4, json={
                 "model": MODEL, "prompt": PROMPT, "max_tokens": 40})
-        stats = served.wait_idle(timeout=1.0)  # well before its 40 slowed steps would end
+        stats = served.wait_idle()
     finally:
         served.server.loop.call(lambda e: e.__dict__.pop("step", None)).result(30)
-    assert stats.get("aborted", 0) == before + 1
+    assert stats["aborted"] == before["aborted"] + 1
     assert stats["pages_used"] == 0 and not stats["running"]
+    # cut short: far fewer than its 40 tokens (a loaded machine may slow the abort, not stop it)
+    assert stats["generated_tokens"] - before["generated_tokens"] < 30
 
 
 def test_200_concurrent_streams_with_clients_leaving(served):

@@ -17,19 +17,31 @@ from jaxlm.generate.text import TextStream
 EXIT_BAD_INPUT = 2
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line on stderr (with the short usage) and exit code 2."""
+
+    def __init__(self, *args, short_usage: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.short_usage = short_usage
+
     def error(self, message):
-        self.exit(EXIT_BAD_INPUT, f"error: {message} (usage: python -m jaxlm.generate --run "
-                                  f"RUN_DIR | --hf DIR [--prompt TEXT] [options])\n")
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (usage: {self.short_usage})\n")
+
+
+def model_parser(prog: str, description: str, options: str, hf_holds: str) -> OneLineParser:
+    """A parser with the model source every model-loading command takes: --run | --hf, --step."""
+    p = OneLineParser(prog=prog, description=description,
+                      short_usage=f"{prog} --run RUN_DIR | --hf DIR {options}")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--run", metavar="RUN_DIR", help="a training run directory")
+    model.add_argument("--hf", metavar="DIR", help=f"a Hugging Face model directory ({hf_holds})")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    return p
 
 
 def parse_args(argv):
-    p = _Parser(prog="python -m jaxlm.generate", description=__doc__.splitlines()[0])
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--run", metavar="RUN_DIR", help="a training run directory")
-    model.add_argument("--hf", metavar="DIR", help="a Hugging Face model directory (safetensors, "
-                       "config.json, tokenizer.json)")
-    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p = model_parser("python -m jaxlm.generate", __doc__.splitlines()[0],
+                     "[--prompt TEXT] [options]", "safetensors, config.json, tokenizer.json")
     src = p.add_argument_group("prompts")
     src.add_argument("--prompt", action="append", default=[], help="may be repeated")
     src.add_argument("--prompt-file", help="one prompt per line, or JSONL with a 'prompt' field")

@@ -5,30 +5,18 @@ the model is loaded, uvicorn serves until Ctrl-C.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
 import time
 
 from jaxlm.config import ConfigError
-
-EXIT_BAD_INPUT = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(EXIT_BAD_INPUT, f"error: {message} (usage: python -m jaxlm.serve --run "
-                                  f"RUN_DIR | --hf DIR [--port N] [options])\n")
+from jaxlm.generate.cli import EXIT_BAD_INPUT, model_parser
 
 
 def parse_args(argv):
-    p = _Parser(prog="python -m jaxlm.serve", description=__doc__.splitlines()[0])
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--run", metavar="RUN_DIR", help="a training run directory")
-    model.add_argument("--hf", metavar="DIR", help="a Hugging Face model directory (safetensors, "
-                       "config.json, tokenizer.json; its chat template if it has one)")
-    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p = model_parser("python -m jaxlm.serve", __doc__.splitlines()[0], "[--port N] [options]",
+                     "safetensors, config.json, tokenizer.json; its chat template if it has one")
     h = p.add_argument_group("http")
     h.add_argument("--host", default="127.0.0.1", help="address to listen on")
     h.add_argument("--port", type=int, default=8000)
