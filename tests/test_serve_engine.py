@@ -4,9 +4,11 @@ chunked prefill on and off, under preemption, with sampling seeds and penalties;
 bad requests get one clear error each."""
 import dataclasses
 
+import jax
 import pytest
 
 from jaxlm.config_fields import ConfigError
+from jaxlm.config_schema import MESH_AXES
 from jaxlm.generate.engine import Engine, Request
 from jaxlm.generate.lm import LM
 from jaxlm.generate.load import mesh_of
@@ -135,6 +137,18 @@ def test_preemption_recomputes_and_still_equals_generate(lm):
     reqs = requests([SamplingConfig(temperature=0.0, max_tokens=12)] * 5)
     got, engine = serve(lm, reqs, arrivals=[0] * 5, pages=12, token_budget=16)
     assert engine.counters["preempted"] > 0
+    assert got == expected(lm, reqs)
+
+
+def test_a_data_x_tensor_mesh_serves_what_one_device_does(lm):
+    """data=2 x tensor=2: every layer's pages are split over `tensor` by kv head, the paged
+    kernel (interpreted) runs per shard, and the tokens equal one device's."""
+    sizes = dict.fromkeys(MESH_AXES, 1) | {"data": 2, "tensor": 2}
+    lm4 = LM.of(lm.cfg, lm.state, mesh=mesh_of(sizes))
+    reqs = requests(GREEDY[:2] + [SamplingConfig(temperature=0.8, seed=3, max_tokens=4)])
+    got, engine = serve(lm4, reqs, arrivals=[0, 0, 1], token_budget=8, attention_impl="pallas")
+    pages = jax.tree.leaves(engine.device.pools)[0]
+    assert pages.sharding.spec[2] == "tensor"
     assert got == expected(lm, reqs)
 
 

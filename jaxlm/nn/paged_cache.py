@@ -17,7 +17,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
+from jaxlm.parallel.sharding import active, logical_to_spec
 from kernels_pallas.paged import paged_attention, paged_attention_reference
 
 
@@ -76,10 +78,31 @@ class PagedKVCache:
         args = (q_BxTxHxK[0], self.k_pages_PxBxGxK, v_pages, s.block_tables_SxM, s.kv_lens_S,
                 s.cu_q_lens_S1)
         if self.impl == "pallas":
-            out_TxHxV = paged_attention(*args, sm_scale=scale, max_q_len=s.max_q_len)
+            out_TxHxV = _kernel_per_shard(args, scale, s.max_q_len)
         else:
             out_TxHxV = paged_attention_reference(*args, sm_scale=scale)
         out_TxHxV = out_TxHxV.astype(q_BxTxHxK.dtype)
         if self.v_pages_PxBxGxV is None:
             out_TxHxV = out_TxHxV[..., :self.v_dim]
         return out_TxHxV[None]
+
+
+def _kernel_per_shard(args, scale: float, max_q_len: int):
+    """The kernel is one device's program: on a mesh it runs per shard (shard_map), each
+    device with its share of the heads and of every page's kv heads, as the rules split them;
+    the block tables and lengths are whole everywhere."""
+    def call(*a):
+        return paged_attention(*a, sm_scale=scale, max_q_len=max_q_len)
+    mesh, rules = active()
+    if mesh is None or mesh.size == 1:
+        return call(*args)
+    q_spec = logical_to_spec((None, "act_heads", None), rules, mesh)
+    pages_spec = logical_to_spec((None, None, "act_kv_heads", None), rules, mesh)
+    if q_spec[1] != pages_spec[2]:
+        raise ValueError(f"paged attention needs kv heads split like q heads (act_heads -> "
+                         f"{q_spec[1]}, act_kv_heads -> {pages_spec[2]}); use fewer tensor "
+                         f"shards than kv heads, or attention_impl=xla")
+    whole = P()
+    return jax.shard_map(call, mesh=mesh, in_specs=(q_spec, pages_spec, pages_spec, whole,
+                                                    whole, whole),
+                         out_specs=q_spec, check_vma=False)(*args)
