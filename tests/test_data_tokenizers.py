@@ -99,3 +99,19 @@ def test_tokenizer_file_errors(tmp_path, trained):
     assert data_cli(["train-tokenizer", "--input", str(tmp_path / "none*.txt"),
                      "--out", str(tmp_path / "x.model")]) == 2
     assert not (tmp_path / "x.model").exists()
+
+
+@pytest.mark.parametrize("kind", ["byte", "sentencepiece", "huggingface"])
+def test_streamed_text_equals_the_whole_decode(trained, kind):
+    """TextStream decodes only the tokens since its last settled point (with a few before
+    them): pushed one or several at a time, the pieces join to exactly the whole decode, for
+    real text (multi-byte characters split over tokens) and for random ids."""
+    from jaxlm.generate.text import TextStream
+    tok = load_tokenizer(kind, None if kind == "byte" else str(trained[kind]))
+    rng = np.random.default_rng(1)
+    real = tok.encode("How vexingly quick daft zebras jump! héllo wörld 日本語 " * 3).tolist()
+    for ids in (real, rng.integers(3, tok.vocab_size, 120).tolist()):
+        for chunk in (1, 3):
+            stream = TextStream(tok)
+            pieces = [stream.push(ids[i:i + chunk]) for i in range(0, len(ids), chunk)]
+            assert "".join(pieces) + stream.finish() == tok.decode(ids), (kind, chunk)

@@ -2,14 +2,18 @@
 streaming output and the server's streamed responses share, so both cut and hold back alike.
 
 A token's text is only known in the context of the tokens around it (a multi-byte character
-split over tokens, a tokenizer that merges spaces), so every push decodes the whole output and
-hands out only the part that can no longer change: text that could still turn out to begin a
-stop string is held back until it cannot, and so is a trailing "\ufffd" (an incomplete UTF-8
-sequence that the next token may complete).
+split over tokens, a tokenizer that drops the space of a text's first word), so a push decodes
+the tokens since the last settled point together with a few before it, and keeps the part after
+those few: the whole output is never decoded again (that was quadratic in its length, on the
+server's event loop). Text settles once it does not end in "\ufffd" (an incomplete UTF-8
+sequence the next token may complete). Only the part that can no longer change is handed out:
+text that could still turn out to begin a stop string is held back until it cannot.
 """
 from __future__ import annotations
 
 from jaxlm.generate.sampling import cut_at_stop
+
+CONTEXT = 4  # settled tokens decoded again before new ones, so their join comes out right
 
 
 class TextStream:
@@ -21,13 +25,29 @@ class TextStream:
         self.ids: list[int] = []
         self.shown = 0          # characters of the (cut) text handed out so far
         self.stopped = False
+        self._settled = 0       # tokens whose text is final ...
+        self._settled_text = ""  # ... and that text
+
+    def _text(self) -> str:
+        """The whole output's text, decoding only the unsettled tokens (with CONTEXT before)."""
+        start = max(0, self._settled - CONTEXT)
+        before = self.tokenizer.decode(self.ids[start:self._settled])
+        now = self.tokenizer.decode(self.ids[start:])
+        if not now.startswith(before):  # the context itself decodes otherwise: start over
+            self._settled, self._settled_text = 0, ""
+            now, before = self.tokenizer.decode(self.ids), ""
+        tail = now[len(before):]
+        if tail.endswith("\ufffd"):
+            return self._settled_text + tail
+        self._settled, self._settled_text = len(self.ids), self._settled_text + tail
+        return self._settled_text
 
     def push(self, token_ids) -> str:
         """Take new tokens; return the text that became safe to show."""
         if self.stopped:
             return ""
         self.ids.extend(int(t) for t in token_ids)
-        text, self.stopped = cut_at_stop(self.tokenizer.decode(self.ids), self.stops)
+        text, self.stopped = cut_at_stop(self._text(), self.stops)
         safe = len(text) if self.stopped else len(text) - held_back(text, self.stops)
         if text.endswith("\ufffd") and not self.stopped:  # an incomplete UTF-8 sequence so far
             safe = min(safe, len(text) - 1)
@@ -40,7 +60,7 @@ class TextStream:
         """The output ended without a stop string: whatever was held back."""
         if self.stopped:
             return ""
-        text = cut_at_stop(self.tokenizer.decode(self.ids), self.stops)[0]
+        text = cut_at_stop(self._text(), self.stops)[0]
         rest, self.shown = text[self.shown:], max(self.shown, len(text))
         return rest
 
