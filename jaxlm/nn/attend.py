@@ -11,7 +11,8 @@ decoding reaches a layer. Serving passes a PagedKVCache (jaxlm/nn/paged_cache.py
 then one flat row of many sequences' tokens, each attending over its own sequence's pages.
 
 Implementations (`impl`): `xla` (plain jnp, the reference every other one is tested against; the
-only one that reads a bias with segments, a query offset or a cache), `cudnn`
+only one that reads a bias with segments or a query offset; a dense cache is read by it, or,
+where pallas would run, by the paged kernel over the cache viewed as pages), `cudnn`
 (jax.nn.dot_product_attention's fused GPU kernel; segments cost it a dense [B, 1, S, T] mask),
 `pallas` (kernels_pallas flash attention: Mosaic GPU on Hopper, segment ids inside the kernel;
 interpret mode on CPU), or `auto`: pallas on Hopper and cudnn on other GPUs for 16-bit inputs,
