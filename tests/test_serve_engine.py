@@ -9,6 +9,7 @@ import pytest
 
 from jaxlm.config_fields import ConfigError
 from jaxlm.config_schema import MESH_AXES
+from jaxlm.generate.beam import BeamConfig, beam_search
 from jaxlm.generate.engine import Engine, Request
 from jaxlm.generate.lm import LM
 from jaxlm.generate.load import mesh_of
@@ -129,6 +130,30 @@ def test_n_choices_share_the_prompt_and_equal_single_requests(lm, prompt, sampli
         + 3 * 4  # each choice's first 4 outputs are fed back (the 5th is not)
     with pytest.raises(ConfigError, match="n=5: expected 1 to 4 choices"):
         engine.add("b", prompt, sampling, n=5)
+
+
+@pytest.mark.parametrize("beam,eos", [(BeamConfig(3), None),
+                                      (BeamConfig(2, length_penalty=0.6), 27),
+                                      (BeamConfig(3, early_stopping=True), 21)])
+def test_beam_search_equals_generate_and_shares_pages(lm, beam, eos):
+    """Beams as paged sequences forked from their parents each round (copy-on-write where
+    they share a page): the same best hypothesis, score rules and end as jaxlm.generate's
+    beam search; two requests at once, every page back at the end."""
+    engine = ServingEngine(lm, ServeConfig(page_size=4, pages=60, max_seqs=6, max_model_len=64,
+                                           token_budget=8), eos_id=eos)
+    for rid, prompt in (("a", PROMPTS[1]), ("b", PROMPTS[3])):
+        engine.add(rid, prompt, SamplingConfig(max_tokens=7), beams=beam)
+    got = {}
+    while engine.has_work:
+        for d in engine.step():
+            assert d.finish_reason and d.request_id not in got  # one answer, at the end
+            got[d.request_id] = (d.token_ids, d.finish_reason)
+    want = {rid: beam_search(lm, p, beam, 7, eos) for rid, p in (("a", PROMPTS[1]),
+                                                                   ("b", PROMPTS[3]))}
+    assert got == {rid: (r.ids, r.finish_reason) for rid, r in want.items()}
+    assert engine.counters["beam_rounds"] > 0 and engine.counters["copied_pages"] > 0
+    assert engine.pool.num_used == 0
+    engine.pool.check()
 
 
 def test_preemption_recomputes_and_still_equals_generate(lm):

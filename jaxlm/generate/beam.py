@@ -73,6 +73,76 @@ def _candidates(scores_W, logp_WxV):
     return best, flat // V, flat % V
 
 
+class Beams:
+    """The host side of one beam search: the W running beams (summed log-probabilities and
+    tokens) and the finished hypotheses. Each step's 2W best candidates go in (`advance`); out
+    come the parent beam and token each of the W beams continues with, or None once the search
+    is over. jaxlm.generate runs it over a dense cache (rows gathered), the serving engine over
+    paged sequences (forked)."""
+
+    def __init__(self, c: BeamConfig, max_tokens: int, eos_id: int | None):
+        self.c, self.max_tokens, self.eos_id = c, max_tokens, eos_id
+        self.scores_W = np.full((c.width,), -np.inf, np.float32)
+        self.scores_W[0] = 0.0  # all beams start equal: only the first may be continued at first
+        self.seqs: list[list[int]] = [[] for _ in range(c.width)]
+        self.finished: list[tuple[float, int, list[int]]] = []  # min-heap of (score, order, ids)
+        self.t = 0
+        self.done = False
+
+    def _add(self, score_sum, ids):
+        item = (score_sum / len(ids) ** self.c.length_penalty, -len(self.finished), ids)
+        if len(self.finished) < self.c.width:
+            heapq.heappush(self.finished, item)
+        elif item[0] > self.finished[0][0]:
+            heapq.heapreplace(self.finished, item)
+
+    def advance(self, best, beam, token) -> tuple[list[int], list[int]] | None:
+        """The 2W best (score, beam, token) candidates of this step, best first -> (parent
+        beam, token) of each of the W beams that continue, or None: the search is over."""
+        W, lp, t = self.c.width, self.c.length_penalty, self.t
+        rows, toks, new_scores, new_seqs = [], [], [], []
+        for rank, (s, b, v) in enumerate(zip(best.tolist(), beam.tolist(), token.tolist())):
+            if s == -np.inf:
+                break
+            if self.eos_id is not None and v == self.eos_id:
+                if rank < W:  # an EOS ranked below the W best is not a hypothesis (as in HF)
+                    self._add(s, self.seqs[b] + [v])
+            elif len(rows) < W:
+                rows.append(b), toks.append(v), new_scores.append(s)
+                new_seqs.append(self.seqs[b] + [v])
+        self.t += 1
+        if not rows:
+            self.done = True
+            return None
+        while len(rows) < W:  # fewer live candidates than beams: pad with dead copies
+            rows.append(rows[0]), toks.append(toks[0]), new_scores.append(-np.inf)
+            new_seqs.append(new_seqs[0])
+        self.scores_W, self.seqs = np.asarray(new_scores, np.float32), new_seqs
+        if len(self.finished) == W:
+            # the best score a running beam could still reach: its sum only falls, its length
+            # grows to at most max_tokens
+            reach = max(new_scores) / (self.max_tokens if lp > 0 else t + 1) ** lp
+            if self.c.early_stopping or reach <= self.finished[0][0]:
+                self.done = True
+                return None
+        return rows, toks
+
+    @property
+    def over(self) -> bool:
+        """No further step: the search ended, or the beams reached the token limit."""
+        return self.done or self.t >= self.max_tokens
+
+    def result(self) -> BeamResult:
+        if not self.done:  # the token limit: the running beams are hypotheses as they are
+            for s, ids in zip(self.scores_W.tolist(), self.seqs):
+                if s > -np.inf:
+                    self._add(s, ids)
+        score, _, ids = max(self.finished)
+        if self.eos_id is not None and ids and ids[-1] == self.eos_id:
+            return BeamResult(ids[:-1], score, "stop")
+        return BeamResult(ids, score, "length")
+
+
 def beam_search(lm: LM, prompt_ids, c: BeamConfig, max_tokens: int, eos_id: int | None
                 ) -> BeamResult:
     W = c.width
@@ -95,54 +165,14 @@ def beam_search(lm: LM, prompt_ids, c: BeamConfig, max_tokens: int, eos_id: int 
     tokens[0, :n] = prompt_ids
     logp_WxV, cache = _prefill(lm, max_len, W)(lm.state, tokens, np.int32(n))
     logp_WxV = jnp.broadcast_to(logp_WxV, (W, logp_WxV.shape[-1]))
-    scores_W = np.full((W,), -np.inf, np.float32)
-    scores_W[0] = 0.0  # all beams start equal: only the first may be continued at first
-    seqs = [[] for _ in range(W)]
-    finished: list[tuple[float, int, list[int]]] = []  # min-heap of (score, order, ids)
-    step_fn = _step(lm)
-    lp = c.length_penalty
-
-    def add(score_sum, ids):
-        item = (score_sum / len(ids) ** lp, -len(finished), ids)
-        if len(finished) < W:
-            heapq.heappush(finished, item)
-        elif item[0] > finished[0][0]:
-            heapq.heapreplace(finished, item)
-
-    done = False
-    for t in range(max_tokens):
-        best, beam, token = jax.device_get(_candidates(jnp.asarray(scores_W), logp_WxV))
-        rows, toks, new_scores, new_seqs = [], [], [], []
-        for rank, (s, b, v) in enumerate(zip(best.tolist(), beam.tolist(), token.tolist())):
-            if s == -np.inf:
-                break
-            if eos_id is not None and v == eos_id:
-                if rank < W:  # an EOS ranked below the W best is not a hypothesis (as in HF)
-                    add(s, seqs[b] + [v])
-            elif len(rows) < W:
-                rows.append(b), toks.append(v), new_scores.append(s), new_seqs.append(seqs[b] + [v])
-        if not rows:
-            done = True
+    beams, step_fn = Beams(c, max_tokens, eos_id), _step(lm)
+    while not beams.over:
+        t = beams.t
+        chosen = beams.advance(*jax.device_get(_candidates(jnp.asarray(beams.scores_W),
+                                                           logp_WxV)))
+        if chosen is None or beams.over:
             break
-        while len(rows) < W:  # fewer live candidates than beams: pad with dead copies
-            rows.append(rows[0]), toks.append(toks[0]), new_scores.append(-np.inf)
-            new_seqs.append(new_seqs[0])
-        scores_W, seqs = np.asarray(new_scores, np.float32), new_seqs
-        if len(finished) == W:
-            # the best score a running beam could still reach: its sum only falls, its length
-            # grows to at most max_tokens
-            reach = max(new_scores) / (max_tokens if lp > 0 else t + 1) ** lp
-            if c.early_stopping or reach <= finished[0][0]:
-                done = True
-                break
-        if t + 1 < max_tokens:
-            logp_WxV, cache = step_fn(lm.state, cache, np.asarray(rows, np.int32),
-                                      np.asarray(toks, np.int32), np.int32(start + t))
-    if not done:  # the token limit: the running beams are hypotheses as they are
-        for s, ids in zip(scores_W.tolist(), seqs):
-            if s > -np.inf:
-                add(s, ids)
-    score, _, ids = max(finished)
-    if eos_id is not None and ids and ids[-1] == eos_id:
-        return BeamResult(ids[:-1], score, "stop")
-    return BeamResult(ids, score, "length")
+        rows, toks = chosen
+        logp_WxV, cache = step_fn(lm.state, cache, np.asarray(rows, np.int32),
+                                  np.asarray(toks, np.int32), np.int32(start + t))
+    return beams.result()

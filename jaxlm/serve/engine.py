@@ -27,12 +27,14 @@ from jaxlm.generate.engine import Output, Request
 from jaxlm.generate.lm import LM
 from jaxlm.generate.sampling import RowParams, SamplingConfig
 from jaxlm.nn.attend import resolve_impl
+from jaxlm.generate.beam import BeamConfig, Beams
+from jaxlm.serve.beams import BeamGroup
 from jaxlm.serve.blocks import NULL_BLOCK, BlockPool, OutOfBlocks, SequenceBlocks, num_blocks_for
 from jaxlm.serve.step import DeviceStep, StepBatch, page_bytes, page_pools
 
 MIN_ROWS = 8     # the smallest step (T); steps are powers of two up to the token budget
 COUNTERS = ("steps", "computed_tokens", "generated_tokens", "finished", "aborted", "preempted",
-            "forked", "copied_pages")
+            "forked", "copied_pages", "beam_rounds")
 IDLE = SamplingConfig(temperature=0.0)  # an empty slot's settings (keeps all-greedy steps cheap)
 
 
@@ -83,6 +85,7 @@ class Sequence:
     index: int = 0                    # which of its request's n choices
     fanout: int = 1                   # choices still to fork off it (before its last token)
     reserved: list[int] = dataclasses.field(default_factory=list)  # its choices' slots
+    group: BeamGroup | None = None    # beam search: the request's beams
 
     @property
     def tokens(self) -> list[int]:
@@ -93,6 +96,13 @@ class Sequence:
         """Penalties read every prompt token from the device's seen table, which only tokens
         that pass through a step mark: such a sequence takes no cached prefix."""
         return _penalised(self.sampling)
+
+    @property
+    def slots_needed(self) -> int:
+        """Slots to take at admission: its own and its choices' or (the first) beams'."""
+        if self.group is not None and len(self.group.members) == 1:
+            return self.group.width
+        return self.fanout
 
     @property
     def unknown(self) -> int:
@@ -162,7 +172,7 @@ class ServingEngine:
     # ---------------------------------------------------------------- requests
 
     def add(self, request_id: str, prompt_ids, sampling: SamplingConfig = SamplingConfig(),
-            n: int = 1):
+            n: int = 1, beams: BeamConfig | None = None):
         """Queue a request for `n` choices (choice i samples with seed + i); bad input raises
         ConfigError (naming what is wrong), a full queue QueueFull.
 
@@ -170,7 +180,10 @@ class ServingEngine:
         last token, then forks (every page shared, copy-on-write for the partly filled last
         one), and each choice computes the last token itself and samples from there. A
         penalised request is n independent sequences instead: penalties read the prompt from
-        a device table that only the tokens a sequence computes itself fill."""
+        a device table that only the tokens a sequence computes itself fill.
+
+        `beams`: beam search instead of sampling (jaxlm.serve.beams), one result (index 0) when
+        the search ends, EOS the only stop token."""
         prompt = [int(t) for t in prompt_ids]
         if request_id in self.by_id:
             raise ConfigError(f"request id {request_id!r} is already in flight")
@@ -195,7 +208,14 @@ class ServingEngine:
         stops = frozenset(sampling.stop_ids) | (
             frozenset() if self.eos_id is None else {self.eos_id})
         limit, now = min(sampling.max_tokens, self.max_len - len(prompt)), time.monotonic()
-        if n > 1 and _penalised(sampling):
+        if beams is not None:
+            if not 1 <= beams.validate().width <= self.cfg.max_seqs:
+                raise ConfigError(f"beams={beams.width}: expected 1 to {self.cfg.max_seqs} "
+                                  f"(serve.max_seqs)")
+            seq = Sequence(request_id, prompt, sampling, frozenset(), limit, now)
+            seq.group = BeamGroup(Beams(beams, limit, self.eos_id), [seq])
+            seqs = seq.group.members
+        elif n > 1 and _penalised(sampling):
             seqs = [Sequence(request_id, prompt, _seeded(sampling, i), stops, limit, now, index=i)
                     for i in range(n)]
         else:
@@ -283,7 +303,7 @@ class ServingEngine:
                 continue
             scheduled.append((seq, n, slots))
             budget -= n
-        while self.waiting and budget and len(self.free_slots) >= self.waiting[0].fanout:
+        while self.waiting and budget and len(self.free_slots) >= self.waiting[0].slots_needed:
             seq = self.waiting[0]
             if seq.blocks is None:
                 seq.blocks = SequenceBlocks(self.pool)
@@ -299,7 +319,7 @@ class ServingEngine:
                 break
             self.waiting.popleft()
             seq.slot, seq.fresh = self.free_slots.pop(), True
-            seq.reserved = [self.free_slots.pop() for _ in range(seq.fanout - 1)]
+            seq.reserved = [self.free_slots.pop() for _ in range(seq.slots_needed - 1)]
             self.running.append(seq)
             if n:
                 scheduled.append((seq, n, slots))
@@ -369,14 +389,20 @@ class ServingEngine:
         self.counters["copied_pages"] += len(copies)
         for seq, _, _ in scheduled:
             seq.blocks.pending_copies.clear()
-        token_S = self.device(self._batch(scheduled))
+        token_S, logits_SxV = self.device(self._batch(scheduled))
         self.counters["steps"] += 1
-        deltas = []
+        deltas, rounds = [], []
         for seq, n, _ in scheduled:
             seq.computed += n
             self.counters["computed_tokens"] += n
             if seq.unknown or seq.fanout > 1:  # still prefilling: nothing sampled
                 seq.blocks.commit(seq.tokens)
+                continue
+            if seq.group is not None:  # a beam: the group chooses once every beam is here
+                seq.blocks.commit(seq.tokens)
+                seq.group.logits[id(seq)] = logits_SxV[seq.slot]
+                if seq.group.ready() and seq.group not in rounds:
+                    rounds.append(seq.group)
                 continue
             token = int(token_S[seq.slot])
             if token in seq.stop_ids:
@@ -389,7 +415,36 @@ class ServingEngine:
                 deltas.append(self._finish(seq, [token], "length"))
             else:
                 deltas.append(Delta(seq.id, [token], index=seq.index))
-        return deltas
+        return deltas + [d for g in rounds for d in self._beam_round(g)]
+
+    def _beam_round(self, group: BeamGroup) -> list[Delta]:
+        """Every beam computed its newest token: the W best continuations, each a fork of its
+        parent's pages plus its token; or the search's end (its best hypothesis)."""
+        chosen, old = group.choose(), list(group.members)
+        if chosen is None:
+            for m in old:
+                self._leave(m)
+            del self.by_id[old[0].id]
+            self.counters["finished"] += 1
+            best = group.beams.result()
+            return [Delta(old[0].id, best.ids, best.finish_reason)]
+        rows, _ = chosen
+        forks = [old[r].blocks.fork() for r in rows]
+        computed = [old[r].computed for r in rows]
+        for m in old:
+            m.blocks.release()
+        parent = old[0]
+        while len(group.members) < group.width:  # the first round: the beams take their slots
+            m = Sequence(parent.id, parent.prompt_ids, parent.sampling, frozenset(),
+                         parent.max_tokens, parent.arrived, index=len(group.members),
+                         group=group)
+            m.slot, m.fresh = parent.reserved.pop(), True
+            self.running.append(m)
+            group.members.append(m)
+        for m, blocks, done, ids in zip(group.members, forks, computed, group.beams.seqs):
+            m.blocks, m.computed, m.output_ids = blocks, done, list(ids)
+        self.counters["beam_rounds"] += 1
+        return []
 
     def _finish(self, seq: Sequence, tokens: list[int], reason: str) -> Delta:
         seq.blocks.commit(seq.tokens[:seq.computed])

@@ -89,12 +89,12 @@ class DeviceStep:
         self._run = jax.jit(self._step_fn, donate_argnums=(1, 2))
         self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
 
-    def __call__(self, b: StepBatch) -> np.ndarray:
-        """Runs one step; returns the token sampled for every slot [S] (meaningful where
-        `b.sampling_S`)."""
-        token_S, self.pools, self.seen_SxV = self._run(self.lm.state, self.pools,
-                                                       self.seen_SxV, b)
-        return np.asarray(token_S)
+    def __call__(self, b: StepBatch):
+        """Runs one step: (the token sampled for every slot [S] on the host, meaningful where
+        `b.sampling_S`; every slot's logits [S, V], left on the device for beam search)."""
+        token_S, logits_SxV, self.pools, self.seen_SxV = self._run(self.lm.state, self.pools,
+                                                                   self.seen_SxV, b)
+        return np.asarray(token_S), logits_SxV
 
     def copy_pages(self, pairs: list[tuple[int, int]]):
         """Copy-on-write: page src's contents into page dst, every layer."""
@@ -119,7 +119,7 @@ class DeviceStep:
             token_S, _ = sample(logits_SxV, seen_SxV, b.index_S, b.params)
             seen_SxV = seen_SxV.at[jnp.arange(S), jnp.where(b.sampling_S, token_S, V)].set(
                 True, mode="drop")
-            return token_S, pools, seen_SxV
+            return token_S, logits_SxV, pools, seen_SxV
 
 
 def _copy_pages(pools, src_N, dst_N):
