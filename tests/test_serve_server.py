@@ -3,7 +3,8 @@ client and raw HTTP: greedy text equals jaxlm.generate's, stop strings cut exact
 request's pages, SSE streams end with a finish chunk and [DONE], /metrics counts what happened,
 every bad request is one 400 naming the problem, a full queue is a 429, an engine step that
 raises fails only the requests in flight, and 200 concurrent streams (a fifth of their clients
-walking away mid-stream) leave no request or page behind."""
+walking away mid-stream) leave no request or page behind. use_beam_search (vLLM's extension)
+gives jaxlm.generate.beam's best hypothesis."""
 import asyncio
 import dataclasses
 import json
@@ -21,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jaxlm.config_fields import ConfigError
 from jaxlm.data.tokenizer import ByteTokenizer
+from jaxlm.generate.beam import BeamConfig, beam_search
 from jaxlm.generate.engine import Engine, Request
 from jaxlm.generate.sampling import SamplingConfig, cut_at_stop
 from jaxlm.generate.text import TextStream
@@ -197,6 +199,21 @@ def test_n_choices_stream_one_choice_per_chunk(served):
         assert reasons[-1] == want["finish_reason"]
 
 
+def test_beam_search_equals_generate_beam_streamed_or_not(served):
+    want = beam_search(served.lm, served.tok.encode(PROMPT), BeamConfig(3, 0.8), 12,
+                       served.tok.eos_id)
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=12,
+              extra_body={"use_beam_search": True, "best_of": 3, "length_penalty": 0.8})
+    r = served.client.completions.create(**kw)
+    assert [(c.text, c.finish_reason) for c in r.choices] == \
+        [(served.tok.decode(want.ids), want.finish_reason)]
+    assert r.usage.completion_tokens == len(want.ids)
+    chunks = list(served.client.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks][-1] == want.finish_reason
+    assert served.wait_idle()["pages_used"] == 0
+
+
 def test_chat_template_from_tokenizer_config(tmp_path):
     template = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}"
                 "{% if m.role == 'tool' %}{{ raise_exception('no tools') }}{% endif %}"
@@ -254,6 +271,12 @@ BAD = {  # case: (endpoint, body, text the message must hold)
     "echo": ("completions", {"prompt": "a", "echo": True}, "echo"),
     "logprobs": ("completions", {"prompt": "a", "logprobs": 2}, "logprobs=2"),
     "best_of": ("completions", {"prompt": "a", "best_of": 3}, "best_of=3"),
+    "beam search n=2": ("completions", {"prompt": "a", "use_beam_search": True, "n": 2},
+                        "n=2: use_beam_search"),
+    "beam width 0": ("completions", {"prompt": "a", "use_beam_search": True, "best_of": 0},
+                     "best_of=0: expected a beam width of 1 to 16"),
+    "length_penalty without beams": ("completions", {"prompt": "a", "length_penalty": 0.8},
+                                     "length_penalty: only with use_beam_search"),
     "unknown parameter": ("completions", {"prompt": "a", "temprature": 0}, "temprature"),
     "max_tokens not a number": ("completions", {"prompt": "a", "max_tokens": "many"},
                                 "max_tokens"),

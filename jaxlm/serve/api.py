@@ -7,7 +7,9 @@ Clients are written against OpenAI's API, so everything a client reads follows i
 naming the parameter rather than silently ignored; unknown parameters are refused the same way,
 so a typo never passes for a default. `n` (1 to MAX_N) asks for several choices of one prompt:
 choice i samples with seed `seed + i`, so choice 0 is what the same request with n=1 gives; a
-stream's chunks each carry one choice, named by its `index`.
+stream's chunks each carry one choice, named by its `index`. vLLM's `use_beam_search` extension
+(completions only) runs beam search of width `best_of` (default 4) with `length_penalty` and
+`early_stopping` instead of sampling, and answers one choice: the best hypothesis.
 """
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from jaxlm.config_fields import ConfigError
+from jaxlm.generate.beam import BeamConfig
 from jaxlm.generate.sampling import SamplingConfig
 
 MAX_STOPS = 16
 MAX_N = 16  # choices per request
+MAX_BEAMS, DEFAULT_BEAMS = 16, 4  # use_beam_search: the beam width (best_of)
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -80,8 +84,11 @@ class CompletionRequest(GenerationRequest):
     prompt: Any = None                     # a string, a list of one string, or token ids
     echo: bool | None = None
     logprobs: int | None = None
-    best_of: int | None = None
+    best_of: int | None = None             # with use_beam_search: the beam width
     suffix: str | None = None
+    use_beam_search: bool | None = None    # extensions (vLLM's): beam search, one choice
+    length_penalty: float | None = None
+    early_stopping: bool | None = None
 
 
 class ChatRequest(GenerationRequest):
@@ -125,8 +132,19 @@ def check_supported(req: GenerationRequest):
             raise bad("echo=true: not supported", "echo")
         if req.logprobs is not None:
             raise bad(f"logprobs={req.logprobs}: log-probabilities are not returned", "logprobs")
-        if req.best_of not in (None, 1):
-            raise bad(f"best_of={req.best_of}: not supported (only 1)", "best_of")
+        if req.use_beam_search:
+            if req.n not in (None, 1):
+                raise bad(f"n={req.n}: use_beam_search answers one choice (n=1)", "n")
+            if req.best_of is not None and not 1 <= req.best_of <= MAX_BEAMS:
+                raise bad(f"best_of={req.best_of}: expected a beam width of 1 to {MAX_BEAMS}",
+                          "best_of")
+        else:
+            if req.best_of not in (None, 1):
+                raise bad(f"best_of={req.best_of}: not supported (only 1) without "
+                          f"use_beam_search=true", "best_of")
+            for name in ("length_penalty", "early_stopping"):
+                if getattr(req, name) is not None:
+                    raise bad(f"{name}: only with use_beam_search=true", name)
         if req.suffix:
             raise bad("suffix: insertion (text after the completion) is not supported",
                       "suffix")
@@ -191,6 +209,15 @@ def stop_strings(stop) -> tuple[str, ...]:
     if len(stops) > MAX_STOPS:
         raise bad(f"stop: {len(stops)} stop strings; at most {MAX_STOPS}", "stop")
     return tuple(stops)
+
+
+def beams_of(req: GenerationRequest) -> BeamConfig | None:
+    """use_beam_search's BeamConfig (check_supported has bounded best_of), else None."""
+    if not (isinstance(req, CompletionRequest) and req.use_beam_search):
+        return None
+    return BeamConfig(DEFAULT_BEAMS if req.best_of is None else req.best_of,
+                      1.0 if req.length_penalty is None else req.length_penalty,
+                      bool(req.early_stopping))
 
 
 def choices_of(req: GenerationRequest) -> int:

@@ -83,14 +83,15 @@ class EngineLoop:
         """Commands not yet taken by the engine thread (tests wait on this)."""
         return self._commands.qsize()
 
-    def add(self, request_id: str, prompt_ids, sampling, deliver, arrived: float, n: int = 1
-            ) -> concurrent.futures.Future:
-        """Queue a request of n choices. The future resolves to None once the engine took it,
+    def add(self, request_id: str, prompt_ids, sampling, deliver, arrived: float, n: int = 1,
+            beams=None) -> concurrent.futures.Future:
+        """Queue a request of n choices (or, with `beams` (a BeamConfig), one beam search: a
+        single delta at its end). The future resolves to None once the engine took it,
         or to the engine's exception (ConfigError, QueueFull); cancelling it first skips the
         add."""
         future = concurrent.futures.Future()
         self._commands.put(("add", request_id, prompt_ids, sampling,
-                            _Track(deliver, arrived, n), future))
+                            _Track(deliver, arrived, n), beams, future))
         return future
 
     def abort(self, request_id: str):
@@ -139,11 +140,13 @@ class EngineLoop:
     def _do(self, command):
         kind = command[0]
         if kind == "add":
-            _, request_id, prompt_ids, sampling, track, future = command
+            _, request_id, prompt_ids, sampling, track, beams, future = command
             if not future.set_running_or_notify_cancel():
                 return  # the asker gave up before the engine got to it
             try:
-                if track.choices == 1:
+                if beams is not None:
+                    self.engine.add(request_id, prompt_ids, sampling, beams=beams)
+                elif track.choices == 1:
                     self.engine.add(request_id, prompt_ids, sampling)
                 else:
                     self.engine.add(request_id, prompt_ids, sampling, n=track.choices)

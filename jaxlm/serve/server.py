@@ -16,7 +16,8 @@ own finish. The engine cannot end one choice alone, so a stop string in a choice
 what the client sees of it (later tokens of that choice are dropped here); once every choice
 has finished the request is aborted in the engine if any choice still runs there. Streams send
 each chunk with one choice, named by its index; whole answers list the choices by index, and
-usage counts the completion tokens of all of them.
+usage counts the completion tokens of all of them. A beam search (use_beam_search) is one
+choice whose whole text comes at its end, in one delta.
 """
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ class Server:
         prompt = api.completion_prompt(req, self.tokenizer)
         max_tokens = COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
         sampling = api.sampling_of(req, max_tokens)
-        return await self.serve(request, req, prompt, sampling, arrived, chat=False)
+        return await self.serve(request, req, prompt, sampling, arrived, chat=False,
+                                beams=api.beams_of(req))
 
     async def chat_completions(self, req: api.ChatRequest, request: Request):
         arrived = time.monotonic()
@@ -108,10 +110,10 @@ class Server:
         return await self.serve(request, req, prompt, sampling, arrived, chat=True)
 
     async def serve(self, request: Request, req, prompt: list[int], sampling, arrived: float,
-                    chat: bool):
+                    chat: bool, beams=None):
         pending = Pending(self, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                           len(prompt), sampling.stop, api.choices_of(req))
-        await pending.start(prompt, sampling, arrived)
+        await pending.start(prompt, sampling, arrived, beams)
         watcher = asyncio.create_task(pending.watch(request))
         shape = _Shape(pending.id, self.model_name, chat)
         if req.stream:
@@ -209,10 +211,10 @@ class Pending:
         except RuntimeError:  # the event loop has closed: nobody is listening
             pass
 
-    async def start(self, prompt: list[int], sampling, arrived: float):
+    async def start(self, prompt: list[int], sampling, arrived: float, beams=None):
         """Hand the request to the engine; its refusal is a 400 (bad input) or 429 (busy)."""
         future = self.server.loop.add(self.id, prompt, sampling, self._deliver, arrived,
-                                      len(self.choices))
+                                      len(self.choices), beams)
         try:
             await asyncio.wrap_future(future)
         except QueueFull as e:
@@ -222,7 +224,10 @@ class Pending:
         except ConfigError as e:
             self.ended = True
             message = str(e)
-            param = "n" if message.startswith("n=") else "prompt" if "prompt" in message else None
+            if message.startswith("beams="):  # the engine's word for the API's best_of
+                message = "best_of=" + message[len("beams="):]
+            param = "n" if message.startswith("n=") else "best_of" if message.startswith(
+                "best_of=") else "prompt" if "prompt" in message else None
             raise api.bad(message, param) from None
         except asyncio.CancelledError:  # the add may have landed all the same
             self.ended = True
