@@ -65,7 +65,7 @@ def _step(lm: LM):
 
 
 @jax.jit
-def _candidates(scores_W, logp_WxV):
+def candidates(scores_W, logp_WxV):
     """The 2W best (score, beam, token) continuations, best first."""
     W, V = logp_WxV.shape
     total_WxV = scores_W[:, None] + logp_WxV
@@ -168,7 +168,7 @@ def beam_search(lm: LM, prompt_ids, c: BeamConfig, max_tokens: int, eos_id: int 
     beams, step_fn = Beams(c, max_tokens, eos_id), _step(lm)
     while not beams.over:
         t = beams.t
-        chosen = beams.advance(*jax.device_get(_candidates(jnp.asarray(beams.scores_W),
+        chosen = beams.advance(*jax.device_get(candidates(jnp.asarray(beams.scores_W),
                                                            logp_WxV)))
         if chosen is None or beams.over:
             break

@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 from jaxlm.models.config import ATTENTION_IMPLS
 from jaxlm.parallel.flash_context import flash_context_attention
 from jaxlm.parallel.ring import ring_attention
-from jaxlm.nn.paged_cache import PagedKVCache
+from jaxlm.nn.paged_cache import PagedKVCache, PagedStep
 from jaxlm.nn.visibility import MASKED, visible
 from jaxlm.parallel.sharding import active, context_split, logical_to_spec
 
@@ -136,7 +136,7 @@ def attend(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask: MaskSpec, *, bias=None, cache=
 CACHE_PAGE = 64  # a dense cache read as pages of this many slots by the paged kernel
 
 
-def _cache_pages(cache, mask: MaskSpec, bias, impl: str, dtype) -> int:
+def _cache_pages(cache, mask: MaskSpec, bias, impl: str, dtype) -> bool:
     """Whether a dense decode cache is read by the paged-attention kernel: where the flash
     kernel would run (impl resolving to pallas), for causal self-attention with neither window
     nor bias, float keys, one device, a cache length of whole pages and head dims the GPU
@@ -153,25 +153,22 @@ def _cache_pages(cache, mask: MaskSpec, bias, impl: str, dtype) -> int:
 
 def _attend_cache_paged(q_BxSxHxK, cache, scale):
     """Attention of S new queries per row over a dense cache [B, T, G, K] through the paged
-    kernel: the cache reshaped (no copy) into B * T / CACHE_PAGE pages, row b's table its own
-    pages in order, its length the cache's. Slots past a row's length are never read, so a
-    prefill's padding (written after the real tokens) needs no segment mask."""
-    from kernels_pallas.paged import paged_attention
+    kernel: the cache viewed (reshaped, no copy) as a PagedKVCache of B * T / CACHE_PAGE pages,
+    row b's table its own pages in order, its length the cache's, its S queries one run of the
+    flat row. Slots past a row's length are never read, so a prefill's padding (written after
+    the real tokens) needs no segment mask."""
     B, S, H, K = q_BxSxHxK.shape
     T, G = cache.k_BxTxGxK.shape[1:3]
     M = T // CACHE_PAGE
 
     def pages(x):  # [B, T, G, D] -> [B * M, CACHE_PAGE, G, D]
-        return x.reshape(B * M, CACHE_PAGE, G, x.shape[-1])
-    k_pages = pages(cache.k_BxTxGxK)
-    v_pages = k_pages if cache.v_BxTxGxV is None else pages(cache.v_BxTxGxV)
-    tables_BxM = jnp.arange(B * M, dtype=jnp.int32).reshape(B, M)
-    cu_B1 = jnp.arange(B + 1, dtype=jnp.int32) * S
-    out_NxHxV = paged_attention(q_BxSxHxK.reshape(B * S, H, K), k_pages, v_pages, tables_BxM,
-                                cache.lengths_B.astype(jnp.int32), cu_B1, sm_scale=scale,
-                                max_q_len=S)
-    V = cache.v_dim if cache.v_BxTxGxV is None else out_NxHxV.shape[-1]
-    return out_NxHxV.reshape(B, S, H, -1)[..., :V].astype(q_BxSxHxK.dtype)
+        return None if x is None else x.reshape(B * M, CACHE_PAGE, G, x.shape[-1])
+    layout = PagedStep(None, jnp.arange(B * M, dtype=jnp.int32).reshape(B, M),
+                       cache.lengths_B.astype(jnp.int32),
+                       jnp.arange(B + 1, dtype=jnp.int32) * S, max_q_len=S)
+    view = PagedKVCache(pages(cache.k_BxTxGxK), pages(cache.v_BxTxGxV), layout,
+                        v_dim=cache.v_dim, impl="pallas")
+    return view.attend(q_BxSxHxK.reshape(1, B * S, H, K), scale).reshape(B, S, H, -1)
 
 
 KERNEL_HEAD_DIMS = (64, 128, 256)  # what kernels_pallas flash attention takes

@@ -12,7 +12,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxlm.generate.beam import Beams, _candidates
+from jaxlm.generate.beam import Beams, candidates
 
 
 @dataclasses.dataclass
@@ -37,6 +37,6 @@ class BeamGroup:
         logp_WxV = jnp.broadcast_to(logp_MxV, (self.width, logp_MxV.shape[-1])) \
             if len(self.members) == 1 else logp_MxV  # the first round: the prompt's one row
         self.logits.clear()
-        chosen = self.beams.advance(*jax.device_get(_candidates(
+        chosen = self.beams.advance(*jax.device_get(candidates(
             jnp.asarray(self.beams.scores_W), logp_WxV)))
         return None if chosen is None or self.beams.over else chosen

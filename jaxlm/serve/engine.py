@@ -326,10 +326,13 @@ class ServingEngine:
             budget -= n
         return scheduled
 
-    def _batch(self, scheduled) -> StepBatch:
+    def _batch(self, scheduled, rows: int | None = None, max_q_len: int | None = None
+               ) -> StepBatch:
+        """The step's host arrays; `rows` and `max_q_len` force a shape (warmup: nothing
+        scheduled, every row padding)."""
         cfg, S, M = self.cfg, self.cfg.max_seqs, self.table_width
         total = sum(n for _, n, _ in scheduled)
-        T = max(MIN_ROWS, 1 << (total - 1).bit_length())
+        T = rows or max(MIN_ROWS, 1 << (total - 1).bit_length())
         tokens, positions, real, slots_T, owner = (np.zeros(T, np.int32) for _ in range(5))
         owner[:] = S
         slots_T[:] = NULL_BLOCK * cfg.page_size
@@ -352,7 +355,8 @@ class ServingEngine:
         cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
         return StepBatch(tokens, positions, real, slots_T, owner, tables, kv_lens, cu, last_row,
                          sampling, fresh, index, RowParams.of(settings),
-                         max_q_len=1 if max(n for _, n, _ in scheduled) == 1 else T)
+                         max_q_len=max_q_len or (
+                             1 if max(n for _, n, _ in scheduled) == 1 else T))
 
     def warmup(self):
         """Compile every step shape before serving, so no request waits for a compile: each
@@ -361,7 +365,7 @@ class ServingEngine:
         The first shape runs twice: the pools and the seen table enter the first step as
         they were created, every later step as the step returned them (on a mesh, placed
         differently), and only the later form recurs."""
-        S, M = self.cfg.max_seqs, self.table_width
+        S = self.cfg.max_seqs
         decode_rows = max(MIN_ROWS, 1 << (S - 1).bit_length())  # a step of S decodes
         shapes, T = [], MIN_ROWS
         while True:
@@ -370,13 +374,7 @@ class ServingEngine:
                 break
             T *= 2
         for T, max_q in shapes[:1] + shapes:
-            zeros = np.zeros(T, np.int32)
-            self.device(StepBatch(
-                zeros, zeros, zeros, zeros + NULL_BLOCK * self.cfg.page_size, zeros + S,
-                np.full((S, M), NULL_BLOCK, np.int32), np.zeros(S, np.int32),
-                np.zeros(S + 1, np.int32), np.zeros(S, np.int32), np.zeros(S, bool),
-                np.zeros(S, bool), np.zeros(S, np.int32), RowParams.of([IDLE] * S),
-                max_q_len=max_q))
+            self.device(self._batch([], T, max_q))
 
     def step(self) -> list[Delta]:
         """One step of every running sequence (and new ones, as room allows): what each
