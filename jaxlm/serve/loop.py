@@ -144,12 +144,7 @@ class EngineLoop:
             if not future.set_running_or_notify_cancel():
                 return  # the asker gave up before the engine got to it
             try:
-                if beams is not None:
-                    self.engine.add(request_id, prompt_ids, sampling, beams=beams)
-                elif track.choices == 1:
-                    self.engine.add(request_id, prompt_ids, sampling)
-                else:
-                    self.engine.add(request_id, prompt_ids, sampling, n=track.choices)
+                self.engine.add(request_id, prompt_ids, sampling, n=track.choices, beams=beams)
             except Exception as e:  # noqa: BLE001 (ConfigError, QueueFull: the asker's to report)
                 future.set_exception(e)
                 return
