@@ -50,10 +50,6 @@ class PagedKVCache:
             (pages, page_size, kv_heads, v_head_dim or head_dim), dtype)
         return cls(k, v, v_dim=(v_head_dim or head_dim) if shared_values else 0)
 
-    @property
-    def page_size(self) -> int:
-        return self.k_pages_PxBxGxK.shape[1]
-
     def update(self, k_BxTxGxK, v_BxTxGxV, mask):
         """Write the step's new keys and values to their slots; the mask is unchanged (the
         step's layout says what each query sees)."""

@@ -81,7 +81,6 @@ class Sequence:
     computed: int = 0                 # tokens whose K/V are in the cache
     slot: int = -1
     fresh: bool = False               # took its slot this step
-    preemptions: int = 0
     index: int = 0                    # which of its request's n choices
     fanout: int = 1                   # choices still to fork off it (before its last token)
     reserved: list[int] = dataclasses.field(default_factory=list)  # its choices' slots
@@ -256,7 +255,7 @@ class ServingEngine:
         """Out of pages: the sequence goes back to the front of the queue, to be recomputed
         (its full pages stay cached for its return)."""
         self._leave(seq)
-        seq.computed, seq.preemptions = 0, seq.preemptions + 1
+        seq.computed = 0
         self.waiting.appendleft(seq)
         self.counters["preempted"] += 1
 
