@@ -261,6 +261,9 @@ def validate(cfg: Config) -> None:
     check_fields(cfg)
     cfg.model.validate()
     cfg.model.check_seq_len(cfg.data.seq_len)
+    if cfg.data.seq_len % cfg.model.loss_chunks:
+        raise ConfigError(f"model.loss_chunks={cfg.model.loss_chunks} does not divide "
+                          f"data.seq_len={cfg.data.seq_len} (the loss is chunked by position)")
     t = cfg.train
     if t.global_batch_size % t.microbatches:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.head_loss import head_loss
 from jaxlm.models.protocol import DecoderLM
 from jaxlm.nn.stack import add_aux
 from jaxlm.parallel import pipeline
@@ -26,39 +27,29 @@ class Loss(NamedTuple):
     aux: dict            # the stack's {"losses": {...}, "stats": {...}} ({} for a dense stack)
 
 
-def token_nll(logits_BxSxV, targets_BxS, mask_BxS):
-    """Summed next-token negative log-likelihood (fp32) over the positions mask_BxS keeps.
-
-    The target's log-probability is picked by a one-hot contraction rather than a gather: the
-    sum has one non-zero term, so it is exact, and it partitions where XLA's SPMD partitioner
-    aborts on the gather (vocab split over an automatic `tensor` axis inside the 1F1B pipeline's
-    stage-manual shard_map; jaxlib 0.10.2 and 0.11.2: "Check failed: partition_group_list")."""
-    logp_BxSxV = jax.nn.log_softmax(logits_BxSxV.astype(jnp.float32), axis=-1)
-    onehot_BxSxV = jax.nn.one_hot(targets_BxS, logp_BxSxV.shape[-1], dtype=logp_BxSxV.dtype)
-    nll_BxS = -jnp.sum(logp_BxSxV * onehot_BxSxV, axis=-1)
-    return jnp.sum(nll_BxS * mask_BxS)
-
-
-def causal_lm(model: DecoderLM, batch: dict, plan: pipeline.Plan | None = None) -> Loss:
+def causal_lm(model: DecoderLM, batch: dict, plan: pipeline.Plan | None = None,
+              loss_chunks: int = 1) -> Loss:
     """Next-token prediction. `batch` holds inputs, targets, positions, loss_mask and, where rows
-    pack several documents, segment_ids."""
+    pack several documents, segment_ids. loss_chunks > 1 takes the head and its loss in that
+    many chunks of positions (jaxlm.head_loss)."""
     h_BxSxD, inputs = model.embed_tokens(batch["inputs"], batch["positions"],
                                          batch.get("segment_ids"))
     mask_BxS = batch["loss_mask"].astype(jnp.float32)
     if plan is not None and plan.schedule == "1f1b":
-        return Loss(_one_f_one_b_nll(model, plan, h_BxSxD, inputs, batch["targets"], mask_BxS),
-                    jnp.sum(mask_BxS), {})
+        return Loss(_one_f_one_b_nll(model, plan, h_BxSxD, inputs, batch["targets"], mask_BxS,
+                                     loss_chunks), jnp.sum(mask_BxS), {})
     stack = model.stack()
     if plan is None:
         h_BxSxD, aux, _ = stack(h_BxSxD, inputs)
     else:
         layer, stacked = _pipeline_layer(stack)
         h_BxSxD, aux = pipeline.run_stack(plan, layer, stacked, h_BxSxD, inputs), {}
-    nll = token_nll(model.logits(h_BxSxD), batch["targets"], mask_BxS)
+    nll, _ = head_loss(model.logits, h_BxSxD, batch["targets"], mask_BxS, loss_chunks)
     return Loss(nll, jnp.sum(mask_BxS), aux)
 
 
-def masked_lm(model: DecoderLM, batch: dict, plan: pipeline.Plan | None = None) -> Loss:
+def masked_lm(model: DecoderLM, batch: dict, plan: pipeline.Plan | None = None,
+              loss_chunks: int = 1) -> Loss:
     """Masked LM (BERT): predict the original token at the masked positions (jaxlm/data/mlm.py
     builds the batch: inputs masked, targets the originals, loss_mask the chosen positions); the
     fraction predicted right is logged as mlm_accuracy."""
@@ -67,10 +58,10 @@ def masked_lm(model: DecoderLM, batch: dict, plan: pipeline.Plan | None = None) 
     h_BxSxD, inputs = model.embed_tokens(batch["inputs"], batch["positions"],
                                          batch.get("segment_ids"))
     h_BxSxD, aux, _ = model.stack()(h_BxSxD, inputs)
-    return _predictions(model.logits(h_BxSxD), batch, aux, "mlm_accuracy")
+    return _predictions(model.logits, h_BxSxD, batch, aux, "mlm_accuracy", loss_chunks)
 
 
-def seq2seq(model, batch: dict, plan: pipeline.Plan | None = None) -> Loss:
+def seq2seq(model, batch: dict, plan: pipeline.Plan | None = None, loss_chunks: int = 1) -> Loss:
     """Encoder-decoder (T5 span corruption, jaxlm/data/span_corruption.py): the encoder reads
     inputs; the decoder reads decoder_inputs and the encoder output, and predicts targets where
     loss_mask is 1. Token accuracy of those predictions is logged as seq2seq_accuracy."""
@@ -82,19 +73,18 @@ def seq2seq(model, batch: dict, plan: pipeline.Plan | None = None) -> Loss:
         batch["decoder_inputs"], batch["decoder_positions"], batch.get("decoder_segment_ids"),
         memory_BxSxD=memory_BxSxD, memory_segment_ids_BxS=batch.get("segment_ids"))
     h_BxTxD, decoder_aux, _ = model.stack()(h_BxTxD, inputs)
-    return _predictions(model.logits(h_BxTxD), batch, add_aux(aux, decoder_aux),
-                        "seq2seq_accuracy")
+    return _predictions(model.logits, h_BxTxD, batch, add_aux(aux, decoder_aux),
+                        "seq2seq_accuracy", loss_chunks)
 
 
-def _predictions(logits_BxSxV, batch, aux, accuracy_name) -> Loss:
-    """Loss of logits against batch targets where loss_mask is 1, plus their accuracy as a stat
-    (a per-batch mean; averaged over microbatches like every stat)."""
+def _predictions(logits_fn, h_BxSxD, batch, aux, accuracy_name, loss_chunks) -> Loss:
+    """Loss of logits_fn(h) against batch targets where loss_mask is 1, plus their accuracy as a
+    stat (a per-batch mean; averaged over microbatches like every stat)."""
     mask_BxS = batch["loss_mask"].astype(jnp.float32)
     tokens = jnp.sum(mask_BxS)
-    right_BxS = (jnp.argmax(logits_BxSxV, axis=-1) == batch["targets"]).astype(jnp.float32)
-    accuracy = jnp.sum(right_BxS * mask_BxS) / jnp.maximum(tokens, 1.0)
-    aux = add_aux(aux, {"stats": {accuracy_name: jax.lax.stop_gradient(accuracy)}})
-    return Loss(token_nll(logits_BxSxV, batch["targets"], mask_BxS), tokens, aux)
+    nll, right = head_loss(logits_fn, h_BxSxD, batch["targets"], mask_BxS, loss_chunks)
+    aux = add_aux(aux, {"stats": {accuracy_name: right / jnp.maximum(tokens, 1.0)}})
+    return Loss(nll, tokens, aux)
 
 
 def _pipeline_layer(stack):
@@ -110,7 +100,7 @@ def _pipeline_layer(stack):
     return layer, stacked
 
 
-def _one_f_one_b_nll(model, plan, h_BxSxD, inputs, targets_BxS, mask_BxS):
+def _one_f_one_b_nll(model, plan, h_BxSxD, inputs, targets_BxS, mask_BxS, loss_chunks):
     """1F1B needs the loss inside the pipeline: the layer stack runs on the stages and the head +
     NLL on the last stage per microbatch; the embedding stays outside (its gradient arrives as
     the input cotangent)."""
@@ -120,8 +110,8 @@ def _one_f_one_b_nll(model, plan, h_BxSxD, inputs, targets_BxS, mask_BxS):
     layer_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), layer_state)
 
     def tail(rest_state, h_BxSxD, targets_BxS, mask_BxS):
-        logits_BxSxV = nnx.merge(graphdef, layer_shapes, rest_state).logits(h_BxSxD)
-        return token_nll(logits_BxSxV, targets_BxS, mask_BxS)
+        logits_fn = nnx.merge(graphdef, layer_shapes, rest_state).logits
+        return head_loss(logits_fn, h_BxSxD, targets_BxS, mask_BxS, loss_chunks)[0]
 
     return pipeline.one_f_one_b_loss(plan, layer, tail, stacked, rest, h_BxSxD, inputs,
                                      (targets_BxS, mask_BxS))

@@ -83,7 +83,7 @@ def make_loss_fn(cfg: Config, mesh: Mesh, graphdef):
     def loss_fn(params, batch, model_state=None):
         with use_rules(mesh, rules, cp), matmul_precision(cfg.model.matmul_precision):
             model = nnx.merge(graphdef, params, model_state or {})
-            loss = objective(model, batch, plan)
+            loss = objective(model, batch, plan, cfg.model.loss_chunks)
         if model_state is None:
             return loss, None
         updated = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))

@@ -19,7 +19,8 @@ ROOM = "mesh.max_unsharded_fraction=0.5"
 # No plain DP here: FSDP splits the batch the same way and shards the parameters too, and the
 # resume test below runs data=4 x fsdp=2 (Llama's DP is in tests/test_sharding.py)
 MESHES = {"fsdp": ["mesh.data=1", "mesh.fsdp=8", ROOM],
-          "fsdp_tp": ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", ROOM]}
+          # the vocab split over tensor, and the loss in chunks of positions (jaxlm/head_loss)
+          "fsdp_tp": ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "model.loss_chunks=2", ROOM]}
 
 
 @pytest.fixture(scope="module")

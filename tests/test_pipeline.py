@@ -25,7 +25,9 @@ M4 = "pipeline.microbatches=4"
 MESHES = {"stage2": ["mesh.data=4", "mesh.stage=2", M4],
           "stage4": ["mesh.data=2", "mesh.stage=4", M4],
           "stage8": ["mesh.data=1", "mesh.stage=8", "pipeline.microbatches=8"],
-          "stage2_data2_tensor2": ["mesh.data=2", "mesh.stage=2", "mesh.tensor=2", M4],
+          # also the head's loss in chunks (jaxlm/head_loss), inside 1F1B's last stage too
+          "stage2_data2_tensor2": ["mesh.data=2", "mesh.stage=2", "mesh.tensor=2", M4,
+                                   "model.loss_chunks=4"],
           "stage2_fsdp2_data2": ["mesh.data=2", "mesh.stage=2", "mesh.fsdp=2", M4]}
 SCHEDULES = {"gpipe": [], "circular": ["pipeline.virtual_stages=2"], "1f1b": []}
 # One cell per schedule and per mesh runs by default; the rest of the grid is marked slow (CI

@@ -38,6 +38,10 @@ class ModelConfig:
     # fp8: attention and dense-MLP projections multiply in float8 (e4m3 forward, e5m2
     # gradients, per-tensor current scaling; jaxlm/nn/fp8.py); default: in `dtype`
     matmul_precision: str = field(default="default", metadata=choices("default", "fp8"))
+    # >1: the head and its cross-entropy run over this many strided chunks of positions, each
+    # chunk's logits computed with its gradients and dropped (jaxlm/head_loss.py), so the
+    # [tokens, vocab] float32 logits never exist whole; must divide the positions
+    loss_chunks: int = field(default=1, metadata=bounds(1))
     # a Hugging Face model directory: the architecture fields come from its config.json and a
     # fresh run starts from its weights (the optimizer state fresh); see jaxlm/hf
     init_from: str = ""
