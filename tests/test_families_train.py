@@ -53,7 +53,10 @@ def test_family_trains_like_one_device_on_a_mesh(references, family, mesh):
         assert np.abs(jax.tree.leaves(bias)[0]).min() >= 0.01 - 1e-7
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# GPT-2 resumes as Llama does (tests/test_checkpoint.py): a causal LM over packed text. These
+# three carry more: BERT's masking and T5's spans are drawn per row (the data must resume
+# exactly), and DeepSeek's balancing bias rides in the train state.
+@pytest.mark.parametrize("family", ["bert", "t5", "deepseek"])
 def test_family_resumes_bit_for_bit(family, tmp_path):
     from jaxlm.train import run
     common = ["mesh.data=4", "mesh.fsdp=2", "checkpoint.every_steps=2", ROOM]
