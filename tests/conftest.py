@@ -11,12 +11,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_cpu_collective_timeout_seconds=900"
                            + " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA:CPU runs every device's thunks, blocking collective waits included, on one intra-op pool of
-# max(cores, devices) = 8 workers here. A program with many independent collectives (FSDP
-# all-gathers beside pipeline ppermutes) can fill every worker with waits whose peers sit queued
-# behind them: a deadlock at zero CPU (CI aborted so in the pipeline grid at 622e43d..7d05ed5).
-# PJRT_NPROC sizes that pool (xla/pjrt/utils.cc DefaultThreadPoolSize); 32 leaves room.
-os.environ.setdefault("PJRT_NPROC", "32")
+# XLA:CPU runs every device's thunks, blocking collective waits included, on one intra-op pool
+# of max(cores, devices) = 8 workers here. When all 8 hold waits whose peers are still queued
+# behind them, the process deadlocks at zero CPU: caught in test_pipeline's fsdp x 1f1b cell,
+# gdb showed the 8 pool threads in 7 CollectivePermutes and 1 AllGather (CI aborted there at
+# the rendezvous limit). PJRT_NPROC sizes the pool (xla/pjrt/utils.cc DefaultThreadPoolSize);
+# with 64 workers a deadlock needs 64 such waits at once, and test_pipeline.py runs no slower on
+# 2 cores. The CLI tests' subprocesses inherit it.
+os.environ.setdefault("PJRT_NPROC", "64")
 
 import jax  # noqa: E402  (after the flags above)
 import pytest  # noqa: E402
