@@ -86,9 +86,8 @@ def test_tiny_trains_in_fp8_near_default_and_resumes_exactly(tmp_path):
     """12 steps: every fp8 loss within 2% of the default precision's, and it learns; stopped
     after the step-3 save (the learning rate of steps 1-3 does not depend on train.steps) and
     run again, the fp8 run continues bit for bit."""
-    # fsdp, not data: on XLA:CPU (jaxlib 0.10.2) the fp8 program on mesh.data=8 hangs in its
-    # first step in some processes that ran other programs before (an 8-thread collective);
-    # the same runs complete in a fresh process
+    # fsdp, not data: the fp8 program on mesh.data=8 once hung in its first step here, most
+    # likely the XLA:CPU pool deadlock tests/conftest.py describes (and now sizes away)
     common = ["train.steps=12", "checkpoint.every_steps=3", "mesh.data=1", "mesh.fsdp=8"]
     ref = tmp_path / "default"
     run(tiny_config(*common, f"train.run_dir={ref}"))
