@@ -377,6 +377,10 @@ def _check_pipeline_devices(cfg: Config, sizes: dict[str, int]):
         how = f"mesh.stage={S}" + (f" x pipeline.virtual_stages={V}" if V > 1 else "")
         raise ConfigError(f"{cfg.model.units_description()} is not divisible by {how} "
                           f"= {S * V} layer groups")
+    if p.schedule == "1f1b" and cfg.model.has_aux_losses:
+        raise ConfigError(f"pipeline.schedule=1f1b with model.family={cfg.model.family}: 1F1B's "
+                          f"hand-written backward does not carry the MoE layers' aux losses; use "
+                          f"pipeline.schedule=gpipe or circular")
     if p.schedule == "circular" and p.microbatches % S:
         raise ConfigError(f"pipeline.schedule=circular needs pipeline.microbatches="
                           f"{p.microbatches} to be a multiple of mesh.stage={S}")

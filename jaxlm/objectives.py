@@ -43,7 +43,7 @@ def causal_lm(model: DecoderLM, batch: dict, plan: pipeline.Plan | None = None,
         h_BxSxD, aux, _ = stack(h_BxSxD, inputs)
     else:
         layer, stacked = _pipeline_layer(stack)
-        h_BxSxD, aux = pipeline.run_stack(plan, layer, stacked, h_BxSxD, inputs), {}
+        h_BxSxD, aux = pipeline.run_stack(plan, layer, stacked, h_BxSxD, inputs)
     nll, _ = head_loss(model.logits, h_BxSxD, batch["targets"], mask_BxS, loss_chunks)
     return Loss(nll, jnp.sum(mask_BxS), aux)
 
@@ -88,15 +88,13 @@ def _predictions(logits_fn, h_BxSxD, batch, aux, accuracy_name, loss_chunks) -> 
 
 
 def _pipeline_layer(stack):
-    """(layer(state, h, inputs) -> h, stacked state): the stack's unit function as the pipeline
-    schedules run it, h in and h out."""
+    """(layer(state, h, inputs) -> (h, aux), stacked state): the stack's unit function as the
+    pipeline schedules run it."""
     unit, stacked = stack.layer_fn()
 
     def layer(state, h, inputs):
         h, aux, _ = unit(state, h, inputs, None)
-        if aux:  # families refuse this at config time; a new one that forgets gets this
-            raise ValueError("the pipeline schedules do not carry aux losses (MoE units)")
-        return h
+        return h, aux
     return layer, stacked
 
 

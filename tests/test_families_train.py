@@ -99,7 +99,12 @@ def test_bad_family_config_is_one_clear_error(family, overrides, message):
                                               "pipeline"),
     ("t5", ["mesh.data=4", "mesh.stage=2"], "mesh.stage=2: model.family=t5 does not run on a "
                                             "pipeline"),
-    ("deepseek", ["mesh.data=4", "mesh.stage=2"], "pipeline parallelism does not support MoE"),
+    ("deepseek", ["mesh.data=4", "mesh.stage=2"],
+     "mesh.stage=2 with model.bias_update_rate=0.01: the pipeline schedules do not carry the "
+     "balancing bias"),
+    ("deepseek", ["mesh.data=4", "mesh.stage=2", "model.bias_update_rate=0"],
+     "mesh.stage=2 with model.num_dense_layers=1: the dense first layers and the MoE layers are "
+     "two stacks, and the pipeline splits one"),
     ("deepseek", ["mesh.data=1", "mesh.expert=8"], "model.num_experts=4 is not divisible by "
                                                    "mesh.expert=8"),
 ])

@@ -101,8 +101,8 @@ def test_schedule_is_complete_ordered_and_has_the_formula_bubble(schedule, virtu
         assert pipeline.bubble_fraction(table) < gpipe
 
 
-def _wide_layer(w, h_BxSxD, _):
-    return h_BxSxD + jnp.tanh(h_BxSxD @ w["a"]) @ w["b"]
+def _wide_layer(w, h_BxSxD, _):  # -> (h, aux terms: none)
+    return h_BxSxD + jnp.tanh(h_BxSxD @ w["a"]) @ w["b"], {}
 
 
 def _square_tail(w_DxO, h_BxSxD, y_BxSxO):
@@ -133,13 +133,13 @@ def test_1f1b_activation_memory_does_not_grow_with_microbatches():
                 if schedule == "1f1b":
                     return pipeline.one_f_one_b_loss(plan, _wide_layer, _square_tail, w, w_out, x,
                                                      (pos,), (y,))
-                return _square_tail(w_out, pipeline.run_stack(plan, _wide_layer, w, x, pos), y)
+                return _square_tail(w_out, pipeline.run_stack(plan, _wide_layer, w, x, pos)[0], y)
 
             compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(w, w_out, x).compile()
             temp[schedule, M] = compiled.memory_analysis().temp_size_in_bytes
             if M == 4:
                 def plain(w, w_out, x):
-                    h = jax.lax.scan(lambda h, wl: (_wide_layer(wl, h, None), None), x, w)[0]
+                    h = jax.lax.scan(lambda h, wl: (_wide_layer(wl, h, None)[0], None), x, w)[0]
                     return _square_tail(w_out, h, y)
                 want = jax.grad(plain, argnums=(0, 1, 2))(w, w_out, x)
                 jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
@@ -149,6 +149,20 @@ def test_1f1b_activation_memory_does_not_grow_with_microbatches():
         growth = [(temp[schedule, b] - temp[schedule, a]) / (b - a) for a, b in ((4, 8), (8, 16))]
         assert all(per_microbatch_ok(g) for g in growth), (schedule, temp)
     assert temp["1f1b", 16] < temp["gpipe", 4]
+
+
+def test_moe_pipeline_matches_one_device_accumulating_as_many_microbatches():
+    """MoE on GPipe with expert parallelism inside each stage (tests/test_moe.py's tiny Mixtral: a
+    unit is a dense and an MoE layer; 2 units here, one per stage). The balancing losses and load
+    stats are per microbatch, so one device matches the pipeline when it accumulates as many
+    microbatches (the same strided rows). Circular runs the same stage code (run_stack)."""
+    from test_moe import MOE, assert_same
+    small = [*BASE, *MOE, "model.num_layers=4"]
+    cfg = tiny_config(*small, "train.microbatches=4")
+    batches = packed_batches(cfg, 3)
+    ref = train_on_mesh(cfg, mesh_for(cfg, 1), batches)
+    piped = tiny_config(*small, "mesh.data=2", "mesh.expert=2", "mesh.stage=2", M4)
+    assert_same(ref, train_on_mesh(piped, mesh_for(piped), batches))
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -174,8 +188,12 @@ def test_1f1b_activation_memory_does_not_grow_with_microbatches():
     (["mesh.data=4", "mesh.stage=2", "pipeline.microbatches=8"],
      r"2 rows per pipeline microbatch .* not divisible by the data-parallel size "
      r"data\*fsdp\*expert=4"),
-    (["mesh.stage=2", "model.family=mixtral", "model.num_experts=4"],
-     r"mesh.stage=2 with model.num_experts=4: pipeline parallelism does not support MoE"),
+    (["mesh.stage=2", "model.family=mixtral", "model.num_experts=4", "pipeline.schedule=1f1b"],
+     r"pipeline.schedule=1f1b with model.family=mixtral: 1F1B's hand-written backward does not "
+     r"carry the MoE layers' aux losses; use pipeline.schedule=gpipe or circular"),
+    (["mesh.stage=2", "model.family=mixtral", "model.bias_update_rate=0.01"],
+     r"mesh.stage=2 with model.bias_update_rate=0.01: the pipeline schedules do not carry the "
+     r"balancing bias"),
 ])
 def test_bad_pipeline_config_is_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):

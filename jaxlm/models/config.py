@@ -47,6 +47,11 @@ class ModelConfig:
     init_from: str = ""
 
     @property
+    def has_aux_losses(self) -> bool:
+        """Whether the layer stack returns loss terms beside h (MoE's balancing losses)."""
+        return False
+
+    @property
     def num_units(self) -> int:
         """Length of the layer stack as scanned and pipelined (a unit may hold several layers)."""
         return self.num_layers

@@ -50,10 +50,14 @@ class MoEFields:
         if self.num_experts % sizes["expert"]:
             raise ConfigError(f"model.num_experts={self.num_experts} is not divisible by "
                               f"mesh.expert={sizes['expert']}")
-        if sizes["stage"] > 1:  # MoE units return aux losses the pipeline schedules do not carry
-            raise ConfigError(f"mesh.stage={sizes['stage']} with model.num_experts="
-                              f"{self.num_experts}: pipeline parallelism does not support MoE "
-                              f"models yet")
+        if sizes["stage"] > 1 and self.bias_update_rate:  # forward-updated state
+            raise ConfigError(f"mesh.stage={sizes['stage']} with model.bias_update_rate="
+                              f"{self.bias_update_rate}: the pipeline schedules do not carry the "
+                              f"balancing bias the forward pass moves")
+
+    @property
+    def has_aux_losses(self) -> bool:
+        return True  # the balancing and z losses (jaxlm.nn.moe), whatever their weights
 
     def moe_matmul_params(self, d_model: int, ffn_dim: int) -> int:
         """What one token activates in an MoE layer: the router, its top-k experts and the

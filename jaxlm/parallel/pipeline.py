@@ -149,11 +149,13 @@ def _select(pred, a, b):
 
 
 def _group_fn(layer_fn):
-    """Runs one layer group (a stack of L/(SV) layers) on one microbatch."""
+    """Runs one layer group (a stack of L/(SV) layers) on one microbatch: (h, the layers' aux
+    terms summed)."""
     def run(group_state, h, inputs):
         def body(h, layer_state):
-            return layer_fn(layer_state, h, inputs), None
-        return jax.lax.scan(body, h, group_state)[0]
+            return layer_fn(layer_state, h, inputs)
+        h, aux_L = jax.lax.scan(body, h, group_state)
+        return h, jax.tree.map(lambda a: jnp.sum(a, axis=0), aux_L)
     return run
 
 
@@ -175,9 +177,11 @@ def _shard_map(plan, fn, in_specs, out_specs):
 # ---------------------------------------------------------------- GPipe / circular
 
 def run_stack(plan: Plan, layer_fn: Callable, stacked, h_BxSxD, inputs_BxS):
-    """The layer stack on the plan: layer_fn(layer_state, h, inputs) -> h, applied in order over
-    the leading (layer) dim of `stacked`. `inputs` (a pytree of per-row arrays every layer reads:
-    positions, segment ids; None allowed) is split into microbatches like h."""
+    """The layer stack on the plan: layer_fn(layer_state, h, inputs) -> (h, aux), applied in
+    order over the leading (layer) dim of `stacked`. `inputs` (a pytree of per-row arrays every
+    layer reads: positions, segment ids; None allowed) is split into microbatches like h.
+    Returns (h_out, aux): aux (e.g. MoE's balancing losses and load stats) summed over the layers
+    and averaged over the microbatches, as `train.microbatches` averages them."""
     S, M, V = plan.stages, plan.microbatches, plan.virtual
     xs = _split_microbatches(h_BxSxD, M)
     aux = jax.tree.map(lambda a: _split_microbatches(a, M), inputs_BxS)
@@ -196,20 +200,23 @@ def run_stack(plan: Plan, layer_fn: Callable, stacked, h_BxSxD, inputs_BxS):
             i = (uc // (S * V)) * S + uc % S
             v = (uc % (S * V)) // S
             x = jnp.where((s == 0) & (v == 0), _index(xs_MxBxSxD, i), buf)
-            y = group(_index(params_V, v), x, _index(aux_M, i))
+            y, terms = group(_index(params_V, v), x, _index(aux_M, i))
             y = jnp.where(on, y, buf)
             done = on & (s == S - 1) & (v == V - 1)
             out = jnp.where(done, jax.lax.dynamic_update_index_in_dim(out, y, i, 0), out)
-            return (_ring(y, S), out), None
+            terms = jax.tree.map(lambda a: jnp.where(on, a, jnp.zeros_like(a)), terms)
+            return (_ring(y, S), out), terms
 
         init = (jnp.zeros_like(xs_MxBxSxD[0]), jnp.zeros_like(xs_MxBxSxD))
-        (_, out), _ = jax.lax.scan(tick, init, jnp.arange(M * V + S - 1))
-        return out[None]  # [1, M, ...]: only the last stage's is filled
+        (_, out), terms_T = jax.lax.scan(tick, init, jnp.arange(M * V + S - 1))
+        # every stage's layers, every microbatch: summed over ticks and stages, then a mean
+        terms = jax.lax.psum(jax.tree.map(lambda a: jnp.sum(a, axis=0), terms_T), AXIS)
+        return out[None], jax.tree.map(lambda a: a / M, terms)  # out: only the last stage's
 
     spec_l = jax.tree.map(lambda _: P(AXIS), laid)
-    out_SxMx = _shard_map(plan, per_stage, (spec_l, P(), jax.tree.map(lambda _: P(), aux)),
-                          P(AXIS))(laid, xs, aux)
-    return _merge_microbatches(out_SxMx[S - 1])
+    out_SxMx, terms = _shard_map(plan, per_stage, (spec_l, P(), jax.tree.map(lambda _: P(), aux)),
+                                 (P(AXIS), P()))(laid, xs, aux)
+    return _merge_microbatches(out_SxMx[S - 1]), terms
 
 
 # ---------------------------------------------------------------- 1F1B
@@ -218,10 +225,12 @@ def one_f_one_b_loss(plan: Plan, layer_fn, tail_fn, stacked, tail_params, h_BxSx
                      tail_aux_BxS):
     """Sum over rows of tail_fn(tail_params, h_out_mb, *tail_aux_mb) (e.g. the head and the
     summed token NLL) where h_out = the layer stack applied to h_BxSxD, on the 1F1B schedule.
+    layer_fn is run_stack's; its aux terms are dropped, so layers with aux losses (MoE) are
+    refused on 1f1b at config time.
     Differentiable in stacked, tail_params and h_BxSxD; the gradients are computed in the
     forward (that is the schedule) and only scaled by the cotangent in the backward."""
     def plain(stacked, tail_params, h):  # no gradients wanted (eval): a GPipe forward
-        h_out = run_stack(plan, layer_fn, stacked, h, inputs_BxS)
+        h_out, _ = run_stack(plan, layer_fn, stacked, h, inputs_BxS)
         return tail_fn(tail_params, h_out, *tail_aux_BxS)
 
     @jax.custom_vjp
@@ -265,7 +274,7 @@ def _one_f_one_b(plan, layer_fn, tail_fn, stacked, tail_params, h_BxSxD, inputs_
             x = jnp.where(s == 0, _index(xs_MxBxSxD, fc), fwd_buf)
             stash = jnp.where(f_on, jax.lax.dynamic_update_index_in_dim(stash, x, fc % K, 0),
                               stash)
-            y = group(params, x, _index(aux_M, fc))
+            y, _ = group(params, x, _index(aux_M, fc))  # no aux terms: MoE is refused on 1f1b
             # the last stage turns its output straight into a loss and a cotangent
             l, tail_vjp = jax.vjp(lambda tp, yy: tail_fn(tp, yy, *_index(tail_aux_M, fc)),
                                   tail_p, y)
@@ -275,7 +284,8 @@ def _one_f_one_b(plan, layer_fn, tail_fn, stacked, tail_params, h_BxSxD, inputs_
             g_tail = _select(keep, jax.tree.map(jnp.add, g_tail, dtail), g_tail)
             # backward of microbatch b (= f on the last stage), recomputing this stage's layers
             x_b = jax.lax.dynamic_index_in_dim(stash, bc % K, keepdims=False)
-            _, stage_vjp = jax.vjp(lambda p, xx: group(p, xx, _index(aux_M, bc)), params, x_b)
+            _, stage_vjp = jax.vjp(lambda p, xx: group(p, xx, _index(aux_M, bc))[0], params,
+                                   x_b)
             dparams, dx = stage_vjp(jnp.where(last, dy, bwd_buf))
             g_params = _select(b_on, jax.tree.map(jnp.add, g_params, dparams), g_params)
             dxs = jnp.where(b_on & (s == 0), jax.lax.dynamic_update_index_in_dim(dxs, dx, bc, 0),

@@ -53,6 +53,10 @@ class DeepseekConfig(MoEFields, RopeFields, ModelConfig):
 
     def check_mesh(self, sizes: dict[str, int]) -> None:
         self.check_moe_mesh(sizes)
+        if sizes["stage"] > 1 and self.num_dense_layers:
+            raise ConfigError(f"mesh.stage={sizes['stage']} with model.num_dense_layers="
+                              f"{self.num_dense_layers}: the dense first layers and the MoE "
+                              f"layers are two stacks, and the pipeline splits one")
 
     def attention_params(self) -> int:
         d, h = self.d_model, self.num_heads
