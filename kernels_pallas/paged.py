@@ -78,6 +78,7 @@ class _Config:
     R: int        # query heads per kv head
     bq: int       # tokens per query block
     rows: int     # q tile rows; >= bq * R (the GPU rounds up to a power of two)
+    quantized: bool = False  # int8 pages, dequantised page by page in the kernel
 
     @property
     def n_qb(self) -> int:
@@ -92,7 +93,8 @@ def _fail(msg):
     raise ValueError(f"paged_attention: {msg}")
 
 
-def _check_inputs(q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens):
+def _check_inputs(q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens, scales=None):
+    """scales: None (float pages) or (k_scales, v_scales) of int8 pages."""
     for name, x, rank, layout in (
             ("q", q, 3, "[tokens, q_heads, head_dim]"),
             ("k_pages", k_pages, 4, "[pages, page_size, kv_heads, head_dim]"),
@@ -118,15 +120,29 @@ def _check_inputs(q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens):
                     ("cu_q_lens", cu_q_lens)):
         if x.dtype != jnp.int32:
             _fail(f"{name} must be int32; got {x.dtype}")
-    if q.dtype not in FLOAT_DTYPES or not q.dtype == k_pages.dtype == v_pages.dtype:
-        _fail(f"q, k_pages, v_pages must share one of bfloat16/float16/float32; got "
-              f"{q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
+    if scales is None:
+        if q.dtype not in FLOAT_DTYPES or not q.dtype == k_pages.dtype == v_pages.dtype:
+            _fail(f"q, k_pages, v_pages must share one of bfloat16/float16/float32 (or pages "
+                  f"int8 with k_scales and v_scales); got {q.dtype}, {k_pages.dtype}, "
+                  f"{v_pages.dtype}")
+        return
+    if q.dtype not in FLOAT_DTYPES or not k_pages.dtype == v_pages.dtype == jnp.int8:
+        _fail(f"with k_scales and v_scales, the pages must be int8 and q a float; got q "
+              f"{q.dtype}, pages {k_pages.dtype}, {v_pages.dtype}")
+    for name, x in zip(("k_scales", "v_scales"), scales):
+        if x is None or x.shape != (P, B, G) or x.dtype != jnp.float32:
+            _fail(f"{name} must be float32 [pages, page_size, kv_heads] = {(P, B, G)} (one "
+                  f"scale per stored key/value vector); got "
+                  f"{None if x is None else (x.shape, str(x.dtype))}")
 
 
-def _config(q, k_pages, v_pages, causal, sm_scale, max_q_len, backend, pages_per_block):
+def _config(q, k_pages, v_pages, causal, sm_scale, max_q_len, backend, pages_per_block,
+            quantized=False):
     backend = backend or default_backend()
     if backend not in BACKENDS:
         _fail(f"backend={backend!r}; expected one of {BACKENDS}")
+    if quantized and backend in ("tpu", "interpret_tpu"):
+        _fail(f"int8 pages run on the gpu and interpret backends, not {backend}")
     T, H, K = q.shape
     B, G, V = k_pages.shape[1], k_pages.shape[2], v_pages.shape[3]
     max_q_len = T if max_q_len is None else max_q_len
@@ -154,20 +170,24 @@ def _config(q, k_pages, v_pages, causal, sm_scale, max_q_len, backend, pages_per
         bq = max(1, min(max_q_len, TPU_MAX_ROWS // R))
         rows = bq * R
     scale = K ** -0.5 if sm_scale is None else float(sm_scale)
-    return _Config(backend, bool(causal), scale, max_q_len, ppb, R, bq, rows)
+    return _Config(backend, bool(causal), scale, max_q_len, ppb, R, bq, rows, quantized)
 
 
 # ---- reference ----
 
 def paged_attention_reference(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_tables_SxM,
                               kv_lens_S, cu_q_lens_S1, *, sm_scale=None, causal=True,
-                              max_q_len=None):
+                              max_q_len=None, k_scales_PxBxG=None, v_scales_PxBxG=None):
     """Plain jnp in float32: gathers every sequence's pages into [S, M * B] keys and masks.
     Materialises [T, H, M * B] logits: tests only. max_q_len is accepted for symmetry (the
-    reference handles any q_len)."""
+    reference handles any q_len). int8 pages are dequantised by their scales first."""
     del max_q_len
+    scales = _scales(k_scales_PxBxG, v_scales_PxBxG)
     _check_inputs(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_tables_SxM, kv_lens_S,
-                  cu_q_lens_S1)
+                  cu_q_lens_S1, scales)
+    if scales is not None:
+        k_pages_PxBxGxK = _dequantize(k_pages_PxBxGxK, scales[0], jnp.float32)
+        v_pages_PxBxGxV = _dequantize(v_pages_PxBxGxV, scales[1], jnp.float32)
     T, H, K = q_TxHxK.shape
     P, B, G, _ = k_pages_PxBxGxK.shape
     S, M = block_tables_SxM.shape
@@ -200,6 +220,18 @@ def paged_attention_reference(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_t
 
 
 # ---- what both kernels share ----
+
+def _scales(k_scales, v_scales):
+    """(k_scales, v_scales) of int8 pages, or None for float pages (one given: refused)."""
+    if k_scales is None and v_scales is None:
+        return None
+    return k_scales, v_scales
+
+
+def _dequantize(x_int8, scale, dtype):
+    """int8 vectors times their float32 scales (broadcast over the last axis), in dtype."""
+    return (x_int8.astype(jnp.float32) * scale[..., None]).astype(dtype)
+
 
 def _dot(a, b, contract):
     """fp32-accumulating matmul; HIGHEST keeps fp32 inputs fp32 (not TF32 / one bf16 pass)."""
@@ -259,8 +291,11 @@ def _ungroup(out_GxTRxV, T, H):
 
 # ---- GPU (Triton) kernel ----
 
-def _gpu_kernel(bt_ref, kv_lens_ref, cu_ref, q_ref, k_ref, v_ref, _zeros_ref, o_ref, *, cfg):
-    """One (sequence, kv head, query block): q tile rows are (token, head) pairs token-major."""
+def _gpu_kernel(bt_ref, kv_lens_ref, cu_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, _zeros_ref,
+                o_ref, *, cfg):
+    """One (sequence, kv head, query block): q tile rows are (token, head) pairs token-major.
+    ks_ref / vs_ref: the int8 pages' scales [P, page_size, G] (a stand-in, never read, for
+    float pages)."""
     s, g, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     B, M = k_ref.shape[1], bt_ref.shape[1]
     n_tok, pos0, n_pages = _block_geometry(cfg, B, M, s, qb, kv_lens_ref, cu_ref)
@@ -283,6 +318,9 @@ def _gpu_kernel(bt_ref, kv_lens_ref, cu_ref, q_ref, k_ref, v_ref, _zeros_ref, o_
                 # past the last page the table entry is arbitrary: reread the last page, masked
                 page = bt_ref[s, jnp.minimum(page_i, n_pages - 1)]
                 k_BxK, v_BxV = k_ref[page, :, g, :], v_ref[page, :, g, :]
+                if cfg.quantized:
+                    k_BxK = _dequantize(k_BxK, ks_ref[page, :, g], q_RxK.dtype)
+                    v_BxV = _dequantize(v_BxV, vs_ref[page, :, g], q_RxK.dtype)
                 vis_RxB = _visible_RxB(cfg, tok_R1, pos0, kv_len, page_i, B) & (page_i < n_pages)
                 kpos_B1 = page_i * B + lax.broadcasted_iota(jnp.int32, (B, 1), 0)
                 carry = _online_step(cfg, q_RxK, k_BxK, v_BxV, vis_RxB, kpos_B1 < kv_len, *carry)
@@ -297,8 +335,11 @@ def _gpu_kernel(bt_ref, kv_lens_ref, cu_ref, q_ref, k_ref, v_ref, _zeros_ref, o_
                     _normalise(acc_RxV, l_R1).astype(o_ref.dtype), mask=row_ok_R[:, None])
 
 
-def _gpu_forward(cfg, q_TxHxK, k_pages, v_pages, block_tables, kv_lens, cu_q_lens):
+def _gpu_forward(cfg, q_TxHxK, k_pages, v_pages, block_tables, kv_lens, cu_q_lens,
+                 k_scales=None, v_scales=None):
     T, H, _ = q_TxHxK.shape
+    if k_scales is None:  # float pages: stand-ins the kernel never reads
+        k_scales = v_scales = jnp.zeros((1, 1, 1), jnp.float32)
     G, V = k_pages.shape[2], v_pages.shape[3]
     S = block_tables.shape[0]
     # rows padded by one tile: an overhanging dynamic slice stays in bounds (the interpreter
@@ -309,10 +350,10 @@ def _gpu_forward(cfg, q_TxHxK, k_pages, v_pages, block_tables, kv_lens, cu_q_len
     out_GxTRxV = pl.pallas_call(
         functools.partial(_gpu_kernel, cfg=cfg), grid=(S, G, cfg.n_qb),
         out_shape=jax.ShapeDtypeStruct(zeros_GxTRxV.shape, zeros_GxTRxV.dtype),
-        input_output_aliases={6: 0}, interpret=cfg.backend == "interpret",
+        input_output_aliases={8: 0}, interpret=cfg.backend == "interpret",
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         name="paged_attention")(block_tables, kv_lens, cu_q_lens, q_GxTRxK, k_pages, v_pages,
-                                zeros_GxTRxV)
+                                k_scales, v_scales, zeros_GxTRxV)
     return _ungroup(out_GxTRxV, T, H)
 
 
@@ -429,7 +470,7 @@ def _forward(cfg, *arrays):
 
 def paged_attention(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_tables_SxM, kv_lens_S,
                     cu_q_lens_S1, *, sm_scale=None, causal=True, max_q_len=None, backend=None,
-                    pages_per_block=None):
+                    pages_per_block=None, k_scales_PxBxG=None, v_scales_PxBxG=None):
     """Attention of T flat query rows over paged K/V; returns [T, H, V] in q's dtype.
 
     q [T, H, K]; k_pages [P, page_size, G, K]; v_pages [P, page_size, G, V]; block_tables
@@ -437,12 +478,15 @@ def paged_attention(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_tables_SxM,
     cu_q_lens [S + 1] int32 (sequence s owns rows cu_q_lens[s]:cu_q_lens[s + 1]; rows past
     cu_q_lens[S] come out zero). max_q_len: static bound on any q_len (None: T); rows beyond it
     are not computed. sm_scale None: 1 / sqrt(K). backend: one of BACKENDS (None: by platform);
-    pages_per_block: see the module docstring."""
+    pages_per_block: see the module docstring. int8 pages come with k_scales / v_scales
+    [P, page_size, G] float32 (one per stored vector; gpu and interpret backends): each page is
+    dequantised to q's dtype as it is loaded, so the pool stays int8 in memory."""
+    scales = _scales(k_scales_PxBxG, v_scales_PxBxG)
     _check_inputs(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_tables_SxM, kv_lens_S,
-                  cu_q_lens_S1)
+                  cu_q_lens_S1, scales)
     cfg = _config(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, causal, sm_scale, max_q_len,
-                  backend, pages_per_block)
+                  backend, pages_per_block, quantized=scales is not None)
     if q_TxHxK.shape[0] == 0 or block_tables_SxM.shape[0] == 0:
         return jnp.zeros(q_TxHxK.shape[:2] + v_pages_PxBxGxV.shape[3:], q_TxHxK.dtype)
     return _forward(cfg, q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_tables_SxM,
-                    kv_lens_S, cu_q_lens_S1)
+                    kv_lens_S, cu_q_lens_S1, *(scales or ()))

@@ -169,14 +169,43 @@ def test_reference_matches_dense_numpy(causal):
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
 
 
+def quantize_pages(args):
+    """The inputs with int8 K/V pages (jaxlm's KV-cache rounding: one scale per stored vector)
+    -> (int8 args, their scales, the float args those int8 values stand for)."""
+    from jaxlm.nn.int8 import quantize
+    q, k, v, *rest = args
+    (kq, ks), (vq, vs) = quantize(k), quantize(v)
+    deq = lambda x, s: (x.astype(jnp.float32) * s[..., None]).astype(q.dtype)  # noqa: E731
+    return (q, kq, vq, *rest), dict(k_scales_PxBxG=ks, v_scales_PxBxG=vs), \
+        (q, deq(kq, ks), deq(vq, vs), *rest)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "interpret_tpu"])
+@pytest.mark.parametrize("name", ["mixed_gqa2_causal_f32", "mixed_gqa4_noncausal_bf16_v32"])
+def test_int8_pages_attend_like_their_dequantised_values(name, backend):
+    """int8 pages with per-vector scales, dequantised page by page inside the kernel, give the
+    attention of the float values they stand for (and so does the reference)."""
+    case = for_backend(CASES[name], backend)
+    args, scales, floats = quantize_pages(make_inputs(case, seed=3))
+    want = paged_attention_reference(*floats, **kwargs(case))
+    out = paged_attention(*args, **kwargs(case), **scales, backend=backend)
+    assert out.dtype == args[0].dtype and rel_err(out, want) < TOL[case.dtype]
+    assert rel_err(paged_attention_reference(*args, **kwargs(case), **scales), want) < TOL[
+        case.dtype]
+
+
 # ---- lowering for the real targets (no device needed) ----
 
-def _lower(backend, platform, K=128, page_size=16, dtype=jnp.bfloat16, **kw):
+def _lower(backend, platform, K=128, page_size=16, dtype=jnp.bfloat16, int8=False, **kw):
     S, M, P, G, H, T = 8, 16, 64, 2, 8, 64
     sd = jax.ShapeDtypeStruct
-    args = (sd((T, H, K), dtype), sd((P, page_size, G, K), dtype),
-            sd((P, page_size, G, K), dtype), sd((S, M), jnp.int32), sd((S,), jnp.int32),
+    pages = jnp.int8 if int8 else dtype
+    args = (sd((T, H, K), dtype), sd((P, page_size, G, K), pages),
+            sd((P, page_size, G, K), pages), sd((S, M), jnp.int32), sd((S,), jnp.int32),
             sd((S + 1,), jnp.int32))
+    if int8:
+        kw = dict(kw, k_scales_PxBxG=sd((P, page_size, G), jnp.float32),
+                  v_scales_PxBxG=sd((P, page_size, G), jnp.float32))
     ctx = contextlib.nullcontext()
     if platform == "tpu":  # Pallas checks TPU block shapes here; Mosaic's compile needs a TPU
         try:
@@ -187,12 +216,13 @@ def _lower(backend, platform, K=128, page_size=16, dtype=jnp.bfloat16, **kw):
         except (ImportError, TypeError, AttributeError) as e:
             pytest.skip(f"no abstract TPU device in this jax: {e}")
     with ctx:
-        return jax.jit(lambda *a: paged_attention(*a, backend=backend, **kw)).trace(
-            *args).lower(lowering_platforms=(platform,)).as_text()
+        scales = {n: kw.pop(n) for n in ("k_scales_PxBxG", "v_scales_PxBxG") if n in kw}
+        return jax.jit(lambda *a, **sc: paged_attention(*a, backend=backend, **kw, **sc)).trace(
+            *args, **scales).lower(lowering_platforms=(platform,)).as_text()
 
 
 @pytest.mark.parametrize("kw", [dict(max_q_len=16, pages_per_block=2),
-                                dict(max_q_len=1, causal=False)])
+                                dict(max_q_len=1, causal=False), dict(max_q_len=1, int8=True)])
 def test_gpu_kernel_lowers_to_triton(kw):
     assert _lower("gpu", "cuda", **kw).count("__gpu$xla.gpu.triton") == 1
 
@@ -243,6 +273,15 @@ def _bad(name):
         kw["backend"] = "gpu"
     elif name == "tpu_head_dim":
         kw["backend"] = "tpu"
+    elif name in ("int8_scales_shape", "int8_tpu", "int8_float_pages"):
+        P, B, G = k.shape[:3]
+        kw = dict(k_scales_PxBxG=jnp.ones((P, B, G)), v_scales_PxBxG=jnp.ones((P, B, G)))
+        if name != "int8_float_pages":
+            k, v = k.astype(jnp.int8), v.astype(jnp.int8)
+        if name == "int8_scales_shape":
+            kw["v_scales_PxBxG"] = jnp.ones((P, B))
+        if name == "int8_tpu":
+            kw["backend"] = "interpret_tpu"
     return (q, k, v, bt, kv, cu), kw
 
 
@@ -264,6 +303,10 @@ BAD_INPUTS = [
     ("pages_per_block", r"pages_per_block must be a positive int"),
     ("gpu_page_size", r"the gpu \(Triton\) backend needs page_size a power of two >= 16; got 4"),
     ("tpu_head_dim", r"the tpu backend needs head_dim and v_head_dim multiples of 128"),
+    ("int8_float_pages", r"with k_scales and v_scales, the pages must be int8 and q a float"),
+    ("int8_scales_shape",
+     r"v_scales must be float32 \[pages, page_size, kv_heads\] = \(6, 4, 2\)"),
+    ("int8_tpu", r"int8 pages run on the gpu and interpret backends, not interpret_tpu"),
 ]
 
 
@@ -274,4 +317,4 @@ def test_bad_inputs_raise(name, match):
         paged_attention(*args, **kw)
     if "backend" not in kw and name not in ("max_q_len", "pages_per_block"):
         with pytest.raises(ValueError, match=match):  # the reference checks its inputs too
-            paged_attention_reference(*args)
+            paged_attention_reference(*args, **kw)

@@ -15,6 +15,7 @@ from jaxlm.generate.lm import LM
 from jaxlm.generate.load import mesh_of
 from jaxlm.generate.sampling import SamplingConfig
 from jaxlm.serve.engine import QueueFull, ServeConfig, ServingEngine
+from jaxlm.serve.step import page_bytes
 from test_generate import tiny_lm
 
 SHARED = [7, 3, 9, 1, 4, 4, 2, 8, 6, 5]  # two pages of 4 and a bit: prefix-cache hits
@@ -175,6 +176,34 @@ def test_a_data_x_tensor_mesh_serves_what_one_device_does(lm):
     pages = jax.tree.leaves(engine.device.pools)[0]
     assert pages.sharding.spec[2] == "tensor"
     assert got == expected(lm, reqs)
+
+
+def test_an_int8_kv_cache_serves_what_generate_decodes_with_one(lm):
+    """int8 pages (one float32 scale per stored vector, as generate's int8 cache): the tokens
+    equal jaxlm.generate's with an int8 cache, on one device (the reference; prefix-cache hits;
+    3 choices forking with a copied page) and on data=2 x tensor=2 (the kernel per shard);
+    a page costs int8 values plus their scales."""
+    lm8 = LM.of(lm.cfg, lm.state, mesh=mesh_of(None), cache_dtype="int8")
+    reqs = requests(GREEDY)
+    got, engine = serve(lm8, reqs, token_budget=8)
+    assert got == expected(lm8, reqs) and engine.pool.hits >= 2
+    G, K = lm.cfg.num_kv_heads, lm.cfg.resolved_head_dim
+    per_layer = 2 * engine.cfg.page_size * G * (K + 4)  # keys and values: int8 + a float32 scale
+    assert page_bytes(engine.device.pools) == lm.cfg.num_layers * per_layer
+    sampling = SamplingConfig(temperature=0.9, seed=4, max_tokens=5)
+    engine.add("n", PROMPTS[0], sampling, n=3)
+    choices = {}
+    while engine.has_work:
+        for d in engine.step():
+            choices.setdefault(d.index, []).extend(d.token_ids)
+    seeds = [Request(PROMPTS[0], dataclasses.replace(sampling, seed=4 + i)) for i in range(3)]
+    assert [choices[i] for i in range(3)] == [ids for ids, _ in expected(lm8, seeds)]
+    assert engine.counters["copied_pages"] >= 1
+    sizes = dict.fromkeys(MESH_AXES, 1) | {"data": 2, "tensor": 2}
+    lm4 = LM.of(lm.cfg, lm.state, mesh=mesh_of(sizes), cache_dtype="int8")
+    got, engine = serve(lm4, reqs[:3], arrivals=[0, 0, 1], token_budget=8,
+                        attention_impl="pallas")
+    assert got == expected(lm8, reqs[:3])
 
 
 def test_stop_tokens_and_abort_free_pages(lm):

@@ -15,6 +15,7 @@ import threading
 import time
 
 import httpx2
+import jax
 import openai
 import pytest
 import uvicorn
@@ -428,9 +429,10 @@ def test_cli_builds_the_app_from_a_run_and_bad_flags_are_one_line(tmp_path, caps
     from test_generate_cli import LLAMA, make_run
     make_run(tmp_path, LLAMA)  # context: data.seq_len=32
     app = build(parse_args(["--run", str(tmp_path), "--pages", "20", "--page-size", "4",
-                            "--max-queue", "3", "--model-name", "m"]))
+                            "--max-queue", "3", "--model-name", "m", "--cache-dtype", "int8"]))
     server = app.state.server
     assert (server.model_name, server.max_len, server.loop.engine.cfg.max_queue) == ("m", 32, 3)
+    assert str(jax.tree.leaves(server.loop.engine.device.pools)[0].dtype) == "int8"
     assert not server.loop.alive  # the engine thread starts with the app, not before
     for argv, needle in [(["--max-model-len", "99"], "--max-model-len=99: the model reads at "
                                                      "most 32"),

@@ -29,9 +29,7 @@ def constrain_caches(tree):
     def one(c: KVCache | PagedKVCache):
         kv = lambda x: None if x is None else constrain(x, KV_CACHE_NAMES)  # noqa: E731
         if isinstance(c, PagedKVCache):  # pages of many rows: only the kv heads are split
-            pages = lambda x: None if x is None else constrain(x, PAGE_NAMES)  # noqa: E731
-            return c.replace(k_pages_PxBxGxK=pages(c.k_pages_PxBxGxK),
-                             v_pages_PxBxGxV=pages(c.v_pages_PxBxGxV))
+            return c.with_arrays(lambda x: constrain(x, PAGE_NAMES[:x.ndim]))
         scale = lambda x: None if x is None else constrain(x, KV_CACHE_NAMES[:3])  # noqa: E731
         return c.replace(k_BxTxGxK=kv(c.k_BxTxGxK), v_BxTxGxV=kv(c.v_BxTxGxV),
                          k_scale_BxTxG=scale(c.k_scale_BxTxG),

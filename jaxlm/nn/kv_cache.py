@@ -15,17 +15,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxlm.nn.attend import MaskSpec
-
-INT8_MAX = 127.0
-
-
-def quantize(x_BxSxGxK):
-    """Symmetric absmax int8 over the last dim: (int8 values, float32 scale [B, S, G])."""
-    x = x_BxSxGxK.astype(jnp.float32)
-    scale_BxSxG = jnp.max(jnp.abs(x), axis=-1) / INT8_MAX
-    safe = jnp.where(scale_BxSxG > 0, scale_BxSxG, 1.0)  # an all-zero vector stays zero
-    q = jnp.clip(jnp.round(x / safe[..., None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-    return q, scale_BxSxG
+from jaxlm.nn.int8 import quantize
 
 
 @struct.dataclass

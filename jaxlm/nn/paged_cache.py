@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
+from jaxlm.nn.int8 import quantize
 from jaxlm.parallel.sharding import active, logical_to_spec
 from kernels_pallas.paged import paged_attention, paged_attention_reference
 
@@ -35,10 +36,14 @@ class PagedStep:
 
 @struct.dataclass
 class PagedKVCache:
-    """One layer's pages (values None: the keys' first `v_dim` columns, MLA's shared latent)."""
+    """One layer's pages (values None: the keys' first `v_dim` columns, MLA's shared latent).
+    int8 pages carry one float32 scale per stored vector, as the dense KVCache's int8 does
+    (jaxlm.nn.kv_cache.quantize), and the kernel dequantises them as it reads."""
     k_pages_PxBxGxK: jax.Array
     v_pages_PxBxGxV: jax.Array | None
     step: PagedStep | None = None
+    k_scale_PxBxG: jax.Array | None = None   # int8 pages only
+    v_scale_PxBxG: jax.Array | None = None
     v_dim: int = struct.field(pytree_node=False, default=0)
     impl: str = struct.field(pytree_node=False, default="xla")
 
@@ -48,7 +53,21 @@ class PagedKVCache:
         k = jnp.zeros((pages, page_size, kv_heads, head_dim), dtype)
         v = None if shared_values else jnp.zeros(
             (pages, page_size, kv_heads, v_head_dim or head_dim), dtype)
-        return cls(k, v, v_dim=(v_head_dim or head_dim) if shared_values else 0)
+        scale = lambda x: (None if x is None or jnp.dtype(dtype) != jnp.int8  # noqa: E731
+                           else jnp.zeros(x.shape[:3], jnp.float32))
+        return cls(k, v, k_scale_PxBxG=scale(k), v_scale_PxBxG=scale(v),
+                   v_dim=(v_head_dim or head_dim) if shared_values else 0)
+
+    def arrays(self) -> tuple:
+        """Every per-page array (pages and scales; None where absent), in a fixed order."""
+        return (self.k_pages_PxBxGxK, self.v_pages_PxBxGxV, self.k_scale_PxBxG,
+                self.v_scale_PxBxG)
+
+    def with_arrays(self, fn) -> "PagedKVCache":
+        """fn applied to every per-page array that exists (page copies, placement)."""
+        k, v, ks, vs = (None if x is None else fn(x) for x in self.arrays())
+        return self.replace(k_pages_PxBxGxK=k, v_pages_PxBxGxV=v, k_scale_PxBxG=ks,
+                            v_scale_PxBxG=vs)
 
     def update(self, k_BxTxGxK, v_BxTxGxV, mask):
         """Write the step's new keys and values to their slots; the mask is unchanged (the
@@ -58,25 +77,37 @@ class PagedKVCache:
                              f"{k_BxTxGxK.shape[0]}")
         slots_T = self.step.slots_T
 
-        def write(pages, new_TxGxK):
+        def write(pages, new):
             P, N = pages.shape[:2]
             flat = pages.reshape(P * N, *pages.shape[2:])
-            return flat.at[slots_T].set(new_TxGxK.astype(pages.dtype)).reshape(pages.shape)
+            return flat.at[slots_T].set(new.astype(pages.dtype)).reshape(pages.shape)
 
-        v = None if self.v_pages_PxBxGxV is None else write(self.v_pages_PxBxGxV, v_BxTxGxV[0])
-        return self.replace(k_pages_PxBxGxK=write(self.k_pages_PxBxGxK, k_BxTxGxK[0]),
-                            v_pages_PxBxGxV=v), mask
+        def store(pages, scales, new_TxGxK):  # (pages, scales) after writing the new vectors
+            if pages is None:
+                return None, None
+            if scales is None:
+                return write(pages, new_TxGxK), None
+            q_TxGxK, scale_TxG = quantize(new_TxGxK)
+            return write(pages, q_TxGxK), write(scales, scale_TxG)
+
+        k, k_scale = store(self.k_pages_PxBxGxK, self.k_scale_PxBxG, k_BxTxGxK[0])
+        v, v_scale = store(self.v_pages_PxBxGxV, self.v_scale_PxBxG, v_BxTxGxV[0])
+        return self.replace(k_pages_PxBxGxK=k, v_pages_PxBxGxV=v, k_scale_PxBxG=k_scale,
+                            v_scale_PxBxG=v_scale), mask
 
     def attend(self, q_BxTxHxK, scale: float):
         """Every query over its own sequence's pages (causal): [1, T, H, V]."""
         s = self.step
-        v_pages = self.k_pages_PxBxGxK if self.v_pages_PxBxGxV is None else self.v_pages_PxBxGxV
+        shared = self.v_pages_PxBxGxV is None
+        v_pages = self.k_pages_PxBxGxK if shared else self.v_pages_PxBxGxV
+        v_scale = self.k_scale_PxBxG if shared else self.v_scale_PxBxG
         args = (q_BxTxHxK[0], self.k_pages_PxBxGxK, v_pages, s.block_tables_SxM, s.kv_lens_S,
-                s.cu_q_lens_S1)
+                s.cu_q_lens_S1, self.k_scale_PxBxG, v_scale)
         if self.impl == "pallas":
             out_TxHxV = _kernel_per_shard(args, scale, s.max_q_len)
         else:
-            out_TxHxV = paged_attention_reference(*args, sm_scale=scale)
+            out_TxHxV = paged_attention_reference(*args[:6], sm_scale=scale,
+                                                  k_scales_PxBxG=args[6], v_scales_PxBxG=args[7])
         out_TxHxV = out_TxHxV.astype(q_BxTxHxK.dtype)
         if self.v_pages_PxBxGxV is None:
             out_TxHxV = out_TxHxV[..., :self.v_dim]
@@ -88,7 +119,8 @@ def _kernel_per_shard(args, scale: float, max_q_len: int):
     device with its share of the heads and of every page's kv heads, as the rules split them;
     the block tables and lengths are whole everywhere."""
     def call(*a):
-        return paged_attention(*a, sm_scale=scale, max_q_len=max_q_len)
+        return paged_attention(*a[:6], sm_scale=scale, max_q_len=max_q_len,
+                               k_scales_PxBxG=a[6], v_scales_PxBxG=a[7])
     mesh, rules = active()
     if mesh is None or mesh.size == 1:
         return call(*args)
@@ -98,7 +130,7 @@ def _kernel_per_shard(args, scale: float, max_q_len: int):
         raise ValueError(f"paged attention needs kv heads split like q heads (act_heads -> "
                          f"{q_spec[1]}, act_kv_heads -> {pages_spec[2]}); use fewer tensor "
                          f"shards than kv heads, or attention_impl=xla")
-    whole = P()
+    whole, scales_spec = P(), P(*pages_spec[:3])
     return jax.shard_map(call, mesh=mesh, in_specs=(q_spec, pages_spec, pages_spec, whole,
-                                                    whole, whole),
+                                                    whole, whole, scales_spec, scales_spec),
                          out_specs=q_spec, check_vma=False)(*args)

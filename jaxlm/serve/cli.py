@@ -12,6 +12,7 @@ import time
 
 from jaxlm.config import ConfigError
 from jaxlm.generate.cli import EXIT_BAD_INPUT, model_parser
+from jaxlm.generate.lm import CACHE_DTYPES
 
 
 def parse_args(argv):
@@ -36,6 +37,9 @@ def parse_args(argv):
     e.add_argument("--max-queue", type=int, default=1024,
                    help="waiting requests beyond this are answered 429")
     e.add_argument("--mesh", help="device mesh, e.g. tensor=4 (default: one device)")
+    e.add_argument("--cache-dtype", choices=CACHE_DTYPES,
+                   help="KV pages' dtype (default: the model's; int8: one float32 scale per "
+                        "stored vector, about half the bytes of bfloat16)")
     return p.parse_args(argv)
 
 
@@ -71,7 +75,8 @@ def build(args, warmup: bool = False):
     faults.quiet_library_noise()
     cfg = serve_config(args)
     mesh = parse_mesh(args.mesh)
-    loaded = load_hf(args.hf, mesh) if args.hf else load_run(args.run, args.step, mesh)
+    loaded = (load_hf(args.hf, mesh, args.cache_dtype) if args.hf
+              else load_run(args.run, args.step, mesh, args.cache_dtype))
     tokenizer = loaded.tokenizer
     engine = ServingEngine(loaded.lm, cfg, eos_id=getattr(tokenizer, "eos_id", None))
     if warmup:  # every step shape compiled now, not while the first requests wait

@@ -52,9 +52,6 @@ def page_pools(lm: LM, pages: int, page_size: int, impl: str):
                           "is not served yet")
     dense = jax.eval_shape(lambda s: lm.model(s).stack().empty_cache(1, page_size), lm.state)
     dtype = lm.cache_dtype
-    if dtype is not None and jnp.dtype(dtype) == jnp.int8:
-        raise ConfigError("serving keeps its pages in the model's dtype; an int8 KV cache is "
-                          "only for jaxlm.generate")
 
     def pool(c: KVCache) -> PagedKVCache:
         _, _, G, K = c.k_BxTxGxK.shape
@@ -72,10 +69,10 @@ def page_pools(lm: LM, pages: int, page_size: int, impl: str):
 
 
 def page_bytes(pools) -> int:
-    """Bytes one page takes over every layer (keys and values; shapes only: abstract pools
-    work too)."""
+    """Bytes one page takes over every layer (keys, values and int8 pages' scales; shapes
+    only: abstract pools work too)."""
     leaves = [x for c in jax.tree.leaves(pools, is_leaf=kv.is_cache)
-              for x in (c.k_pages_PxBxGxK, c.v_pages_PxBxGxV) if x is not None]
+              for x in c.arrays() if x is not None]
     return sum(math.prod(x.shape[1:]) * jnp.dtype(x.dtype).itemsize for x in leaves)
 
 
@@ -123,8 +120,4 @@ class DeviceStep:
 
 
 def _copy_pages(pools, src_N, dst_N):
-    def one(c: PagedKVCache):
-        cp = lambda x: None if x is None else x.at[dst_N].set(x[src_N])  # noqa: E731
-        return c.replace(k_pages_PxBxGxK=cp(c.k_pages_PxBxGxK),
-                         v_pages_PxBxGxV=cp(c.v_pages_PxBxGxV))
-    return kv.map_caches(one, pools)
+    return kv.map_caches(lambda c: c.with_arrays(lambda x: x.at[dst_N].set(x[src_N])), pools)
