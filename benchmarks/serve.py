@@ -162,6 +162,8 @@ def main(argv=None):
     ap.add_argument("--prompt-lens", default="64,2048", help="min,max prompt tokens")
     ap.add_argument("--output-lens", default="32,512", help="min,max output tokens")
     ap.add_argument("--attention-lens", default="512,2048", help="paged vs dense: cache lengths")
+    ap.add_argument("--cache-dtype", choices=("bfloat16", "int8"),
+                    help="KV pages' dtype (default: the model's)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     lens = dict(prompt=_pair(args.prompt_lens), output=_pair(args.output_lens))
@@ -171,7 +173,7 @@ def main(argv=None):
         result["rows"] += run_peer(args)
     from benchmarks.decode import build
     from jaxlm.serve.engine import ServeConfig, ServingEngine
-    lm = build(args.config, args.overrides)
+    lm = build(args.config, args.overrides, args.cache_dtype)
     engine = ServingEngine(lm, ServeConfig(page_size=args.page_size, pages=args.pages,
                                            max_seqs=args.max_seqs,
                                            token_budget=args.token_budget,
