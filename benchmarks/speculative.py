@@ -32,9 +32,10 @@ COMMON = ["model.vocab_size=512", "data.source=stdlib", "model.dtype=bfloat16",
           "log.progress=false", "train.eval_every=0"]
 DRAFT = ["model.d_model=512", "model.num_layers=4", "model.num_heads=8", "model.num_kv_heads=8",
          "model.ffn_dim=1536", "model.scan_unroll=1"]
-SMOKE = ["runtime.cpu_devices=0", "mesh.fsdp=1", "model.d_model=64", "model.num_layers=2", "model.num_heads=4",
-         "model.num_kv_heads=4", "model.ffn_dim=128", "data.seq_len=128", "data.max_bytes=200000",
-         "train.global_batch_size=8", "model.dtype=float32", "model.scan_unroll=1"]
+SMOKE = ["runtime.cpu_devices=0", "mesh.fsdp=1", "model.d_model=64", "model.num_layers=2",
+         "model.num_heads=4", "model.num_kv_heads=4", "model.ffn_dim=128", "data.seq_len=128",
+         "data.max_bytes=200000", "train.global_batch_size=8", "model.dtype=float32",
+         "model.scan_unroll=1"]
 
 
 def train(name: str, config: str, overrides: list[str], steps: int, out: Path, timeout: int):
