@@ -22,8 +22,9 @@ Grid (sequence, kv head, query block): query block qb of sequence s holds its to
 [qb * bq, (qb + 1) * bq); `max_q_len` (static) bounds q_len so the grid has cdiv(max_q_len, bq)
 query blocks: 1 for a decode-only step. A program whose block is empty (a short or idle sequence)
 returns at once. Each program walks only the pages it needs: all cdiv(kv_len, page_size) of them,
-or with causal masking those up to its last query's position, with an online softmax (fp32 m, l
-and accumulator). A row that sees no key at all gives zeros.
+or with causal masking those up to its last query's position (and with a sliding window, on the
+gpu kernel, from the first page its first query's window reaches), with an online softmax (fp32
+m, l and accumulator). A row that sees no key at all gives zeros.
 
 Backends (`backend=None`: "gpu" on a GPU, "tpu" on a TPU, else "interpret"):
   "gpu"           `_gpu_kernel` for the Triton lowering: full-array refs in global memory, the
@@ -79,6 +80,7 @@ class _Config:
     bq: int       # tokens per query block
     rows: int     # q tile rows; >= bq * R (the GPU rounds up to a power of two)
     quantized: bool = False  # int8 pages, dequantised page by page in the kernel
+    window: int | None = None  # sliding window: a query sees keys less than this many back
 
     @property
     def n_qb(self) -> int:
@@ -137,12 +139,15 @@ def _check_inputs(q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens, scales=
 
 
 def _config(q, k_pages, v_pages, causal, sm_scale, max_q_len, backend, pages_per_block,
-            quantized=False):
+            quantized=False, sliding_window=None):
     backend = backend or default_backend()
     if backend not in BACKENDS:
         _fail(f"backend={backend!r}; expected one of {BACKENDS}")
     if quantized and backend in ("tpu", "interpret_tpu"):
         _fail(f"int8 pages run on the gpu and interpret backends, not {backend}")
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(
+            sliding_window, int) or sliding_window < 1):
+        _fail(f"sliding_window must be a positive int (or None); got {sliding_window!r}")
     T, H, K = q.shape
     B, G, V = k_pages.shape[1], k_pages.shape[2], v_pages.shape[3]
     max_q_len = T if max_q_len is None else max_q_len
@@ -170,14 +175,16 @@ def _config(q, k_pages, v_pages, causal, sm_scale, max_q_len, backend, pages_per
         bq = max(1, min(max_q_len, TPU_MAX_ROWS // R))
         rows = bq * R
     scale = K ** -0.5 if sm_scale is None else float(sm_scale)
-    return _Config(backend, bool(causal), scale, max_q_len, ppb, R, bq, rows, quantized)
+    return _Config(backend, bool(causal), scale, max_q_len, ppb, R, bq, rows, quantized,
+                   sliding_window)
 
 
 # ---- reference ----
 
 def paged_attention_reference(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_tables_SxM,
                               kv_lens_S, cu_q_lens_S1, *, sm_scale=None, causal=True,
-                              max_q_len=None, k_scales_PxBxG=None, v_scales_PxBxG=None):
+                              max_q_len=None, k_scales_PxBxG=None, v_scales_PxBxG=None,
+                              sliding_window=None):
     """Plain jnp in float32: gathers every sequence's pages into [S, M * B] keys and masks.
     Materialises [T, H, M * B] logits: tests only. max_q_len is accepted for symmetry (the
     reference handles any q_len). int8 pages are dequantised by their scales first."""
@@ -208,6 +215,8 @@ def paged_attention_reference(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_t
     vis_TxN = in_cache_SxN[seq_T] & real_T[:, None]
     if causal:
         vis_TxN &= kpos_N[None, :] <= qpos_T[:, None]
+    if sliding_window is not None:
+        vis_TxN &= jnp.abs(qpos_T[:, None] - kpos_N[None, :]) < sliding_window
     q_TxGxRxK = q_TxHxK.astype(jnp.float32).reshape(T, G, H // G, K)
     logits_TxGxRxN = jnp.einsum("tgrk,tngk->tgrn", q_TxGxRxK, k_SxNxGxK[seq_T],
                                 precision=lax.Precision.HIGHEST) * scale
@@ -257,6 +266,8 @@ def _visible_RxB(cfg, tok_R1, pos0, kv_len, page_i, B):
     vis = kpos_1xB < kv_len
     if cfg.causal:
         vis = vis & (kpos_1xB <= pos0 + tok_R1)
+    if cfg.window is not None:
+        vis = vis & (jnp.abs(pos0 + tok_R1 - kpos_1xB) < cfg.window)
     return vis
 
 
@@ -330,7 +341,10 @@ def _gpu_kernel(bt_ref, kv_lens_ref, cu_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref
         init = (jnp.full((cfg.rows, 1), MASK_VALUE, jnp.float32),
                 jnp.zeros((cfg.rows, 1), jnp.float32), jnp.zeros((cfg.rows, V), jnp.float32))
         n_iter = (n_pages + cfg.pages_per_block - 1) // cfg.pages_per_block
-        _, l_R1, acc_RxV = lax.fori_loop(0, n_iter, body, init)
+        first = 0  # a sliding window skips the pages wholly before its block's first query's
+        if cfg.window is not None:
+            first = jnp.maximum(pos0 - cfg.window + 1, 0) // B // cfg.pages_per_block
+        _, l_R1, acc_RxV = lax.fori_loop(first, n_iter, body, init)
         plgpu.store(o_ref.at[g, pl.ds(row0, cfg.rows), :],
                     _normalise(acc_RxV, l_R1).astype(o_ref.dtype), mask=row_ok_R[:, None])
 
@@ -470,7 +484,8 @@ def _forward(cfg, *arrays):
 
 def paged_attention(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_tables_SxM, kv_lens_S,
                     cu_q_lens_S1, *, sm_scale=None, causal=True, max_q_len=None, backend=None,
-                    pages_per_block=None, k_scales_PxBxG=None, v_scales_PxBxG=None):
+                    pages_per_block=None, k_scales_PxBxG=None, v_scales_PxBxG=None,
+                    sliding_window=None):
     """Attention of T flat query rows over paged K/V; returns [T, H, V] in q's dtype.
 
     q [T, H, K]; k_pages [P, page_size, G, K]; v_pages [P, page_size, G, V]; block_tables
@@ -480,12 +495,15 @@ def paged_attention(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_tables_SxM,
     are not computed. sm_scale None: 1 / sqrt(K). backend: one of BACKENDS (None: by platform);
     pages_per_block: see the module docstring. int8 pages come with k_scales / v_scales
     [P, page_size, G] float32 (one per stored vector; gpu and interpret backends): each page is
-    dequantised to q's dtype as it is loaded, so the pool stays int8 in memory."""
+    dequantised to q's dtype as it is loaded, so the pool stays int8 in memory.
+    sliding_window W: a query at position p sees keys at positions within (p - W, p + W) (and
+    causal ones at most p); the gpu kernel skips the pages wholly before that."""
     scales = _scales(k_scales_PxBxG, v_scales_PxBxG)
     _check_inputs(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_tables_SxM, kv_lens_S,
                   cu_q_lens_S1, scales)
     cfg = _config(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, causal, sm_scale, max_q_len,
-                  backend, pages_per_block, quantized=scales is not None)
+                  backend, pages_per_block, quantized=scales is not None,
+                  sliding_window=sliding_window)
     if q_TxHxK.shape[0] == 0 or block_tables_SxM.shape[0] == 0:
         return jnp.zeros(q_TxHxK.shape[:2] + v_pages_PxBxGxV.shape[3:], q_TxHxK.dtype)
     return _forward(cfg, q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_tables_SxM,

@@ -38,6 +38,7 @@ class Case(NamedTuple):
     max_q_len: int | None = None
     pages_per_block: int | None = None
     shared_prefix: bool = False  # sequence 1 reuses sequence 0's first page (a forked prompt)
+    window: int | None = None  # sliding window
 
 
 CASES = {
@@ -53,6 +54,10 @@ CASES = {
     "long_chunk_gqa2_noncausal_f32": Case((12, 1), (19, 2), page_size=8, causal=False,
                                           max_pages=3, pad=0, shared_prefix=True,
                                           pages_per_block=1),
+    # a window of 5 keys: the 5-token chunk and the decode row skip their first pages
+    "window5_mixed_gqa2_f32": Case((1, 5, 0, 3), (13, 17, 5, 3), window=5),
+    "window3_noncausal_chunk_bf16": Case((6, 1), (9, 2), causal=False, window=3,
+                                         dtype="bfloat16", pages_per_block=1),
 }
 
 
@@ -96,7 +101,8 @@ def make_inputs(case: Case, seed: int, garbage=False):
 
 
 def kwargs(case: Case):
-    return dict(causal=case.causal, sm_scale=case.sm_scale, max_q_len=case.max_q_len)
+    return dict(causal=case.causal, sm_scale=case.sm_scale, max_q_len=case.max_q_len,
+                sliding_window=case.window)
 
 
 def rel_err(got, want):
@@ -139,7 +145,7 @@ def test_garbage_in_unused_slots_and_table_entries_is_ignored(backend):
         assert rel_err(got, paged_attention_reference(*dirty, causal=causal)) < TOL["float32"]
 
 
-def dense_numpy(q, k_pages, v_pages, bt, kv_lens, cu, causal, sm_scale):
+def dense_numpy(q, k_pages, v_pages, bt, kv_lens, cu, causal, sm_scale, window=None):
     """Attention row by row in float64 from contiguous per-sequence K/V copied out of the pages."""
     q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
     bt, kv_lens, cu = (np.asarray(x) for x in (bt, kv_lens, cu))
@@ -152,20 +158,24 @@ def dense_numpy(q, k_pages, v_pages, bt, kv_lens, cu, causal, sm_scale):
         v = np.stack([v_pages[bt[s, i // B], i % B] for i in range(n)])
         q_len = cu[s + 1] - cu[s]
         for j in range(q_len):
-            seen = n - q_len + j + 1 if causal else n
+            pos = n - q_len + j
+            hi = pos + 1 if causal else n
+            lo = 0 if window is None else max(pos - window + 1, 0)
+            hi = hi if window is None else min(hi, pos + window)
             for h in range(H):
-                logits = k[:seen, h // (H // G)] @ q[cu[s] + j, h] * sm_scale
+                logits = k[lo:hi, h // (H // G)] @ q[cu[s] + j, h] * sm_scale
                 w = np.exp(logits - logits.max())
-                out[cu[s] + j, h] = (w / w.sum()) @ v[:seen, h // (H // G)]
+                out[cu[s] + j, h] = (w / w.sum()) @ v[lo:hi, h // (H // G)]
     return out
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_reference_matches_dense_numpy(causal):
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 4), (False, 3)])
+def test_reference_matches_dense_numpy(causal, window):
     case = CASES["mixed_gqa2_causal_f32"]._replace(H=8, V=24)
     args = make_inputs(case, seed=11)
-    want = dense_numpy(*args, causal=causal, sm_scale=case.K ** -0.5)
-    got = paged_attention_reference(*args, causal=causal)  # sm_scale None: 1/sqrt(K)
+    want = dense_numpy(*args, causal=causal, sm_scale=case.K ** -0.5, window=window)
+    got = paged_attention_reference(*args, causal=causal,  # sm_scale None: 1/sqrt(K)
+                                    sliding_window=window)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
 
 
@@ -222,7 +232,8 @@ def _lower(backend, platform, K=128, page_size=16, dtype=jnp.bfloat16, int8=Fals
 
 
 @pytest.mark.parametrize("kw", [dict(max_q_len=16, pages_per_block=2),
-                                dict(max_q_len=1, causal=False), dict(max_q_len=1, int8=True)])
+                                dict(max_q_len=1, causal=False), dict(max_q_len=1, int8=True),
+                                dict(max_q_len=16, sliding_window=40)])
 def test_gpu_kernel_lowers_to_triton(kw):
     assert _lower("gpu", "cuda", **kw).count("__gpu$xla.gpu.triton") == 1
 
@@ -273,6 +284,8 @@ def _bad(name):
         kw["backend"] = "gpu"
     elif name == "tpu_head_dim":
         kw["backend"] = "tpu"
+    elif name == "window":
+        kw["sliding_window"] = 0
     elif name in ("int8_scales_shape", "int8_tpu", "int8_float_pages"):
         P, B, G = k.shape[:3]
         kw = dict(k_scales_PxBxG=jnp.ones((P, B, G)), v_scales_PxBxG=jnp.ones((P, B, G)))
@@ -303,6 +316,7 @@ BAD_INPUTS = [
     ("pages_per_block", r"pages_per_block must be a positive int"),
     ("gpu_page_size", r"the gpu \(Triton\) backend needs page_size a power of two >= 16; got 4"),
     ("tpu_head_dim", r"the tpu backend needs head_dim and v_head_dim multiples of 128"),
+    ("window", r"sliding_window must be a positive int \(or None\); got 0"),
     ("int8_float_pages", r"with k_scales and v_scales, the pages must be int8 and q a float"),
     ("int8_scales_shape",
      r"v_scales must be float32 \[pages, page_size, kv_heads\] = \(6, 4, 2\)"),
@@ -315,6 +329,6 @@ def test_bad_inputs_raise(name, match):
     args, kw = _bad(name)
     with pytest.raises(ValueError, match=f"^paged_attention: {match}"):
         paged_attention(*args, **kw)
-    if "backend" not in kw and name not in ("max_q_len", "pages_per_block"):
+    if "backend" not in kw and name not in ("max_q_len", "pages_per_block", "window"):
         with pytest.raises(ValueError, match=match):  # the reference checks its inputs too
             paged_attention_reference(*args, **kw)

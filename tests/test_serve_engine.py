@@ -206,6 +206,19 @@ def test_an_int8_kv_cache_serves_what_generate_decodes_with_one(lm):
     assert got == expected(lm8, reqs[:3])
 
 
+def test_a_sliding_window_model_serves_what_generate_decodes():
+    """A Mistral-style window of 5 keys, shorter than every prompt but one: the paged kernel
+    (interpreted) and its reference mask by position and skip pages before the window, and the
+    tokens equal jaxlm.generate's (chunked prefill, prefix-cache hits)."""
+    windowed = tiny_lm("llama-gqa", extra=["model.sliding_window=5"])[1]
+    lm = LM.of(windowed.cfg, windowed.state, mesh=mesh_of(None))
+    reqs = requests(GREEDY)
+    for impl in ("xla", "pallas"):
+        got, engine = serve(lm, reqs, token_budget=8, attention_impl=impl)
+        assert got == expected(lm, reqs) and engine.pool.hits >= 2
+    assert expected(tiny_lm("llama-gqa")[1], reqs) != got  # the window changed the outputs
+
+
 def test_stop_tokens_and_abort_free_pages(lm):
     reqs = requests(GREEDY)
     first = expected(lm, reqs[:1])[0][0]

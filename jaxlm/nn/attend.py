@@ -85,7 +85,7 @@ def attend(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask: MaskSpec, *, bias=None, cache=
                          f"{', '.join(ATTENTION_IMPLS)}")
     if isinstance(cache, PagedKVCache):  # serving: flat tokens of many sequences, paged K/V
         cache, _ = cache.update(k_BxTxGxK, v_BxTxGxV, mask)
-        return cache.attend(q_BxSxHxK, scale), cache
+        return cache.attend(q_BxSxHxK, scale, mask.sliding_window), cache
     if cache is not None:  # decoding: bandwidth-bound
         cache, mask = cache.update(k_BxTxGxK, v_BxTxGxV, mask)
         if _cache_pages(cache, mask, bias, impl, q_BxSxHxK.dtype):

@@ -95,8 +95,8 @@ class PagedKVCache:
         return self.replace(k_pages_PxBxGxK=k, v_pages_PxBxGxV=v, k_scale_PxBxG=k_scale,
                             v_scale_PxBxG=v_scale), mask
 
-    def attend(self, q_BxTxHxK, scale: float):
-        """Every query over its own sequence's pages (causal): [1, T, H, V]."""
+    def attend(self, q_BxTxHxK, scale: float, sliding_window: int | None = None):
+        """Every query over its own sequence's pages (causal, within the window): [1, T, H, V]."""
         s = self.step
         shared = self.v_pages_PxBxGxV is None
         v_pages = self.k_pages_PxBxGxK if shared else self.v_pages_PxBxGxV
@@ -104,23 +104,25 @@ class PagedKVCache:
         args = (q_BxTxHxK[0], self.k_pages_PxBxGxK, v_pages, s.block_tables_SxM, s.kv_lens_S,
                 s.cu_q_lens_S1, self.k_scale_PxBxG, v_scale)
         if self.impl == "pallas":
-            out_TxHxV = _kernel_per_shard(args, scale, s.max_q_len)
+            out_TxHxV = _kernel_per_shard(args, scale, s.max_q_len, sliding_window)
         else:
             out_TxHxV = paged_attention_reference(*args[:6], sm_scale=scale,
-                                                  k_scales_PxBxG=args[6], v_scales_PxBxG=args[7])
+                                                  k_scales_PxBxG=args[6], v_scales_PxBxG=args[7],
+                                                  sliding_window=sliding_window)
         out_TxHxV = out_TxHxV.astype(q_BxTxHxK.dtype)
         if self.v_pages_PxBxGxV is None:
             out_TxHxV = out_TxHxV[..., :self.v_dim]
         return out_TxHxV[None]
 
 
-def _kernel_per_shard(args, scale: float, max_q_len: int):
+def _kernel_per_shard(args, scale: float, max_q_len: int, sliding_window: int | None):
     """The kernel is one device's program: on a mesh it runs per shard (shard_map), each
     device with its share of the heads and of every page's kv heads, as the rules split them;
     the block tables and lengths are whole everywhere."""
     def call(*a):
         return paged_attention(*a[:6], sm_scale=scale, max_q_len=max_q_len,
-                               k_scales_PxBxG=a[6], v_scales_PxBxG=a[7])
+                               k_scales_PxBxG=a[6], v_scales_PxBxG=a[7],
+                               sliding_window=sliding_window)
     mesh, rules = active()
     if mesh is None or mesh.size == 1:
         return call(*args)

@@ -141,8 +141,6 @@ class ServingEngine:
         if not cfg.chunked_prefill and cfg.token_budget < max_len:
             raise ConfigError(f"serve.token_budget={cfg.token_budget} with chunked_prefill off "
                               f"must hold a whole prompt: expected >= max_model_len={max_len}")
-        if getattr(lm.cfg, "sliding_window", None):
-            raise ConfigError("serving does not run sliding-window attention yet")
         self.max_len = max_len
         self.table_width = -(-max_len // cfg.page_size)
         impl = cfg.attention_impl
