@@ -1,20 +1,19 @@
 """The head's loss in chunks of positions (jaxlm/head_loss.py, `model.loss_chunks`) is the whole
 loss: the same value as a NumPy cross-entropy, the same gradients as autodiff of the whole
-logits, the same training on a mesh; and the float32 logits of the whole batch are never held
-(the compiled step's temporary memory shrinks). The meshes of tests/test_families_train.py
-(fsdp_tp: masked LM, seq2seq, tied and MLA heads) and tests/test_pipeline.py (the 1F1B tail)
-run chunked too."""
+logits; and the float32 logits of the whole batch are never held (the compiled step's temporary
+memory shrinks). Training with it on meshes equals one device in tests/test_sharding.py
+(sequence x fsdp x tensor), tests/test_families_train.py (fsdp_tp: masked LM, seq2seq, tied and
+MLA heads) and tests/test_pipeline.py (data x tensor, the 1F1B tail)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import mesh_for, packed_batches, tiny_config, train_on_mesh
+from helpers import mesh_for, tiny_config
 from jaxlm.config import ConfigError
 from jaxlm.data import FIELDS, field_specs
 from jaxlm.head_loss import head_loss
 from jaxlm.step import abstract_batch, build_step_fns
-from test_sharding import assert_same_training
 
 B, S, D, V = 2, 12, 8, 40
 
@@ -61,17 +60,6 @@ def test_chunked_loss_equals_numpy_and_whole_gradients(chunks):
     # evaluation (no gradient) takes the chunked path without its gradients
     np.testing.assert_allclose(float(jax.jit(loss, static_argnums=3)(w, norm, h, chunks)[0]),
                                3.0 * want_nll, rtol=1e-5)
-
-
-def test_chunked_training_on_a_sequence_tensor_data_mesh_equals_one_device():
-    """Ring context parallelism splits positions over `sequence` and `tensor` splits the vocab:
-    the strided chunks keep both shardings, and training matches one unchunked device."""
-    cfg = tiny_config()
-    batches = packed_batches(cfg, 3)
-    ref = train_on_mesh(cfg, mesh_for(cfg, 1), batches)
-    chunked = tiny_config("model.loss_chunks=4", "mesh.data=2", "mesh.sequence=2",
-                          "mesh.tensor=2")
-    assert_same_training(ref, train_on_mesh(chunked, mesh_for(chunked), batches))
 
 
 def _step_temp_bytes(*overrides):

@@ -20,8 +20,10 @@ MIXED = {"dp_fsdp_tp": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
                                   "train.microbatches=2"],
          # context parallelism: ring attention (the default) and XLA's all-gather of K/V
          "ring_sequence8": ["mesh.data=1", "mesh.sequence=8"],
+         # also the head's loss in strided chunks of positions (jaxlm/head_loss.py), which keep
+         # the sequence split and the vocab split over tensor
          "ring_sequence2_fsdp2_tp2": ["mesh.data=1", "mesh.sequence=2", "mesh.fsdp=2",
-                                      "mesh.tensor=2"],
+                                      "mesh.tensor=2", "model.loss_chunks=4"],
          "all_gather_sequence8": ["mesh.data=1", "mesh.sequence=8",
                                   "mesh.context_parallel=all_gather"]}
 
