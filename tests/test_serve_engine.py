@@ -60,6 +60,17 @@ def serve(lm, reqs, arrivals=ARRIVALS, warmup=False, **cfg):
     return [(got[i], done[i]) for i in range(len(reqs))], engine
 
 
+def run_choices(engine):
+    """Steps until the engine is idle: ({choice index: its tokens}, the indices that finished)."""
+    got, done = {}, set()
+    while engine.has_work:
+        for d in engine.step():
+            got.setdefault(d.index, []).extend(d.token_ids)
+            if d.finish_reason:
+                done.add(d.index)
+    return got, done
+
+
 def expected(lm, reqs):
     return [(o.ids, o.finish_reason) for o in Engine(lm).generate(reqs)]
 
@@ -113,12 +124,7 @@ def test_n_choices_share_the_prompt_and_equal_single_requests(lm, prompt, sampli
     engine = ServingEngine(lm, ServeConfig(page_size=4, pages=40, max_seqs=4, max_model_len=64,
                                            token_budget=8))
     engine.add("a", prompt, sampling, n=3)
-    got, done = {}, set()
-    while engine.has_work:
-        for d in engine.step():
-            got.setdefault(d.index, []).extend(d.token_ids)
-            if d.finish_reason:
-                done.add(d.index)
+    got, done = run_choices(engine)
     seeds = [Request(prompt, dataclasses.replace(sampling, seed=sampling.seed + i))
              for i in range(3)]
     assert [got[i] for i in range(3)] == [ids for ids, _ in expected(lm, seeds)]
@@ -192,10 +198,7 @@ def test_an_int8_kv_cache_serves_what_generate_decodes_with_one(lm):
     assert page_bytes(engine.device.pools) == lm.cfg.num_layers * per_layer
     sampling = SamplingConfig(temperature=0.9, seed=4, max_tokens=5)
     engine.add("n", PROMPTS[0], sampling, n=3)
-    choices = {}
-    while engine.has_work:
-        for d in engine.step():
-            choices.setdefault(d.index, []).extend(d.token_ids)
+    choices, _ = run_choices(engine)
     seeds = [Request(PROMPTS[0], dataclasses.replace(sampling, seed=4 + i)) for i in range(3)]
     assert [choices[i] for i in range(3)] == [ids for ids, _ in expected(lm8, seeds)]
     assert engine.counters["copied_pages"] >= 1

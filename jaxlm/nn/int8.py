@@ -14,3 +14,15 @@ def quantize(x_xK):
     safe = jnp.where(scale_x > 0, scale_x, 1.0)  # an all-zero vector stays zero
     q = jnp.clip(jnp.round(x / safe[..., None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
     return q, scale_x
+
+
+def store(write, values, scales, new_xK):
+    """(values, scales) after `write(buffer, x)` puts the new vectors in: rounded to int8 with
+    their scales where the cache keeps scales, as they are otherwise; (None, None) for a buffer
+    the cache does not keep (shared values)."""
+    if values is None:
+        return None, None
+    if scales is None:
+        return write(values, new_xK), None
+    q_xK, scale_x = quantize(new_xK)
+    return write(values, q_xK), write(scales, scale_x)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxlm.nn.attend import MaskSpec
-from jaxlm.nn.int8 import quantize
+from jaxlm.nn.int8 import store
 
 
 @struct.dataclass
@@ -79,17 +79,9 @@ class KVCache:
             return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), start, axis=0)
 
         put, at = jax.vmap(write), self.lengths_B
-
-        def store(buf, scale, new):  # (values, scales) after writing `new`
-            if buf is None:
-                return None, None
-            if scale is None:
-                return put(buf, new, at), None
-            q, scale_BxSxG = quantize(new)
-            return put(buf, q, at), put(scale, scale_BxSxG, at)
-
-        k, k_scale = store(self.k_BxTxGxK, self.k_scale_BxTxG, k_BxSxGxK)
-        v, v_scale = store(self.v_BxTxGxV, self.v_scale_BxTxG, v_BxSxGxV)
+        append = lambda buf, new: put(buf, new, at)  # noqa: E731
+        k, k_scale = store(append, self.k_BxTxGxK, self.k_scale_BxTxG, k_BxSxGxK)
+        v, v_scale = store(append, self.v_BxTxGxV, self.v_scale_BxTxG, v_BxSxGxV)
         new = self.replace(k_BxTxGxK=k, v_BxTxGxV=v, k_scale_BxTxG=k_scale,
                            v_scale_BxTxG=v_scale, lengths_B=at + S,
                            segment_ids_BxT=put(self.segment_ids_BxT, seg_BxS, at))

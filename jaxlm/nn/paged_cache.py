@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.nn.int8 import quantize
+from jaxlm.nn.int8 import store
 from jaxlm.parallel.sharding import active, logical_to_spec
 from kernels_pallas.paged import paged_attention, paged_attention_reference
 
@@ -38,7 +38,7 @@ class PagedStep:
 class PagedKVCache:
     """One layer's pages (values None: the keys' first `v_dim` columns, MLA's shared latent).
     int8 pages carry one float32 scale per stored vector, as the dense KVCache's int8 does
-    (jaxlm.nn.kv_cache.quantize), and the kernel dequantises them as it reads."""
+    (jaxlm.nn.int8), and the kernel dequantises them as it reads."""
     k_pages_PxBxGxK: jax.Array
     v_pages_PxBxGxV: jax.Array | None
     step: PagedStep | None = None
@@ -82,16 +82,8 @@ class PagedKVCache:
             flat = pages.reshape(P * N, *pages.shape[2:])
             return flat.at[slots_T].set(new.astype(pages.dtype)).reshape(pages.shape)
 
-        def store(pages, scales, new_TxGxK):  # (pages, scales) after writing the new vectors
-            if pages is None:
-                return None, None
-            if scales is None:
-                return write(pages, new_TxGxK), None
-            q_TxGxK, scale_TxG = quantize(new_TxGxK)
-            return write(pages, q_TxGxK), write(scales, scale_TxG)
-
-        k, k_scale = store(self.k_pages_PxBxGxK, self.k_scale_PxBxG, k_BxTxGxK[0])
-        v, v_scale = store(self.v_pages_PxBxGxV, self.v_scale_PxBxG, v_BxTxGxV[0])
+        k, k_scale = store(write, self.k_pages_PxBxGxK, self.k_scale_PxBxG, k_BxTxGxK[0])
+        v, v_scale = store(write, self.v_pages_PxBxGxV, self.v_scale_PxBxG, v_BxTxGxV[0])
         return self.replace(k_pages_PxBxGxK=k, v_pages_PxBxGxV=v, k_scale_PxBxG=k_scale,
                             v_scale_PxBxG=v_scale), mask
 
