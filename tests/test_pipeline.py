@@ -151,6 +151,26 @@ def test_1f1b_activation_memory_does_not_grow_with_microbatches():
     assert temp["1f1b", 16] < temp["gpipe", 4]
 
 
+def test_1f1b_refuses_layers_with_aux_terms():
+    """The config refuses MoE on 1f1b; a layer that returns aux terms anyway (a family that
+    forgot has_aux_losses) is one error at trace time, not terms silently dropped."""
+    mesh = make_mesh({**{a: 1 for a in MESH_AXES}, "stage": 2}, jax.devices()[:2])
+    plan = pipeline.Plan.of(mesh, types.SimpleNamespace(schedule="1f1b", microbatches=2,
+                                                        virtual_stages=1))
+
+    def layer(w, h, inputs):
+        return _wide_layer(w, h, inputs)[0], {"losses": {"balance": jnp.sum(h)}}
+
+    w = {"a": jnp.zeros((2, 4, 8)), "b": jnp.zeros((2, 8, 4))}
+    x, y, pos = jnp.ones((4, 2, 4)), jnp.ones((4, 2, 3)), jnp.zeros((4, 2), jnp.int32)
+
+    def loss(w, x):
+        return pipeline.one_f_one_b_loss(plan, layer, _square_tail, w, jnp.ones((4, 3)), x,
+                                         (pos,), (y,))
+    with pytest.raises(ValueError, match="the 1f1b schedule does not carry the layers' aux"):
+        jax.eval_shape(jax.grad(loss), w, x)
+
+
 def test_moe_pipeline_matches_one_device_accumulating_as_many_microbatches():
     """MoE on GPipe with expert parallelism inside each stage (tests/test_moe.py's tiny Mixtral: a
     unit is a dense and an MoE layer; 2 units here, one per stage). The balancing losses and load

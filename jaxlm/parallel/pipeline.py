@@ -225,8 +225,8 @@ def one_f_one_b_loss(plan: Plan, layer_fn, tail_fn, stacked, tail_params, h_BxSx
                      tail_aux_BxS):
     """Sum over rows of tail_fn(tail_params, h_out_mb, *tail_aux_mb) (e.g. the head and the
     summed token NLL) where h_out = the layer stack applied to h_BxSxD, on the 1F1B schedule.
-    layer_fn is run_stack's; its aux terms are dropped, so layers with aux losses (MoE) are
-    refused on 1f1b at config time.
+    layer_fn is run_stack's, its aux terms empty: 1F1B does not carry them (MoE is refused on
+    1f1b at config time, and here at trace time).
     Differentiable in stacked, tail_params and h_BxSxD; the gradients are computed in the
     forward (that is the schedule) and only scaled by the cotangent in the backward."""
     def plain(stacked, tail_params, h):  # no gradients wanted (eval): a GPipe forward
@@ -274,7 +274,11 @@ def _one_f_one_b(plan, layer_fn, tail_fn, stacked, tail_params, h_BxSxD, inputs_
             x = jnp.where(s == 0, _index(xs_MxBxSxD, fc), fwd_buf)
             stash = jnp.where(f_on, jax.lax.dynamic_update_index_in_dim(stash, x, fc % K, 0),
                               stash)
-            y, _ = group(params, x, _index(aux_M, fc))  # no aux terms: MoE is refused on 1f1b
+            y, terms = group(params, x, _index(aux_M, fc))
+            if jax.tree.leaves(terms):  # config refuses this (has_aux_losses), unless a new
+                # family with aux losses forgets to say so: then this, not silently dropped terms
+                raise ValueError("the 1f1b schedule does not carry the layers' aux losses "
+                                 "(MoE); use pipeline.schedule=gpipe or circular")
             # the last stage turns its output straight into a loss and a cotangent
             l, tail_vjp = jax.vjp(lambda tp, yy: tail_fn(tp, yy, *_index(tail_aux_M, fc)),
                                   tail_p, y)
