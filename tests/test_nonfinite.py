@@ -69,3 +69,33 @@ def test_skip_goes_on_counts_and_stops_after_max_skipped_in_a_row(tmp_path, xla_
     skipped = {r["step"]: r["skipped_steps"] for r in records(tmp_path) if "skipped_steps" in r}
     assert skipped == {5: 1, 6: 1, 7: 2}
     assert np.isfinite(losses(tmp_path)[6])
+
+
+def test_update_alone_is_flagged_not_skipped_and_stops_a_skipping_run():
+    """The skip is decided by the loss and gradients (known before the optimizer, so the select
+    fuses into the update); parameters the optimizer itself made non-finite are flagged, kept,
+    and end the run under either policy."""
+    import jax.numpy as jnp
+    import pytest
+    from jaxlm.faults import RunStopped
+    old = {"params": {"w": jnp.ones(3)}, "opt_state": {"m": jnp.zeros(3)}, "step": 1, "rng": 0}
+    new = {"params": {"w": jnp.array([1.0, jnp.inf, 2.0])}, "opt_state": {"m": jnp.ones(3)},
+           "step": 2, "rng": 0}
+    finite = jnp.float32(0.5)
+    state, flag = nonfinite.guard(old, new, finite, finite, skip=True)
+    assert int(flag) == nonfinite.UPDATE
+    np.testing.assert_array_equal(state["params"]["w"], new["params"]["w"])  # not undone
+    state, flag = nonfinite.guard(old, new, finite, jnp.float32(np.nan), skip=True)
+    assert int(flag) == nonfinite.GRADIENTS | nonfinite.UPDATE
+    np.testing.assert_array_equal(state["params"]["w"], old["params"]["w"])  # undone
+    np.testing.assert_array_equal(state["opt_state"]["m"], old["opt_state"]["m"])
+
+    said = []
+    monitor = nonfinite.Monitor("skip", 10, said.append, eager=False)
+    monitor.record(4, jnp.int32(nonfinite.LOSS))
+    monitor.record(7, jnp.int32(nonfinite.UPDATE))
+    with pytest.raises(RunStopped, match="non-finite updated parameters at step 7 from a finite "
+                                         "loss and finite gradients: the optimizer overflowed"):
+        monitor.check()
+    assert said == ["step 4: non-finite loss; step skipped, parameters and optimizer state "
+                    "unchanged (1 in a row, 1 in total)"]
