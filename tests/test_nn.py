@@ -167,3 +167,24 @@ def test_cached_decode_equals_full_forward(name):
     for b in range(2):
         n = prompt[b] + 5
         np.testing.assert_allclose(np.stack(got[b]), full[b][:n], rtol=2e-4, atol=2e-4)
+
+
+def test_project_merges_axes_contracted_together_into_one():
+    """The output projection 'bshk,hkd->bsd' multiplies over one merged axis (XLA turned a
+    one-token product over two contracted axes into an elementwise product the size of the
+    weight on the GPU): same numbers, for a float weight and an int8 one."""
+    from jaxlm.nn.param import Int8Weight, project
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 4, 8)).astype(np.float32)
+    w = rng.standard_normal((4, 8, 16)).astype(np.float32)
+    want = np.einsum("bshk,hkd->bsd", x, w)
+    y = project("bshk,hkd->bsd", jnp.asarray(x), nnx.Param(jnp.asarray(w)), jnp.float32)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    jaxpr = jax.make_jaxpr(lambda x, w: project("bshk,hkd->bsd", x, nnx.Param(w), jnp.float32))(x, w)
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert [len(e.params["dimension_numbers"][0][0]) for e in dots] == [1]
+    q = np.round(w / np.abs(w).max() * 127).astype(np.int8)
+    scale = np.full((1, 1, 16), np.abs(w).max() / 127, np.float32)
+    y8 = project("bshk,hkd->bsd", jnp.asarray(x),
+                 nnx.Param(Int8Weight(jnp.asarray(q), jnp.asarray(scale))), jnp.float32)
+    np.testing.assert_allclose(y8, np.einsum("bshk,hkd->bsd", x, q * scale), rtol=1e-4, atol=1e-4)
