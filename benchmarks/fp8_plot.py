@@ -17,8 +17,9 @@ def main(src, dst):
         if "curve" not in row:
             continue
         steps, loss = zip(*row["curve"])
-        label = {"default": "bf16", "fp8": "fp8"}.get(row["precision"], row["precision"])
-        label += f" ({row['tokens_per_sec']:,.0f} tokens/s)"
+        label = row.get("label") or (  # a run's own label, else its precision and speed
+            {"default": "bf16", "fp8": "fp8"}.get(row["precision"], row["precision"])
+            + f" ({row['tokens_per_sec']:,.0f} tokens/s)")
         whole.plot(steps, loss, label=label, lw=1)
         cut = len(steps) // 2
         tail.plot(steps[cut:], loss[cut:], label=label, lw=1)

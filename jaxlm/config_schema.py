@@ -184,7 +184,8 @@ class TrainConfig:
     run_dir: str = "runs/default"
     # a step whose loss, gradients or updated parameters are not finite: `stop` ends the run
     # (exit code 3; the last checkpoint stays the latest), `skip` keeps the parameters and
-    # optimizer state of before that step and goes on, up to max_skipped_steps in a row
+    # optimizer state of before a step with a non-finite loss or gradients and goes on, up to
+    # max_skipped_steps in a row (non-finite parameters from finite gradients always stop)
     on_nonfinite: str = field(default="stop", metadata=choices("stop", "skip"))
     max_skipped_steps: int = field(default=10, metadata=bounds(1))
 

@@ -48,3 +48,26 @@ def test_mfu_and_peak_table():
 def test_log_line_shows_what_is_known():
     line = format_line(7, {"loss": 2.5, "tokens_per_sec": 1234.0, "mfu": None, "lr": 1e-3})
     assert line == "step 7 | loss 2.5000 | lr 1.00e-03 | 1,234 tok/s"
+
+
+def test_step_profile_attributes_instructions_to_their_source_lines():
+    """benchmarks/step_profile.py files GPU kernels under the source line behind their HLO
+    instruction: optax's lines are the optimizer, a log-softmax the cross-entropy."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from benchmarks.step_profile import category, hlo_metadata
+
+    def step(w, x):
+        grads = jax.grad(lambda w: -jnp.mean(jax.nn.log_softmax(x @ w)))(w)
+        adam = optax.adam(1e-3)
+        return adam.update(grads, adam.init(w), w)[0]
+    hlo = jax.jit(step).lower(jnp.ones((8, 8)), jnp.ones((4, 8))).compile().as_text()
+    meta = hlo_metadata(hlo)
+    cats = {category(name, m) for name, m in meta.items()}
+    assert {"optimizer update", "cross-entropy and head"} <= cats
+    optax_ops = [m for m in meta.values() if any("/optax/" in f for f in m["stack"])]
+    assert optax_ops and all(category("fusion", m) == "optimizer update" for m in optax_ops)
+    inner = {m["stack"][0] for m in meta.values() if m["stack"]}  # innermost "file:line"
+    assert any(f.rsplit(":", 1)[0].endswith("tests/test_metrics.py") for f in inner)
+    assert category("nvjet_sm90_tst_128x160", {}) == "matmul forward"
