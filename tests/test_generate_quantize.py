@@ -4,6 +4,8 @@ within half a step of the original, and quantised logits stay close to the full 
 a no-cache forward and the cached decode. The dense layers' matmuls (param.project) multiply by
 the int8 values and scale the product: the same numbers as the dequantised weight's matmul.
 The held-out perplexity change of a trained model is measured by benchmarks/quantize_ppl.py."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,3 +104,23 @@ def test_int8_on_a_mesh_keeps_the_weights_layout():
                                   decode_logits(Engine(four), reqs, 3)):
         np.testing.assert_allclose(l1, l4, rtol=1e-4, atol=1e-4)
         np.testing.assert_array_equal(t1, t4)
+
+
+def test_bf16_model_decodes_from_bf16_matmul_weights_with_the_same_logits():
+    """A run trains float32 master weights for a bf16 model; the LM holds its matmul weights
+    (experts too) in bf16, as every use casts them anyway, so a decode step reads half the
+    bytes. Norms, the router and the token table stay float32 (some are read in float32), and
+    the logits are the trained model's own, bit for bit."""
+    model, lm = tiny_lm("mixtral", extra=["model.dtype=bfloat16"])
+    state = flat(lm.state)
+    assert state["layers/0/blocks/0/attn/wq"].dtype == jnp.bfloat16
+    assert state["layers/1/blocks/1/moe/w_up"].dtype == jnp.bfloat16
+    assert state["head"].dtype == jnp.bfloat16
+    kept = [k for k in state if k.endswith(("scale", "router")) or k == "embed"]
+    assert kept and all(state[k].dtype == jnp.float32 for k in kept)
+    from jaxlm.generate.lm import unstack_layers  # the LM's layout, float32 weights
+    _, stored = unstack_layers(model.cfg, nnx.to_pure_dict(nnx.state(model)))
+    assert flat(stored)["layers/0/blocks/0/attn/wq"].dtype == jnp.float32
+    seqs = [p + [1, 2, 3] for p in PROMPTS]
+    np.testing.assert_array_equal(full_forward(lm, seqs),
+                                  full_forward(dataclasses.replace(lm, state=stored), seqs))

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from jaxlm.config_fields import ConfigError
 from jaxlm.config_schema import DEFAULT_RULES
 from jaxlm.generate import cache as kv
-from jaxlm.generate.quantize import quantize_state
+from jaxlm.generate.quantize import cast_matmul_weights, quantize_state
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.registry import build_model
 from jaxlm.parallel.sharding import check_divisible, mesh_axis_of, tree_shardings, use_rules
@@ -70,7 +70,9 @@ class LM:
         if quantize is not None:
             if quantize != "int8":
                 raise ConfigError(f"--quantize={quantize}: expected int8")
-            state = quantize_state(state, abstract_state)
+            state = quantize_state(state, abstract_state)  # from the stored (master) weights
+        else:
+            state = cast_matmul_weights(state, abstract_state, cfg.dtype)
         limit = getattr(cfg, "max_positions", None)
         context_len = limit if context_len is None else min(context_len, limit or context_len)
         return cls(cfg, graphdef, state, mesh, rules, context_len,

@@ -55,6 +55,28 @@ def quantize_state(state: dict, abstract_state) -> dict:
     """The pure-dict state (all variables, or a part such as a train state's params) with every
     matmul weight, found by the logical names of `abstract_state` (the model's nnx state from
     eval_shape), replaced by an Int8Weight."""
+    return _map_matmul_weights(state, abstract_state, quantize_int8)
+
+
+def cast_matmul_weights(state: dict, abstract_state, dtype) -> dict:
+    """The state with every matmul weight (the same ones quantize_state picks) held in the
+    compute `dtype` where it is stored wider: the float32 master weights of a training run
+    are cast at every use anyway (param.project), so this changes no number, and a decode step
+    (which reads every weight once) reads half the bytes. Norms, routers, tables, the token
+    table and model_state keep their dtype: some are read in float32."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(w, axes):
+        if jnp.dtype(w.dtype).itemsize <= dtype.itemsize:
+            return w
+        if isinstance(w, jax.ShapeDtypeStruct):  # an abstract state (benchmarks/cache_bytes.py)
+            return jax.ShapeDtypeStruct(w.shape, dtype, sharding=w.sharding)
+        return w.astype(dtype)
+    return _map_matmul_weights(state, abstract_state, cast)
+
+
+def _map_matmul_weights(state: dict, abstract_state, fn) -> dict:
+    """`fn(weight, input axes)` applied to each matmul weight of the pure-dict state."""
     is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
     names = {_key(p): tuple(s) for p, s in jax.tree_util.tree_flatten_with_path(
         nnx.to_pure_dict(nnx.get_partition_spec(abstract_state)), is_leaf=is_spec)[0]}
@@ -62,7 +84,7 @@ def quantize_state(state: dict, abstract_state) -> dict:
     def one(path, w):
         key = _key(path)
         axes = None if key[-1] in SKIP else input_axes(names[key])
-        return w if axes is None else quantize_int8(w, axes)
+        return w if axes is None else fn(w, axes)
     return jax.tree_util.tree_map_with_path(one, state)
 
 
