@@ -377,6 +377,11 @@ def _check_pipeline_devices(cfg: Config, sizes: dict[str, int]):
         how = f"mesh.stage={S}" + (f" x pipeline.virtual_stages={V}" if V > 1 else "")
         raise ConfigError(f"{cfg.model.units_description()} is not divisible by {how} "
                           f"= {S * V} layer groups")
+    if cfg.model.fp8_history:
+        raise ConfigError(f"mesh.stage={S} with model.matmul_precision=fp8 needs "
+                          f"model.fp8_scaling=current: a stage runs each layer on several "
+                          f"microbatches in one program, which delayed scaling's amax "
+                          f"histories cannot follow")
     if p.schedule == "1f1b" and cfg.model.has_aux_losses:
         raise ConfigError(f"pipeline.schedule=1f1b with model.family={cfg.model.family}: 1F1B's "
                           f"hand-written backward does not carry the MoE layers' aux losses; use "

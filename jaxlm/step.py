@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlm import nonfinite
@@ -104,17 +104,20 @@ def make_train_step(cfg: Config, mesh: Mesh, spec: StateSpec, loss_fn):
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
         def grads_of(mb, model_state):
-            def objective(p):  # -> (objective, (mean token NLL, aux stats, model state))
-                (nll, _, aux), model_state_out = loss_fn(p, mb, model_state)
+            amax = fp8_histories(model_state)
+
+            def objective(p, amax):  # -> (objective, (mean token NLL, aux stats, model state))
+                (nll, _, aux), model_state_out = loss_fn(p, mb, with_leaves(model_state, amax))
                 token_loss = nll / total_tokens
                 stats = jax.tree.map(lambda s: s / micro, aux.get("stats", {}))
                 if not aux.get("losses"):
                     return token_loss, (token_loss, stats, model_state_out)
                 extra = sum(aux["losses"].values())  # per microbatch: averaged over them
                 return token_loss + extra / micro, (token_loss, stats, model_state_out)
-            (_, (loss, stats, model_state)), grads = jax.value_and_grad(
-                objective, has_aux=True)(params)
-            return loss, stats, grads, model_state
+            # delayed fp8 scaling: the "gradient" of the amax histories is their next value
+            (_, (loss, stats, model_state)), (grads, amax) = jax.value_and_grad(
+                objective, argnums=(0, 1), has_aux=True)(params, amax)
+            return loss, stats, grads, with_leaves(model_state, amax)
 
         if micro == 1:
             loss, stats, grads, model_state = grads_of(batch, state.get("model_state"))
@@ -149,6 +152,24 @@ def make_train_step(cfg: Config, mesh: Mesh, spec: StateSpec, loss_fn):
                                                           skip=cfg.train.on_nonfinite == "skip")
         return new_state, metrics
     return train_step
+
+
+def fp8_histories(model_state) -> dict:
+    """{'a/b/fp8_amax': array} of the model state's delayed-fp8 amax histories
+    (jaxlm.nn.fp8.Fp8Amax, held under the name `fp8_amax`); empty without any."""
+    if model_state is None:
+        return {}
+    return {"/".join(map(str, k)): v for k, v in traverse_util.flatten_dict(model_state).items()
+            if k[-1] == "fp8_amax"}
+
+
+def with_leaves(model_state, leaves: dict):
+    """model_state with the leaves at these 'a/b/c' paths replaced."""
+    if not leaves:
+        return model_state
+    flat = traverse_util.flatten_dict(model_state)
+    paths = {"/".join(map(str, k)): k for k in flat}
+    return traverse_util.unflatten_dict({**flat, **{paths[k]: v for k, v in leaves.items()}})
 
 
 def abstract_batch(cfg: Config, sharding: NamedSharding, fields) -> dict:

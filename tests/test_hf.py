@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import traverse_util
 from hf_parity import assert_parity, hf_logits, jaxlm_model, random_tokens, save_hf
 
 torch = pytest.importorskip("torch")
@@ -118,7 +119,8 @@ def test_a_trained_run_exports_to_transformers(tmp_path):
 
 def test_init_from_trains_from_the_hf_weights(hf_models, tmp_path):
     """model.init_from: the architecture comes from config.json and the run starts from the HF
-    weights exactly (a step at lr 0 later they export bit for bit)."""
+    weights exactly (a step at lr 0 later they export bit for bit), here with fp8 matmuls:
+    their amax histories start empty and stay out of the export."""
     from jaxlm import train
     from jaxlm.config import load_config
     from jaxlm.hf.export import export
@@ -127,11 +129,14 @@ def test_init_from_trains_from_the_hf_weights(hf_models, tmp_path):
                              "train.steps=1", "optim.lr=0", "data.seq_len=32",
                              "data.max_bytes=20000", "train.global_batch_size=8",
                              "train.eval_every=0", "train.eval_batches=1", "log.progress=false",
-                             "log.tensorboard=false", "checkpoint.enabled=false"])
+                             "log.tensorboard=false", "checkpoint.enabled=false",
+                             "model.matmul_precision=fp8", "model.fp8_scaling=delayed"])
     assert (cfg.model.family, cfg.model.num_experts, cfg.model.num_kv_heads) == ("mixtral", 4, 2)
     out = train.run(cfg)
     assert np.isfinite(out["loss"])
-    export(cfg, {"params": out["state"]["params"]}, tmp_path / "out")
+    state = out["state"]
+    assert any(k[-1] == "fp8_amax" for k in traverse_util.flatten_dict(state["model_state"]))
+    export(cfg, {"params": state["params"], "model_state": state["model_state"]}, tmp_path / "out")
     a, b = _tensors(hf_dir), _tensors(tmp_path / "out")
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match=r"model.num_layers=3 differs from .*config.json \(2\)"):

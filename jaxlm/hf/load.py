@@ -132,6 +132,10 @@ def load(hf_dir: str | Path, model_cfg, abstract_weights: dict) -> dict:
     weights = Weights(hf_dir)
     layout = registry.for_family(model_cfg.family).layout(model_cfg).resolved(weights)
     targets = _flat(abstract_weights)
+    # training state with no HF counterpart: delayed fp8 scaling's amax histories start empty
+    fresh = {path: jax.jit(lambda t=t: jnp.zeros(t.shape, t.dtype), out_shardings=t.sharding)()
+             for path, t in targets.items() if path[-1] == "fp8_amax"}
+    targets = {path: t for path, t in targets.items() if path not in fresh}
     check(weights, layout, targets)
     # Leaves in parallel: reading one shard's pages overlaps transferring another's. With
     # several processes, in one order: every leaf's reshard is a collective that all processes
@@ -140,4 +144,4 @@ def load(hf_dir: str | Path, model_cfg, abstract_weights: dict) -> dict:
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         arrays = {path: pool.submit(_leaf, weights, layout.leaves[path], target)
                   for path, target in targets.items()}
-        return _unflat({path: f.result() for path, f in arrays.items()})
+        return _unflat({**fresh, **{path: f.result() for path, f in arrays.items()}})

@@ -32,6 +32,9 @@ def family(name: str) -> Family:
 
 
 def build_model(cfg: ModelConfig, rngs):
-    """The family's model for `cfg` (an nnx.Module); its class is imported on first use."""
+    """The family's model for `cfg` (an nnx.Module); its class is imported on first use.
+    With delayed fp8 scaling its projecting layers carry amax histories (jaxlm.nn.fp8)."""
+    from jaxlm.nn.fp8 import delayed_scaling
     module, cls = family(cfg.family).model.split(":")
-    return getattr(importlib.import_module(module), cls)(cfg, rngs)
+    with delayed_scaling(cfg.fp8_history):
+        return getattr(importlib.import_module(module), cls)(cfg, rngs)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.nn.attend import MaskSpec, attend
+from jaxlm.nn.fp8 import amax_state, site
 from jaxlm.nn.kv_cache import KVCache
 from jaxlm.nn.param import param, project, zeros_param
 from jaxlm.nn.rope import RopeScaling, rope
@@ -48,6 +49,7 @@ class Attention(nnx.Module):
         self.wk = param(rngs, (D, G, K), ("embed", "kv_heads", "head_dim"), c.std, pdt)
         self.wv = param(rngs, (D, G, K), ("embed", "kv_heads", "head_dim"), c.std, pdt)
         self.wo = param(rngs, (H, K, D), ("heads", "head_dim", "embed"), c.out_std, pdt)
+        self.fp8_amax = amax_state(4)  # q, k, v, o (delayed fp8 scaling only)
         if c.qkv_bias:
             self.b_q = zeros_param((H, K), ("heads", "head_dim"), pdt)
             self.b_k = zeros_param((G, K), ("kv_heads", "head_dim"), pdt)
@@ -63,7 +65,7 @@ class Attention(nnx.Module):
         keys and values already projected, as decoding reuses them every step). Returns
         ([B, S, D], the updated cache or None)."""
         c, dt = self.c, self.c.dtype
-        q = project("bsd,dhk->bshk", x_BxSxD, self.wq, dt)
+        q = project("bsd,dhk->bshk", x_BxSxD, self.wq, dt, amax_2xH=site(self.fp8_amax, 0))
         if c.qkv_bias:
             q = q + self.b_q[...].astype(dt)
         if memory_kv is not None:
@@ -82,14 +84,15 @@ class Attention(nnx.Module):
         out_BxSxHxK, cache = attend(q, k, v, mask, bias=bias, cache=cache, impl=c.impl,
                                     scale=c.scale)
         out_BxSxHxK = constrain(out_BxSxHxK, Q_NAMES)
-        y_BxSxD = project("bshk,hkd->bsd", out_BxSxHxK, self.wo, dt)
+        y_BxSxD = project("bshk,hkd->bsd", out_BxSxHxK, self.wo, dt,
+                          amax_2xH=site(self.fp8_amax, 3))
         return (y_BxSxD + self.b_o[...].astype(dt) if c.o_bias else y_BxSxD), cache
 
     def _kv(self, kv_BxTxD):
         """Keys and values [B, T, G, K] of a sequence."""
         c, dt = self.c, self.c.dtype
-        k = project("btd,dgk->btgk", kv_BxTxD, self.wk, dt)
-        v = project("btd,dgk->btgk", kv_BxTxD, self.wv, dt)
+        k = project("btd,dgk->btgk", kv_BxTxD, self.wk, dt, amax_2xH=site(self.fp8_amax, 1))
+        v = project("btd,dgk->btgk", kv_BxTxD, self.wv, dt, amax_2xH=site(self.fp8_amax, 2))
         if c.qkv_bias:
             k, v = k + self.b_k[...].astype(dt), v + self.b_v[...].astype(dt)
         return k, v

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlm.nn.fp8 import amax_state, site
 from jaxlm.nn.param import param, project, zeros_param
 from jaxlm.parallel.sharding import constrain
 
@@ -42,6 +43,7 @@ class MLP(nnx.Module):
             self.w_gate = param(rngs, (D, F), ("embed", "mlp"), c.std, pdt)
         self.w_up = param(rngs, (D, F), ("embed", "mlp"), c.std, pdt)
         self.w_down = param(rngs, (F, D), ("mlp", "embed"), c.out_std, pdt)
+        self.fp8_amax = amax_state(3)  # up, gate, down (delayed fp8 scaling only)
         if c.bias:
             if c.gated:
                 self.b_gate = zeros_param((F,), ("mlp",), pdt)
@@ -55,10 +57,12 @@ class MLP(nnx.Module):
         up_BxSxF = self._project(x_BxSxD, "up")
         h_BxSxF = act(self._project(x_BxSxD, "gate")) * up_BxSxF if c.gated else act(up_BxSxF)
         h_BxSxF = constrain(h_BxSxF, ("act_batch", "act_seq", "act_mlp"))
-        y_BxSxD = project("bsf,fd->bsd", h_BxSxF, self.w_down, dt)
+        y_BxSxD = project("bsf,fd->bsd", h_BxSxF, self.w_down, dt,
+                          amax_2xH=site(self.fp8_amax, 2))
         return y_BxSxD + self.b_down[...].astype(dt) if c.bias else y_BxSxD
 
     def _project(self, x_BxSxD, name):
         dt = self.c.dtype
-        y_BxSxF = project("bsd,df->bsf", x_BxSxD, getattr(self, f"w_{name}"), dt)
+        y_BxSxF = project("bsd,df->bsf", x_BxSxD, getattr(self, f"w_{name}"), dt,
+                          amax_2xH=site(self.fp8_amax, ("up", "gate").index(name)))
         return y_BxSxF + getattr(self, f"b_{name}")[...].astype(dt) if self.c.bias else y_BxSxF

@@ -77,9 +77,11 @@ class Int8Weight:
         return self.q.shape
 
 
-def project(subscripts: str, x, weight: nnx.Variable, dtype, *, fp8: bool = True):
+def project(subscripts: str, x, weight: nnx.Variable, dtype, *, fp8: bool = True,
+            amax_2xH=None):
     """einsum(subscripts, x, weight) in `dtype`; in fp8 where the training step turned that on
-    (jaxlm.nn.fp8) and `fp8` allows it (the head says no). An Int8Weight enters the matmul as its int8
+    (jaxlm.nn.fp8) and `fp8` allows it (the head says no), with delayed scaling from amax_2xH
+    when the layer has histories (`fp8.site`). An Int8Weight enters the matmul as its int8
     values converted (exact in 16 bits) and its scale multiplies the product: the scale is 1 on
     the contracted axes, so the algebra is exact. Why not dequantise first: XLA fused the
     convert into the matmul, but not the multiply by the scale, and wrote a dequantised copy of
@@ -88,7 +90,7 @@ def project(subscripts: str, x, weight: nnx.Variable, dtype, *, fp8: bool = True
     subscripts, x, w = merge_contracted(subscripts, x, w)
     if not isinstance(w, Int8Weight):
         if fp8 and fp8_active():
-            return fp8_einsum(subscripts, x, w, dtype)
+            return fp8_einsum(subscripts, x, w, dtype, amax_2xH)
         return jnp.einsum(subscripts, x, w.astype(dtype))
     y = jnp.einsum(subscripts, x, w.q.astype(dtype))
     # the scale laid out as the output: contracting size-1 input axes is a broadcast
