@@ -13,6 +13,7 @@ from flax import nnx
 
 from jaxlm.nn.fp8 import E4M3, E5M2, fp8_einsum, matmul_precision, scale_of
 from jaxlm.nn.param import project
+from jaxlm.step import fp8_histories
 from jaxlm.train import run
 from helpers import tiny_config
 
@@ -144,7 +145,8 @@ def test_tiny_trains_in_fp8_near_default_and_resumes_exactly(tmp_path):
     run(tiny_config(*common, f"train.run_dir={ref}"))
     full, part = tmp_path / "fp8", tmp_path / "fp8-resumed"
     fp8 = common + ["model.matmul_precision=fp8", "model.fp8_scaling=delayed"]
-    run(tiny_config(*fp8, f"train.run_dir={full}"))
+    state = run(tiny_config(*fp8, f"train.run_dir={full}"))["state"]
+    histories = fp8_histories(state["model_state"])
     base, got = losses(ref), losses(full)
     rel = [abs(got[s] - base[s]) / base[s] for s in base]
     assert max(rel) < 0.02, rel
@@ -154,3 +156,10 @@ def test_tiny_trains_in_fp8_near_default_and_resumes_exactly(tmp_path):
     run(tiny_config(*fp8, f"train.run_dir={part}"))
     resumed = losses(part)
     assert [resumed[s] for s in range(4, 13)] == [got[s] for s in range(4, 13)]
+    # 12 steps filled 12 of the 16 slots of every history the layers own: each output
+    # gradient's, and each input's but the ones k, v and gate read from q and up
+    attn, mlp = (np.asarray(histories[f"layers/{m}/fp8_amax"]) for m in ("attn", "mlp"))
+    for h, owners in ((attn, [0, 3]), (mlp, [0, 2])):  # [layers, sites, 2, 16]
+        assert (h[..., 1, :12] > 0).all() and (h[..., 12:] == 0).all()
+        assert (h[:, owners, 0, :12] > 0).all()
+        assert (np.delete(h, owners, axis=1)[:, :, 0] == 0).all()

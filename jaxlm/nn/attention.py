@@ -72,7 +72,8 @@ class Attention(nnx.Module):
             k, v = memory_kv.keys(dt), memory_kv.values(dt)
             memory_segment_ids_BxT = memory_kv.segment_ids_BxT
         else:
-            k, v = self._kv(x_BxSxD if memory_BxTxD is None else memory_BxTxD)
+            k, v = self._kv(x_BxSxD if memory_BxTxD is None else memory_BxTxD,
+                            shares_q_input=memory_BxTxD is None)
         cross = memory_BxTxD is not None or memory_kv is not None
         if c.rope_theta is not None and not cross:
             q = rope(q, positions_BxS, c.rope_theta, c.rope_scaling)
@@ -88,11 +89,14 @@ class Attention(nnx.Module):
                           amax_2xH=site(self.fp8_amax, 3))
         return (y_BxSxD + self.b_o[...].astype(dt) if c.o_bias else y_BxSxD), cache
 
-    def _kv(self, kv_BxTxD):
-        """Keys and values [B, T, G, K] of a sequence."""
+    def _kv(self, kv_BxTxD, shares_q_input: bool = False):
+        """Keys and values [B, T, G, K] of a sequence (q's own input when shares_q_input)."""
         c, dt = self.c, self.c.dtype
-        k = project("btd,dgk->btgk", kv_BxTxD, self.wk, dt, amax_2xH=site(self.fp8_amax, 1))
-        v = project("btd,dgk->btgk", kv_BxTxD, self.wv, dt, amax_2xH=site(self.fp8_amax, 2))
+        q_input = 0 if shares_q_input else None
+        k = project("btd,dgk->btgk", kv_BxTxD, self.wk, dt,
+                    amax_2xH=site(self.fp8_amax, 1, input_of=q_input))
+        v = project("btd,dgk->btgk", kv_BxTxD, self.wv, dt,
+                    amax_2xH=site(self.fp8_amax, 2, input_of=q_input))
         if c.qkv_bias:
             k, v = k + self.b_k[...].astype(dt), v + self.b_v[...].astype(dt)
         return k, v

@@ -20,11 +20,11 @@ scale needs the tensor's amax before it can be cast, a whole extra pass over eve
 and gradient that keeps the cast out of the fusion that produced the tensor; with the scale
 known in advance XLA may round in the producer's pass. Its price is state, and an outlier
 beyond the history's range saturates for a step. Measured (H200, 1B preset, one call): 141.4
-against 144.1 ms a step, less than hoped: q/k/v (and gate/up) each keep their own input
-history, so their three casts of the same input no longer merge into one as current ones do.
+against 144.1 ms a step, less than hoped, while q/k/v (and gate/up) each kept their own input
+history, so their casts of the one input could not merge; they share it now (not yet timed).
 
 The histories (`Fp8Amax`, one [sites, 2, H] array per layer that projects: row 0 the inputs',
-row 1 the output gradients') live in the train state's `model_state`: sharded, checkpointed and
+row 1 the output gradients'; projections that share an input share its row, see `site`) live in the train state's `model_state`: sharded, checkpointed and
 restored with it. The output gradient's amax only exists in the backward pass, so the step
 differentiates its loss with respect to the histories too, and this custom VJP returns each
 site's updated history (input's and gradient's amax rolled in) as its "gradient"; the step
@@ -97,9 +97,18 @@ def amax_state(sites: int) -> Fp8Amax | None:
                    out_sharding=(None, None, None), eager_sharding=False)
 
 
-def site(amax: Fp8Amax | None, index: int):
-    """The [2, H] histories of a layer's projection number `index` (None without any)."""
-    return None if amax is None else amax[...][index]
+def site(amax: Fp8Amax | None, index: int, input_of: int | None = None):
+    """The [2, H] histories of a layer's projection number `index` (None without any).
+    input_of: the projection whose input this one multiplies too (self-attention's k and v
+    read q's, gate reads up's): the input history is read from there and left for that one
+    to update (its own input row stays empty), so every cast of the shared input is the same
+    computation, which XLA does once, as it does for current scaling."""
+    if amax is None:
+        return None
+    histories = amax[...]
+    if input_of is None:
+        return histories[index]
+    return jnp.stack([jax.lax.stop_gradient(histories[input_of][0]), histories[index][1]])
 
 
 def delayed_scale(history_H, fmt):

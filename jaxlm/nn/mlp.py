@@ -63,6 +63,8 @@ class MLP(nnx.Module):
 
     def _project(self, x_BxSxD, name):
         dt = self.c.dtype
+        # fp8 sites: up 0, gate 1 (it multiplies up's input), down 2
+        amax_2xH = site(self.fp8_amax, 0) if name == "up" else site(self.fp8_amax, 1, input_of=0)
         y_BxSxF = project("bsd,df->bsf", x_BxSxD, getattr(self, f"w_{name}"), dt,
-                          amax_2xH=site(self.fp8_amax, ("up", "gate").index(name)))
+                          amax_2xH=amax_2xH)
         return y_BxSxF + getattr(self, f"b_{name}")[...].astype(dt) if self.c.bias else y_BxSxF
