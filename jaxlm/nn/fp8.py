@@ -24,8 +24,8 @@ against 144.1 ms a step, less than hoped, while q/k/v (and gate/up) each kept th
 history, so their casts of the one input could not merge; they share it now (not yet timed).
 
 The histories (`Fp8Amax`, one [sites, 2, H] array per layer that projects: row 0 the inputs',
-row 1 the output gradients'; projections that share an input share its row, see `site`) live in the train state's `model_state`: sharded, checkpointed and
-restored with it. The output gradient's amax only exists in the backward pass, so the step
+row 1 the output gradients'; projections that share an input share its row, see `site`) live
+in the train state's `model_state`: sharded, checkpointed and restored with it. The output gradient's amax only exists in the backward pass, so the step
 differentiates its loss with respect to the histories too, and this custom VJP returns each
 site's updated history (input's and gradient's amax rolled in) as its "gradient"; the step
 stores that as the new history (jaxlm.step). Each history is read once per forward, so no
