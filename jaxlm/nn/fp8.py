@@ -23,16 +23,16 @@ beyond the history's range saturates for a step. Measured (H200, 1B preset, one 
 against 144.1 ms a step, less than hoped, while q/k/v (and gate/up) each kept their own input
 history, so their casts of the one input could not merge; they share it now (not yet timed).
 
-The histories (`Fp8Amax`, one [sites, 2, H] array per layer that projects: row 0 the inputs',
-row 1 the output gradients'; projections that share an input share its row, see `site`) live
-in the train state's `model_state`: sharded, checkpointed and restored with it. The output gradient's amax only exists in the backward pass, so the step
-differentiates its loss with respect to the histories too, and this custom VJP returns each
-site's updated history (input's and gradient's amax rolled in) as its "gradient"; the step
-stores that as the new history (jaxlm.step). Each history is read once per forward, so no
-cotangents add up; pipeline stages run a layer on several microbatches in one differentiated
-program, where they would, and take `current` (jaxlm.config refuses delayed there). The first
-step has no history and uses scale 1 (the learning-rate warm-up keeps its rounding harmless).
-Master weights and the optimizer stay float32 as always.
+The histories (`Fp8Amax`, one [sites, 2, H] array per layer that projects: row 0 the inputs', row 1
+the output gradients'; projections that share an input share its row, see `site`) live in the train
+state's `model_state`: sharded, checkpointed and restored with it. The output gradient's amax only
+exists in the backward pass, so the step differentiates its loss with respect to the histories too,
+and this custom VJP returns each site's updated history (input's and gradient's amax rolled in) as
+its "gradient"; the step stores that as the new history (jaxlm.step). Each history is read once per
+forward, so no cotangents add up; pipeline stages run a layer on several microbatches in one
+differentiated program, where they would, and take `current` (jaxlm.config refuses delayed there).
+The first step has no history and uses scale 1 (the learning-rate warm-up keeps its rounding
+harmless). Master weights and the optimizer stay float32 as always.
 """
 from __future__ import annotations
 
