@@ -40,8 +40,9 @@ def _stacks(hlo_text: str) -> dict[str, list[str]]:
             section = line
             continue
         m = re.match(r"^(\d+) (.*)$", line)
+        if not m:  # a table's rows end at the first line that is not one
+            section = None
         if not m or section is None:
-            section = None if not line.strip() or line.startswith(("HloModule", "%", "ENTRY")) and not m else section
             continue
         key, rest = m.group(1), m.group(2)
         if section == "FileNames":

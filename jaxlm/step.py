@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlm import nonfinite
 from jaxlm.config import Config
-from jaxlm.nn.fp8 import matmul_precision
+from jaxlm.nn.fp8 import AMAX_KEY, matmul_precision
 from jaxlm.objectives import OBJECTIVES
 from jaxlm.optim import learning_rate_schedule
 from jaxlm.parallel.pipeline import Plan
@@ -156,11 +156,11 @@ def make_train_step(cfg: Config, mesh: Mesh, spec: StateSpec, loss_fn):
 
 def fp8_histories(model_state) -> dict:
     """{'a/b/fp8_amax': array} of the model state's delayed-fp8 amax histories
-    (jaxlm.nn.fp8.Fp8Amax, held under the name `fp8_amax`); empty without any."""
+    (jaxlm.nn.fp8.Fp8Amax, held under the name AMAX_KEY); empty without any."""
     if model_state is None:
         return {}
     return {"/".join(map(str, k)): v for k, v in traverse_util.flatten_dict(model_state).items()
-            if k[-1] == "fp8_amax"}
+            if k[-1] == AMAX_KEY}
 
 
 def with_leaves(model_state, leaves: dict):

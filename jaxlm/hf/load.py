@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxlm.hf import registry
 from jaxlm.hf.files import HFError, Weights
 from jaxlm.hf.layout import Layout
+from jaxlm.nn.fp8 import AMAX_KEY
 
 
 def _flat(tree, prefix=()) -> dict[tuple, object]:
@@ -134,7 +135,7 @@ def load(hf_dir: str | Path, model_cfg, abstract_weights: dict) -> dict:
     targets = _flat(abstract_weights)
     # training state with no HF counterpart: delayed fp8 scaling's amax histories start empty
     fresh = {path: jax.jit(lambda t=t: jnp.zeros(t.shape, t.dtype), out_shardings=t.sharding)()
-             for path, t in targets.items() if path[-1] == "fp8_amax"}
+             for path, t in targets.items() if path[-1] == AMAX_KEY}
     targets = {path: t for path, t in targets.items() if path not in fresh}
     check(weights, layout, targets)
     # Leaves in parallel: reading one shard's pages overlaps transferring another's. With

@@ -46,7 +46,7 @@ from flax import nnx
 
 E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
 PRECISIONS = ("default", "fp8")
-SCALINGS = ("delayed", "current")
+AMAX_KEY = "fp8_amax"  # the attribute layers hold their Fp8Amax under
 
 
 class _Policy(threading.local):
@@ -113,8 +113,7 @@ def site(amax: Fp8Amax | None, index: int, input_of: int | None = None):
 
 def delayed_scale(history_H, fmt):
     """The scale the largest amax of a history asks for (1 while the history is empty)."""
-    amax = jnp.max(history_H)
-    return jax.lax.stop_gradient(jnp.where(amax > 0, amax / float(jnp.finfo(fmt).max), 1.0))
+    return _scale_for(jnp.max(history_H), fmt)
 
 
 def roll_in(history_H, amax):
@@ -124,7 +123,10 @@ def roll_in(history_H, amax):
 
 def scale_of(x, fmt):
     """Per-tensor current scale: amax / the format's largest finite value (1 for all zeros)."""
-    amax = jnp.max(jnp.abs(x.astype(jnp.float32)))
+    return _scale_for(amax_of(x), fmt)
+
+
+def _scale_for(amax, fmt):
     return jax.lax.stop_gradient(jnp.where(amax > 0, amax / float(jnp.finfo(fmt).max), 1.0))
 
 
