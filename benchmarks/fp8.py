@@ -7,6 +7,8 @@ run at once, one per GPU (CUDA_VISIBLE_DEVICES), so 1,000 steps of each fit in o
 tokens/s is the mean of the logged windows after the first (compile and warm-up excluded); the
 loss curve is every logged step's loss. MFU is against the bf16 peak for both. Device only:
   PYTHONPATH=. python3 benchmarks/fp8.py [--steps 1000] [--peer .peer/ref_models.py]
+      [--fp8-overrides "model.fp8_scaling=delayed model.fp8_head=true"] [key=value ...]
+(key=value for both runs, --fp8-overrides for the fp8 run alone)
 Writes $OUT/fp8.json (curves included); benchmarks/fp8_plot.py draws them.
 """
 from __future__ import annotations
@@ -70,6 +72,8 @@ def main():
     ap.add_argument("--peer", default=".peer/ref_models.py", help="'' to skip")
     ap.add_argument("--config", default="configs/llama-1b.yaml")
     ap.add_argument("--timeout", type=float, default=450, help="seconds a jaxlm run may take")
+    ap.add_argument("--fp8-overrides", default="",
+                    help="space-separated key=value for the fp8 run only (its recipe)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     try:
@@ -81,7 +85,9 @@ def main():
     torch_row = peer(args.peer) if args.peer else {"name": "torch.compile", "error": "skipped"}
     runs = []
     for i, p in enumerate(PRECISIONS):
-        runs.append((p, *start(p, args.steps, i % max(gpus, 1), args.config, args.overrides)))
+        own = args.fp8_overrides.split() if p == "fp8" else []
+        runs.append((p, *start(p, args.steps, i % max(gpus, 1), args.config,
+                               [*args.overrides, *own])))
         if gpus < 2:  # one GPU: one run at a time
             runs[-1] = result(*runs[-1], timeout=args.timeout)
     rows = [r if isinstance(r, dict) else result(*r, timeout=args.timeout) for r in runs]
@@ -96,7 +102,8 @@ def main():
                      indent=1))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "fp8.json"), "w") as f:
-            json.dump({"summary": summary, "rows": rows, "steps": args.steps}, f)
+            json.dump({"summary": summary, "rows": rows, "steps": args.steps,
+                       "overrides": args.overrides, "fp8_overrides": args.fp8_overrides}, f)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,13 @@ jax.profiler and attribute every kernel to a category through the compiled HLO's
 jaxlm or optax source line that produced the instruction), not by guessing from kernel names.
 
   PYTHONPATH=. python3 benchmarks/step_profile.py [--config configs/llama-1b.yaml]
-      [--steps 3] [--tag NAME] [key=value ...]
+      [--steps 3] [--tag NAME] [--hlo] [key=value ...]
 
 Prints ms per step by category (matmuls forward / backward, attention forward / backward,
 cross-entropy and head, norms, optimizer update, gradient norm and checks, copies and
 transposes, other elementwise), the top source lines and the top kernels; writes
-$OUT/profile_<tag>.json when $OUT is set.
+$OUT/profile_<tag>.json (and with --hlo the compiled HLO, hlo_<tag>.txt.gz, to read what a
+fusion does) when $OUT is set.
 """
 from __future__ import annotations
 
@@ -112,6 +113,7 @@ def main():
     ap.add_argument("--config", default="configs/llama-1b.yaml")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--tag", default="step")
+    ap.add_argument("--hlo", action="store_true", help="also write the compiled HLO to $OUT")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
@@ -131,7 +133,11 @@ def main():
     batch = jax.device_put(fns.lay_out({k: v for k, v in data.get(np.arange(B)).items()
                                         if k in data.fields}), fns.batch_sharding)
     step = fns.train_step.lower(state, batch).compile()
-    meta = hlo_metadata(step.as_text())
+    hlo_text = step.as_text()
+    meta = hlo_metadata(hlo_text)
+    if args.hlo and os.environ.get("OUT"):
+        with gzip.open(os.path.join(os.environ["OUT"], f"hlo_{args.tag}.txt.gz"), "wt") as f:
+            f.write(hlo_text)
     meta.update({k.replace(".", "_").replace("-", "_"): v for k, v in list(meta.items())})
     for _ in range(3):
         state, m = step(state, batch)

@@ -19,9 +19,9 @@ output gradient's scales are current under `model.fp8_scaling: current` (the def
 scale needs the tensor's amax before it can be cast, a whole extra pass over every activation
 and gradient that keeps the cast out of the fusion that produced the tensor; with the scale
 known in advance XLA may round in the producer's pass. Its price is state, and an outlier
-beyond the history's range saturates for a step. Measured (H200, 1B preset, one call): 141.4
-against 144.1 ms a step, less than hoped, while q/k/v (and gate/up) each kept their own input
-history, so their casts of the one input could not merge; they share it now (not yet timed).
+beyond the history's range saturates for a step. Measured (H200, 1B preset, one call): 141.0
+against 144.5 ms a step for current scaling. The rest of fp8's cost, and what was tried against
+it, is in benchmarks/RESULTS.md.
 
 The histories (`Fp8Amax`, one [sites, 2, H] array per layer that projects: row 0 the inputs', row 1
 the output gradients'; projections that share an input share its row, see `site`) live in the train
