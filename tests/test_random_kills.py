@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_random_kills_in_a_row_end_where_an_uninterrupted_run_ends(tmp_path):
     p = subprocess.run([sys.executable, "benchmarks/faults.py", "--kills", "4", "--trials", "1",
-                        "--steps", "60", "--seed", "1", "--workdir", str(tmp_path)], cwd=ROOT,
+                        "--steps", "40", "--seed", "1", "--workdir", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     lines = p.stdout.strip().splitlines()

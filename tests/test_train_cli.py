@@ -45,8 +45,10 @@ def test_readme_command_runs_logs_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_readme_command_learns(tmp_path):
-    """The full default run (as in the README) ends with eval loss well below where it starts."""
-    out = train_cmd(f"train.run_dir={tmp_path}", "train.eval_every=25", "checkpoint.enabled=false")
+    """The README's run, cut to 120 of its 300 steps, ends with eval loss well below where it
+    starts (the whole run: 6.26 -> 2.06 at step 100 -> 1.64 at 300, on this machine; 45 s)."""
+    out = train_cmd(f"train.run_dir={tmp_path}", "train.steps=120", "train.eval_every=40",
+                    "checkpoint.enabled=false")
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
