@@ -7,8 +7,11 @@ run at once, one per GPU (CUDA_VISIBLE_DEVICES), so 1,000 steps of each fit in o
 tokens/s is the mean of the logged windows after the first (compile and warm-up excluded); the
 loss curve is every logged step's loss. MFU is against the bf16 peak for both. Device only:
   PYTHONPATH=. python3 benchmarks/fp8.py [--steps 1000] [--peer .peer/ref_models.py]
-      [--fp8-overrides "model.fp8_scaling=delayed model.fp8_head=true"] [key=value ...]
-(key=value for both runs, --fp8-overrides for the fp8 run alone)
+      [--fp8-overrides "model.fp8_scaling=delayed"] [--seeds 0,1] [key=value ...]
+(key=value for both runs, --fp8-overrides for the fp8 run alone). --seeds runs one bf16/fp8
+pair per seed (train.seed and data.seed), pair after pair: one run's final loss moves by about
+as much as the 1% criterion (benchmarks/RESULTS.md), so the spread over seeds says what a
+single pair cannot.
 Writes $OUT/fp8.json (curves included); benchmarks/fp8_plot.py draws them.
 """
 from __future__ import annotations
@@ -74,6 +77,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=450, help="seconds a jaxlm run may take")
     ap.add_argument("--fp8-overrides", default="",
                     help="space-separated key=value for the fp8 run only (its recipe)")
+    ap.add_argument("--seeds", default="", help="comma-separated: one pair per seed")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     try:
@@ -83,20 +87,35 @@ def main():
         gpus = 0
     # the peer first, alone on the GPU; then the two precisions
     torch_row = peer(args.peer) if args.peer else {"name": "torch.compile", "error": "skipped"}
-    runs = []
-    for i, p in enumerate(PRECISIONS):
-        own = args.fp8_overrides.split() if p == "fp8" else []
-        runs.append((p, *start(p, args.steps, i % max(gpus, 1), args.config,
-                               [*args.overrides, *own])))
-        if gpus < 2:  # one GPU: one run at a time
-            runs[-1] = result(*runs[-1], timeout=args.timeout)
-    rows = [r if isinstance(r, dict) else result(*r, timeout=args.timeout) for r in runs]
+    pairs = []
+    for seed in [int(x) for x in args.seeds.split(",")] if args.seeds else [None]:
+        common = [*args.overrides] + ([f"train.seed={seed}", f"data.seed={seed}"]
+                                      if seed is not None else [])
+        runs = []
+        for i, p in enumerate(PRECISIONS):
+            own = args.fp8_overrides.split() if p == "fp8" else []
+            runs.append((p, *start(p, args.steps, i % max(gpus, 1), args.config,
+                                   [*common, *own])))
+            if gpus < 2:  # one GPU: one run at a time
+                runs[-1] = result(*runs[-1], timeout=args.timeout)
+        pairs.append((seed, [r if isinstance(r, dict) else result(*r, timeout=args.timeout)
+                             for r in runs]))
+    rows, summary = [], {"pairs": []}
+    for seed, (bf16, fp8) in pairs:
+        for r in (bf16, fp8):
+            r["seed"] = seed
+        rows += [bf16, fp8]
+        if "error" not in bf16 and "error" not in fp8:
+            summary["pairs"].append({
+                "seed": seed, "fp8_speedup": fp8["tokens_per_sec"] / bf16["tokens_per_sec"],
+                "final_loss_rel": fp8["final_loss"] / bf16["final_loss"] - 1})
+    done = summary["pairs"]
+    if done:
+        for key in ("fp8_speedup", "final_loss_rel"):
+            values = [p[key] for p in done]
+            summary[key] = sum(values) / len(values)
+            summary[key + "_range"] = [min(values), max(values)]
     rows.append(torch_row)
-    bf16, fp8 = rows[0], rows[1]
-    summary = {}
-    if "error" not in bf16 and "error" not in fp8:
-        summary = {"fp8_speedup": fp8["tokens_per_sec"] / bf16["tokens_per_sec"],
-                   "final_loss_rel": fp8["final_loss"] / bf16["final_loss"] - 1}
     print(json.dumps({"summary": summary,
                       "rows": [{k: v for k, v in r.items() if k != "curve"} for r in rows]},
                      indent=1))

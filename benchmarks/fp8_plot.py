@@ -19,6 +19,7 @@ def main(src, dst):
         steps, loss = zip(*row["curve"])
         label = row.get("label") or (  # a run's own label, else its precision and speed
             {"default": "bf16", "fp8": "fp8"}.get(row["precision"], row["precision"])
+            + (f" seed {row['seed']}" if row.get("seed") is not None else "")
             + f" ({row['tokens_per_sec']:,.0f} tokens/s)")
         whole.plot(steps, loss, label=label, lw=1)
         cut = len(steps) // 2
