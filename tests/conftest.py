@@ -1,6 +1,8 @@
 """Every test sees 8 simulated CPU devices, so meshes of up to 8 devices can be built."""
 import os
 
+from xla_flags import COMPILE
+
 # The 8 simulated devices are threads that meet at every collective; on a loaded 2-core box
 # one can be starved past XLA:CPU's default rendezvous limit, which aborts the whole process
 # (seen twice in full-suite runs, in the pipeline tests): give the rendezvous minutes, not
@@ -9,7 +11,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8"
                            + " --xla_cpu_collective_call_terminate_timeout_seconds=900"
                            + " --xla_cpu_collective_timeout_seconds=900"
-                           + " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120").strip()
+                           + " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
+                           + " " + COMPILE).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA:CPU runs every device's thunks, blocking collective waits included, on one intra-op pool
 # of max(cores, devices) = 8 workers here. When all 8 hold waits whose peers are still queued

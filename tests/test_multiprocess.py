@@ -18,6 +18,7 @@ import pytest
 
 from jaxlm.train import run
 from helpers import TINY, tiny_config
+from xla_flags import COMPILE
 
 ROOT = Path(__file__).resolve().parents[1]
 # the batch splits over both processes' devices; a constant schedule does not depend on
@@ -44,7 +45,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def local_sh(num_processes, devices, *overrides, grace_s=60, output: Path | None = None):
     """Start launch/local.sh in its own process group (so a timeout can stop every process)."""
-    env = {**os.environ, "PYTHON": sys.executable, "XLA_FLAGS": "",
+    env = {**os.environ, "PYTHON": sys.executable, "XLA_FLAGS": COMPILE,
            "JAXLM_LOCAL_GRACE_S": str(grace_s)}
     out = open(output, "w") if output else subprocess.PIPE
     return subprocess.Popen(["bash", str(ROOT / "launch" / "local.sh"), str(num_processes),
@@ -204,7 +205,7 @@ def test_a_run_that_cannot_assemble_fails_in_one_line(tmp_path):
     started = time.monotonic()
     procs = {}
     for name, (process_id, port) in cases.items():
-        env = {**clean, "XLA_FLAGS": ""}
+        env = {**clean, "XLA_FLAGS": COMPILE}
         extra = ["distributed.detect=jax"]
         if port is not None:
             env.update(JAXLM_COORDINATOR=f"127.0.0.1:{port}", JAXLM_NUM_PROCESSES="2",
@@ -271,7 +272,7 @@ def test_an_exception_on_one_process_stops_all_without_waiting_for_shutdown(tmp_
     port = _free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-c", CRASH_ON_PROCESS_1, str(tmp_path)], cwd=ROOT,
-        env={**os.environ, "XLA_FLAGS": "", "JAXLM_COORDINATOR": f"127.0.0.1:{port}",
+        env={**os.environ, "XLA_FLAGS": COMPILE, "JAXLM_COORDINATOR": f"127.0.0.1:{port}",
              "JAXLM_NUM_PROCESSES": "2", "JAXLM_PROCESS_ID": str(i)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         for i in (0, 1)]

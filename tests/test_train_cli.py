@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from xla_flags import COMPILE
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_cmd(*overrides):
     return subprocess.run([sys.executable, "-m", "jaxlm.train", "--config", "configs/tiny.yaml",
                            *overrides], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "XLA_FLAGS": ""})  # tiny.yaml asks for 8 devices
+                          env={**os.environ, "XLA_FLAGS": COMPILE})  # tiny.yaml asks for 8 devices
 
 
 def test_readme_command_runs_logs_and_resumes(tmp_path):
