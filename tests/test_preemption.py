@@ -5,11 +5,14 @@ leaves a complete checkpoint to resume from. (Many processes: tests/test_multipr
 import os
 import re
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from clirun import finish, losses, records, start, steps_on_disk, train, wait_until
+from clirun import ROOT, finish, losses, records, start, steps_on_disk, train, wait_until
 
 REFERENCE_STEPS = 100  # every interrupted run below stops well before this
 
@@ -105,3 +108,31 @@ def test_second_signal_during_the_save_exits_at_once_and_a_checkpoint_survives(
     left = steps_on_disk(run_dir)
     assert len(left) == 1, left   # the previous checkpoint, or the new one had it just finished
     resume_matches(reference, run_dir, xla_cache_dir, left[0])
+
+
+CHILD_IN_A_LONG_C_CALL = """
+import hashlib, sys
+from jaxlm.preemption import Preemption
+with Preemption(multi_process=False) as p:
+    print("ready", flush=True)
+    # one C call that releases the GIL and never returns to the interpreter, like a device step
+    hashlib.pbkdf2_hmac("sha256", b"k", b"s", 40_000_000)
+    print("returned", p.signum, flush=True)
+"""
+
+
+def test_two_signals_inside_one_long_c_call_are_two_signals(tmp_path):
+    """Python runs its handler once for any number of signals that land while the main thread is
+    inside one C call; counted from the wakeup pipe by a thread, the second still exits at once."""
+    proc = subprocess.Popen([sys.executable, "-c", CHILD_IN_A_LONG_C_CALL], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    code, out, err = finish(proc, timeout=120)
+    assert code == 128 + signal.SIGINT, (code, out, err)
+    assert "SIGINT: stopping after the step in flight" in err
+    assert "second signal (SIGINT): exiting now" in err and "returned" not in out
+    assert time.monotonic() - t0 < 3  # the C call itself runs ~10 s
