@@ -10,6 +10,7 @@ same call, in its own process, so the two never share the GPU's memory.
     python benchmarks/decode.py --config configs/deepseek-1b.yaml --cache-dtype int8 --batches 16
     python benchmarks/decode.py --variants int8                   # int8 weights (bf16 matmuls)
     python benchmarks/decode.py --variants bf16,int8 --speculate 4  # both, then speculative
+    python benchmarks/decode.py --kv-splits 1,2,4 --batches 1     # flash-decoding splits
 
 --speculate K: batch 1, K drafts a round, against plain greedy of the same model: prompt lookup
 (3-grams) and a draft model. With random weights no small model predicts the target, so the
@@ -19,6 +20,7 @@ not what a trained small draft would give.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 import time
@@ -129,6 +131,9 @@ def main(argv=None):
     p.add_argument("--cache-dtype", choices=("bfloat16", "int8"), help="default: the model's")
     p.add_argument("--variants", default="bf16",
                    help="comma-separated weight formats to measure in turn: bf16, int8")
+    p.add_argument("--kv-splits", default="1",
+                   help="comma-separated key splits of decode attention (the paged kernel's "
+                        "flash-decoding) to measure in turn")
     p.add_argument("--speculate", type=int, default=0, metavar="K",
                    help="also batch-1 speculative decoding with K drafts a round")
     args = p.parse_args(argv)
@@ -142,6 +147,11 @@ def main(argv=None):
     else:
         config, overrides = args.config, []
         prompt, new, batches, bw_bytes = 128, 256, tuple(map(int, args.batches.split(","))), 2**31
+    try:
+        splits = [int(n) for n in args.kv_splits.split(",")]
+        assert all(n >= 1 for n in splits)
+    except (ValueError, AssertionError):
+        p.error(f"--kv-splits: {args.kv_splits!r} is not a comma-separated list of positive ints")
     bw = copy_bandwidth(bw_bytes)
     for variant in variants:
         if variant not in ("bf16", "int8"):
@@ -151,8 +161,11 @@ def main(argv=None):
         print(f"{jax.devices()[0].device_kind}: params {weight_bytes / 1e9:.2f} GB {variant}; "
               f"copy bandwidth {bw / 1e12:.2f} TB/s; KV {kv_bytes_per_token(lm) / 1024:.0f} "
               f"KiB/token", flush=True)
-        for b in batches:
-            measure(lm, b, prompt, new, bw, weight_bytes, variant)
+        for n in splits:
+            lm = dataclasses.replace(lm, kv_splits=n)
+            label = variant if len(splits) == 1 else f"{variant} kv_splits={n}"
+            for b in batches:
+                measure(lm, b, prompt, new, bw, weight_bytes, label)
         if args.speculate and variant == "bf16":
             speculate(lm, args.speculate, prompt, new)
         del lm

@@ -32,6 +32,9 @@ Backends (`backend=None`: "gpu" on a GPU, "tpu" on a TPU, else "interpret"):
                   lax.fori_loop whose trip count is data (its page count); q rows and output
                   stores are masked, so blocks may overhang into the next sequence's rows.
                   Needs power-of-two page_size, K, V >= 16 (Triton tiles and tl.dot).
+                  With kv_splits > 1 (flash-decoding) a 4th grid axis shares each block's
+                  pages among that many programs; each writes its normalised partial output
+                  and log-sum-exp in float32, and XLA merges them (`_merge_splits`).
   "interpret"     the same kernel body with interpret=True: what the CPU tests run.
   "tpu"           `_tpu_kernel`, Mosaic-TPU style: PrefetchScalarGridSpec puts block tables and
                   lengths in SMEM, and the K/V BlockSpec index maps read them, so the pipeline
@@ -81,6 +84,7 @@ class _Config:
     rows: int     # q tile rows; >= bq * R (the GPU rounds up to a power of two)
     quantized: bool = False  # int8 pages, dequantised page by page in the kernel
     window: int | None = None  # sliding window: a query sees keys less than this many back
+    kv_splits: int = 1  # gpu: programs per query block, each over its share of the pages
 
     @property
     def n_qb(self) -> int:
@@ -139,7 +143,7 @@ def _check_inputs(q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens, scales=
 
 
 def _config(q, k_pages, v_pages, causal, sm_scale, max_q_len, backend, pages_per_block,
-            quantized=False, sliding_window=None):
+            quantized=False, sliding_window=None, kv_splits=1):
     backend = backend or default_backend()
     if backend not in BACKENDS:
         _fail(f"backend={backend!r}; expected one of {BACKENDS}")
@@ -166,6 +170,10 @@ def _config(q, k_pages, v_pages, causal, sm_scale, max_q_len, backend, pages_per
         for name, n in (("page_size", B), ("head_dim", K), ("v_head_dim", V)):
             if n < 16 or n & (n - 1):
                 _fail(f"the gpu (Triton) backend needs {name} a power of two >= 16; got {n}")
+    if isinstance(kv_splits, bool) or not isinstance(kv_splits, int) or kv_splits < 1:
+        _fail(f"kv_splits must be a positive int; got {kv_splits!r}")
+    if kv_splits > 1 and backend not in ("gpu", "interpret"):
+        _fail(f"kv_splits > 1 runs on the gpu and interpret backends, not {backend}")
     R, max_q_len = H // G, min(max_q_len, max(T, 1))
     if backend in ("gpu", "interpret"):
         # Triton tiles are powers of two and tl.dot wants >= 16 rows
@@ -176,7 +184,7 @@ def _config(q, k_pages, v_pages, causal, sm_scale, max_q_len, backend, pages_per
         rows = bq * R
     scale = K ** -0.5 if sm_scale is None else float(sm_scale)
     return _Config(backend, bool(causal), scale, max_q_len, ppb, R, bq, rows, quantized,
-                   sliding_window)
+                   sliding_window, kv_splits)
 
 
 # ---- reference ----
@@ -302,13 +310,15 @@ def _ungroup(out_GxTRxV, T, H):
 
 # ---- GPU (Triton) kernel ----
 
-def _gpu_kernel(bt_ref, kv_lens_ref, cu_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, _zeros_ref,
-                o_ref, *, cfg):
-    """One (sequence, kv head, query block): q tile rows are (token, head) pairs token-major.
-    ks_ref / vs_ref: the int8 pages' scales [P, page_size, G] (a stand-in, never read, for
-    float pages)."""
-    s, g, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    B, M = k_ref.shape[1], bt_ref.shape[1]
+def _gpu_kernel(bt_ref, kv_lens_ref, cu_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, *refs, cfg):
+    """One (sequence, kv head, query block, key split): q tile rows are (token, head) pairs
+    token-major. ks_ref / vs_ref: the int8 pages' scales [P, page_size, G] (a stand-in, never
+    read, for float pages). refs: the zero buffers the outputs alias, then the outputs: the
+    normalised output, or with kv_splits > 1 this split's normalised partial output and its
+    log-sum-exp [kv_splits, G, rows, 1], merged by `_merge_splits`."""
+    outs = refs[len(refs) // 2:]
+    s, g, qb, sp = (pl.program_id(i) for i in range(4))
+    B, M, ppb = k_ref.shape[1], bt_ref.shape[1], cfg.pages_per_block
     n_tok, pos0, n_pages = _block_geometry(cfg, B, M, s, qb, kv_lens_ref, cu_ref)
 
     @pl.when(n_tok > 0)
@@ -322,17 +332,25 @@ def _gpu_kernel(bt_ref, kv_lens_ref, cu_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref
         q_RxK = plgpu.load(q_ref.at[g, pl.ds(row0, cfg.rows), :], mask=row_ok_R[:, None],
                            other=0)
         tok_R1 = tok_R[:, None]
+        # pages [lo, hi) are this split's: a sliding window skips the pages wholly before its
+        # block's first query's (whole loop iterations of them), the rest shared out in turn
+        lo = 0
+        if cfg.window is not None:
+            lo = jnp.maximum(pos0 - cfg.window + 1, 0) // B // ppb * ppb
+        share = (n_pages - lo + cfg.kv_splits - 1) // cfg.kv_splits
+        lo = jnp.minimum(lo + sp * share, n_pages)
+        hi = jnp.minimum(lo + share, n_pages)
 
         def body(it, carry):
-            for u in range(cfg.pages_per_block):  # unrolled: a few page loads in flight
-                page_i = it * cfg.pages_per_block + u
+            for u in range(ppb):  # unrolled: a few page loads in flight
+                page_i = lo + it * ppb + u
                 # past the last page the table entry is arbitrary: reread the last page, masked
-                page = bt_ref[s, jnp.minimum(page_i, n_pages - 1)]
+                page = bt_ref[s, jnp.minimum(page_i, hi - 1)]
                 k_BxK, v_BxV = k_ref[page, :, g, :], v_ref[page, :, g, :]
                 if cfg.quantized:
                     k_BxK = _dequantize(k_BxK, ks_ref[page, :, g], q_RxK.dtype)
                     v_BxV = _dequantize(v_BxV, vs_ref[page, :, g], q_RxK.dtype)
-                vis_RxB = _visible_RxB(cfg, tok_R1, pos0, kv_len, page_i, B) & (page_i < n_pages)
+                vis_RxB = _visible_RxB(cfg, tok_R1, pos0, kv_len, page_i, B) & (page_i < hi)
                 kpos_B1 = page_i * B + lax.broadcasted_iota(jnp.int32, (B, 1), 0)
                 carry = _online_step(cfg, q_RxK, k_BxK, v_BxV, vis_RxB, kpos_B1 < kv_len, *carry)
             return carry
@@ -340,13 +358,25 @@ def _gpu_kernel(bt_ref, kv_lens_ref, cu_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref
         V = v_ref.shape[3]
         init = (jnp.full((cfg.rows, 1), MASK_VALUE, jnp.float32),
                 jnp.zeros((cfg.rows, 1), jnp.float32), jnp.zeros((cfg.rows, V), jnp.float32))
-        n_iter = (n_pages + cfg.pages_per_block - 1) // cfg.pages_per_block
-        first = 0  # a sliding window skips the pages wholly before its block's first query's
-        if cfg.window is not None:
-            first = jnp.maximum(pos0 - cfg.window + 1, 0) // B // cfg.pages_per_block
-        _, l_R1, acc_RxV = lax.fori_loop(first, n_iter, body, init)
-        plgpu.store(o_ref.at[g, pl.ds(row0, cfg.rows), :],
-                    _normalise(acc_RxV, l_R1).astype(o_ref.dtype), mask=row_ok_R[:, None])
+        m_R1, l_R1, acc_RxV = lax.fori_loop(0, (hi - lo + ppb - 1) // ppb, body, init)
+        rows = pl.ds(row0, cfg.rows)
+        out_RxV = _normalise(acc_RxV, l_R1)
+        if cfg.kv_splits == 1:
+            plgpu.store(outs[0].at[g, rows, :], out_RxV.astype(outs[0].dtype),
+                        mask=row_ok_R[:, None])
+            return
+        # a split that saw no key weighs nothing in the merge
+        lse_R1 = jnp.where(l_R1 > 0, m_R1 + jnp.log(jnp.where(l_R1 > 0, l_R1, 1.0)), MASK_VALUE)
+        plgpu.store(outs[0].at[sp, g, rows, :], out_RxV, mask=row_ok_R[:, None])
+        plgpu.store(outs[1].at[sp, g, rows, :], lse_R1, mask=row_ok_R[:, None])
+
+
+def _merge_splits(out_NxGxTRxV, lse_NxGxTRx1):
+    """The splits' normalised outputs weighted by their share of the softmax mass,
+    exp(lse_i - lse): the flash-decoding merge. Rows no program wrote hold zeros in every
+    split, so they merge to zero."""
+    lse_GxTRx1 = jax.nn.logsumexp(lse_NxGxTRx1, axis=0)
+    return jnp.sum(jnp.exp(lse_NxGxTRx1 - lse_GxTRx1) * out_NxGxTRxV, axis=0)
 
 
 def _gpu_forward(cfg, q_TxHxK, k_pages, v_pages, block_tables, kv_lens, cu_q_lens,
@@ -359,15 +389,22 @@ def _gpu_forward(cfg, q_TxHxK, k_pages, v_pages, block_tables, kv_lens, cu_q_len
     # rows padded by one tile: an overhanging dynamic slice stays in bounds (the interpreter
     # would otherwise clamp its start and shift the rows under the mask)
     q_GxTRxK = _group_q(q_TxHxK, G, pad_rows=cfg.rows)
-    # rows no program owns (padding) keep these zeros: the output aliases this buffer
-    zeros_GxTRxV = jnp.zeros((G, q_GxTRxK.shape[1], V), q_TxHxK.dtype)
-    out_GxTRxV = pl.pallas_call(
-        functools.partial(_gpu_kernel, cfg=cfg), grid=(S, G, cfg.n_qb),
-        out_shape=jax.ShapeDtypeStruct(zeros_GxTRxV.shape, zeros_GxTRxV.dtype),
-        input_output_aliases={8: 0}, interpret=cfg.backend == "interpret",
+    TR = q_GxTRxK.shape[1]
+    # rows no program owns (padding) keep these zeros: the outputs alias these buffers
+    if cfg.kv_splits == 1:
+        zeros = (jnp.zeros((G, TR, V), q_TxHxK.dtype),)
+    else:
+        N = cfg.kv_splits
+        zeros = (jnp.zeros((N, G, TR, V), jnp.float32), jnp.zeros((N, G, TR, 1), jnp.float32))
+    outs = pl.pallas_call(
+        functools.partial(_gpu_kernel, cfg=cfg), grid=(S, G, cfg.n_qb, cfg.kv_splits),
+        out_shape=tuple(jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros),
+        input_output_aliases={8 + i: i for i in range(len(zeros))},
+        interpret=cfg.backend == "interpret",
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         name="paged_attention")(block_tables, kv_lens, cu_q_lens, q_GxTRxK, k_pages, v_pages,
-                                k_scales, v_scales, zeros_GxTRxV)
+                                k_scales, v_scales, *zeros)
+    out_GxTRxV = outs[0] if cfg.kv_splits == 1 else _merge_splits(*outs).astype(q_TxHxK.dtype)
     return _ungroup(out_GxTRxV, T, H)
 
 
@@ -485,7 +522,7 @@ def _forward(cfg, *arrays):
 def paged_attention(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_tables_SxM, kv_lens_S,
                     cu_q_lens_S1, *, sm_scale=None, causal=True, max_q_len=None, backend=None,
                     pages_per_block=None, k_scales_PxBxG=None, v_scales_PxBxG=None,
-                    sliding_window=None):
+                    sliding_window=None, kv_splits=1):
     """Attention of T flat query rows over paged K/V; returns [T, H, V] in q's dtype.
 
     q [T, H, K]; k_pages [P, page_size, G, K]; v_pages [P, page_size, G, V]; block_tables
@@ -497,13 +534,16 @@ def paged_attention(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_tables_SxM,
     [P, page_size, G] float32 (one per stored vector; gpu and interpret backends): each page is
     dequantised to q's dtype as it is loaded, so the pool stays int8 in memory.
     sliding_window W: a query at position p sees keys at positions within (p - W, p + W) (and
-    causal ones at most p); the gpu kernel skips the pages wholly before that."""
+    causal ones at most p); the gpu kernel skips the pages wholly before that.
+    kv_splits N (gpu and interpret backends): each query block's pages are shared out among N
+    programs, whose partial outputs are merged by their log-sum-exp (flash-decoding): for a
+    grid too small to fill the GPU, as batch-1 decoding (one program per kv head) is."""
     scales = _scales(k_scales_PxBxG, v_scales_PxBxG)
     _check_inputs(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_tables_SxM, kv_lens_S,
                   cu_q_lens_S1, scales)
     cfg = _config(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, causal, sm_scale, max_q_len,
                   backend, pages_per_block, quantized=scales is not None,
-                  sliding_window=sliding_window)
+                  sliding_window=sliding_window, kv_splits=kv_splits)
     if q_TxHxK.shape[0] == 0 or block_tables_SxM.shape[0] == 0:
         return jnp.zeros(q_TxHxK.shape[:2] + v_pages_PxBxGxV.shape[3:], q_TxHxK.dtype)
     return _forward(cfg, q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_tables_SxM,

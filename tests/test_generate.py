@@ -51,9 +51,9 @@ def tiny_lm(name, seed=0, extra=(), **kw):
     return model, LM.of(cfg, nnx.to_pure_dict(nnx.state(model)), **kw)
 
 
-def decode_logits(engine, requests, steps):
+def decode_logits(engine, requests, steps, max_len=None):
     """Per real row: the logits each generated token was drawn from, and the tokens."""
-    d, n = engine.prefill(requests)
+    d, n = engine.prefill(requests, max_len)
     logits = [np.asarray(d.logits_BxV)]
     for _ in range(steps - 1):
         d = engine.step(d)
@@ -84,22 +84,31 @@ def test_cached_decode_equals_full_forward(name):
         assert (np.argmax(full, -1) == tokens).all()
 
 
-def test_decode_through_the_paged_kernel_equals_full_forward(monkeypatch):
+@pytest.mark.parametrize("kv_splits", [1, 2])
+def test_decode_through_the_paged_kernel_equals_full_forward(monkeypatch, kv_splits):
     """attention_impl=pallas: the dense cache is read as pages by the paged-attention kernel
     (interpreted here), prefill and decode; every generated position's logits equal the XLA
-    full forward's, and the kernel really ran."""
+    full forward's, and the kernel really ran. kv_splits=2: a 3-page cache whose longest row
+    fills two pages, its keys shared out between two programs (flash-decoding)."""
     import jaxlm.nn.attend as attend_mod
+    import kernels_pallas.paged as paged_mod
     calls = []
-    real = attend_mod._attend_cache_paged
-    monkeypatch.setattr(attend_mod, "_attend_cache_paged",
-                        lambda *a: calls.append(1) or real(*a))
+    real = paged_mod.paged_attention
+    monkeypatch.setattr(paged_mod, "paged_attention",
+                        lambda *a, **kw: calls.append(kw["kv_splits"]) or real(*a, **kw))
+    monkeypatch.setattr("jaxlm.nn.paged_cache.paged_attention", paged_mod.paged_attention)
     _, lm = tiny_lm("llama-gqa", extra=["model.d_model=64"])  # head dim 16: the kernel's least
-    kernel_lm = LM.of(dataclasses.replace(lm.cfg, attention_impl="pallas"), lm.state)
-    got = decode_logits(Engine(kernel_lm), [Request(p, GREEDY) for p in PROMPTS], 4)
-    assert calls
-    seqs = [p + t.tolist() for p, (_, t) in zip(PROMPTS, got)]
+    kernel_lm = LM.of(dataclasses.replace(lm.cfg, attention_impl="pallas"), lm.state,
+                      kv_splits=kv_splits)
+    prompts, max_len = PROMPTS, None
+    if kv_splits > 1:
+        prompts = PROMPTS + [[(7 * i) % 60 + 1 for i in range(67)]]
+        max_len = 3 * attend_mod.CACHE_PAGE
+    got = decode_logits(Engine(kernel_lm), [Request(p, GREEDY) for p in prompts], 4, max_len)
+    assert calls and set(calls) == {kv_splits}
+    seqs = [p + t.tolist() for p, (_, t) in zip(prompts, got)]
     full_BxSxV = full_forward(lm, seqs)
-    for b, (prompt, (logits_NxV, tokens)) in enumerate(zip(PROMPTS, got)):
+    for b, (prompt, (logits_NxV, tokens)) in enumerate(zip(prompts, got)):
         full = full_BxSxV[b, len(prompt) - 1:len(seqs[b]) - 1]
         np.testing.assert_allclose(logits_NxV, full, rtol=2e-4, atol=2e-4)
 

@@ -145,6 +145,26 @@ def test_garbage_in_unused_slots_and_table_entries_is_ignored(backend):
         assert rel_err(got, paged_attention_reference(*dirty, causal=causal)) < TOL["float32"]
 
 
+@pytest.mark.parametrize("name,splits", [("mixed_gqa2_causal_f32", 2),
+                                         ("gqa4_decode_only_page16", 5),
+                                         ("window5_mixed_gqa2_f32", 3)])
+def test_key_splits_merge_to_one_programs_output(name, splits):
+    """Flash-decoding: each block's pages shared among `splits` programs (more than some
+    sequences have pages, so some splits see no key) and merged by log-sum-exp equal the
+    one-program kernel, with NaN garbage in unused slots and table entries, int8 pages too."""
+    case = CASES[name]
+    for garbage in (False, True):
+        args = make_inputs(case, seed=11, garbage=garbage)
+        one = paged_attention(*args, **kwargs(case), backend="interpret")
+        split = paged_attention(*args, **kwargs(case), backend="interpret", kv_splits=splits)
+        assert split.dtype == one.dtype and np.isfinite(np.asarray(split)).all()
+        np.testing.assert_allclose(np.asarray(split), np.asarray(one), rtol=1e-5, atol=1e-6)
+    args, scales, floats = quantize_pages(make_inputs(case, seed=3))
+    split = paged_attention(*args, **kwargs(case), **scales, backend="interpret",
+                            kv_splits=splits)
+    assert rel_err(split, paged_attention_reference(*floats, **kwargs(case))) < TOL[case.dtype]
+
+
 def dense_numpy(q, k_pages, v_pages, bt, kv_lens, cu, causal, sm_scale, window=None):
     """Attention row by row in float64 from contiguous per-sequence K/V copied out of the pages."""
     q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
@@ -233,7 +253,8 @@ def _lower(backend, platform, K=128, page_size=16, dtype=jnp.bfloat16, int8=Fals
 
 @pytest.mark.parametrize("kw", [dict(max_q_len=16, pages_per_block=2),
                                 dict(max_q_len=1, causal=False), dict(max_q_len=1, int8=True),
-                                dict(max_q_len=16, sliding_window=40)])
+                                dict(max_q_len=16, sliding_window=40),
+                                dict(max_q_len=1, kv_splits=4, int8=True)])
 def test_gpu_kernel_lowers_to_triton(kw):
     assert _lower("gpu", "cuda", **kw).count("__gpu$xla.gpu.triton") == 1
 
@@ -286,6 +307,10 @@ def _bad(name):
         kw["backend"] = "tpu"
     elif name == "window":
         kw["sliding_window"] = 0
+    elif name == "kv_splits":
+        kw["kv_splits"] = 0
+    elif name == "kv_splits_tpu":
+        kw.update(kv_splits=2, backend="interpret_tpu")
     elif name in ("int8_scales_shape", "int8_tpu", "int8_float_pages"):
         P, B, G = k.shape[:3]
         kw = dict(k_scales_PxBxG=jnp.ones((P, B, G)), v_scales_PxBxG=jnp.ones((P, B, G)))
@@ -321,6 +346,8 @@ BAD_INPUTS = [
     ("int8_scales_shape",
      r"v_scales must be float32 \[pages, page_size, kv_heads\] = \(6, 4, 2\)"),
     ("int8_tpu", r"int8 pages run on the gpu and interpret backends, not interpret_tpu"),
+    ("kv_splits", r"kv_splits must be a positive int; got 0"),
+    ("kv_splits_tpu", r"kv_splits > 1 runs on the gpu and interpret backends, not interpret_tpu"),
 ]
 
 
@@ -329,6 +356,7 @@ def test_bad_inputs_raise(name, match):
     args, kw = _bad(name)
     with pytest.raises(ValueError, match=f"^paged_attention: {match}"):
         paged_attention(*args, **kw)
-    if "backend" not in kw and name not in ("max_q_len", "pages_per_block", "window"):
+    if "backend" not in kw and name not in ("max_q_len", "pages_per_block", "window",
+                                            "kv_splits"):
         with pytest.raises(ValueError, match=match):  # the reference checks its inputs too
             paged_attention_reference(*args, **kw)

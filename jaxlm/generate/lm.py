@@ -39,14 +39,19 @@ class LM:
     context_len: int | None = None  # longest sequence the model may read (None: no limit)
     cache_dtype: Any = None         # None: the model's compute dtype
     decoder_start_id: int = 0       # seq2seq: the decoder's first token (pad, as span corruption)
+    kv_splits: int = 1              # decode attention's key splits, where the paged kernel reads
 
     @classmethod
     def of(cls, cfg: ModelConfig, state, *, mesh: Mesh | None = None, rules=None,
            context_len: int | None = None, cache_dtype=None, decoder_start_id: int = 0,
-           quantize: str | None = None) -> "LM":
+           quantize: str | None = None, kv_splits: int = 1) -> "LM":
         """The model of `cfg` with `state` ({'params': ..., 'model_state': ...} as a train state
         holds them, or one nnx pure dict of all variables), placed on `mesh` by `rules`;
-        `quantize="int8"`: its matmul weights then held as int8 (jaxlm.generate.quantize)."""
+        `quantize="int8"`: its matmul weights then held as int8 (jaxlm.generate.quantize).
+        `kv_splits`: programs per kv head and row in decode attention, where the paged kernel
+        reads the cache (flash-decoding; for batches too small to fill a GPU)."""
+        if isinstance(kv_splits, bool) or not isinstance(kv_splits, int) or kv_splits < 1:
+            raise ConfigError(f"kv_splits={kv_splits!r}: expected a positive int")
         if cache_dtype is not None and jnp.dtype(cache_dtype).name not in CACHE_DTYPES:
             raise ConfigError(f"cache dtype {jnp.dtype(cache_dtype).name}: expected one of "
                               f"{', '.join(CACHE_DTYPES)}")
@@ -76,7 +81,8 @@ class LM:
         limit = getattr(cfg, "max_positions", None)
         context_len = limit if context_len is None else min(context_len, limit or context_len)
         return cls(cfg, graphdef, state, mesh, rules, context_len,
-                   None if cache_dtype is None else jnp.dtype(cache_dtype), decoder_start_id)
+                   None if cache_dtype is None else jnp.dtype(cache_dtype), decoder_start_id,
+                   kv_splits)
 
     @property
     def seq2seq(self) -> bool:
@@ -101,6 +107,7 @@ class LM:
     def empty_cache(self, state, batch: int, max_len: int):
         """Inside a trace: every layer's empty cache, in the cache dtype, sharded by the rules."""
         cache = self.model(state).stack().empty_cache(batch, max_len)
+        cache = kv.map_caches(lambda c: c.replace(kv_splits=self.kv_splits), cache)
         return kv.constrain_caches(kv.cast_caches(cache, self.cache_dtype))
 
     def hidden(self, state, tokens_BxS, positions_BxS, segment_ids_BxS, cache,

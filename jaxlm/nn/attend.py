@@ -165,7 +165,8 @@ def _attend_cache_paged(q_BxSxHxK, cache, scale):
         return None if x is None else x.reshape(B * M, CACHE_PAGE, G, x.shape[-1])
     layout = PagedStep(None, jnp.arange(B * M, dtype=jnp.int32).reshape(B, M),
                        cache.lengths_B.astype(jnp.int32),
-                       jnp.arange(B + 1, dtype=jnp.int32) * S, max_q_len=S)
+                       jnp.arange(B + 1, dtype=jnp.int32) * S, max_q_len=S,
+                       kv_splits=min(cache.kv_splits, M))
     view = PagedKVCache(pages(cache.k_BxTxGxK), pages(cache.v_BxTxGxV), layout,
                         v_dim=cache.v_dim, impl="pallas")
     return view.attend(q_BxSxHxK.reshape(1, B * S, H, K), scale).reshape(B, S, H, -1)

@@ -29,6 +29,8 @@ class KVCache:
     k_scale_BxTxG: jax.Array | None = None    # int8 storage only
     v_scale_BxTxG: jax.Array | None = None
     v_dim: int = struct.field(pytree_node=False, default=0)  # shared values' head dim
+    # programs per kv head when the paged kernel reads this cache (flash-decoding; 1: none)
+    kv_splits: int = struct.field(pytree_node=False, default=1)
 
     @classmethod
     def empty(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype,

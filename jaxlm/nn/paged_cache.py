@@ -32,6 +32,7 @@ class PagedStep:
     kv_lens_S: jax.Array         # tokens of each sequence in the cache after this step's writes
     cu_q_lens_S1: jax.Array      # sequence s's queries are rows [cu[s], cu[s + 1])
     max_q_len: int = struct.field(pytree_node=False, default=1)  # most queries of one sequence
+    kv_splits: int = struct.field(pytree_node=False, default=1)  # the kernel's key splits
 
 
 @struct.dataclass
@@ -96,7 +97,8 @@ class PagedKVCache:
         args = (q_BxTxHxK[0], self.k_pages_PxBxGxK, v_pages, s.block_tables_SxM, s.kv_lens_S,
                 s.cu_q_lens_S1, self.k_scale_PxBxG, v_scale)
         if self.impl == "pallas":
-            out_TxHxV = _kernel_per_shard(args, scale, s.max_q_len, sliding_window)
+            out_TxHxV = _kernel_per_shard(args, scale, s.max_q_len, sliding_window,
+                                          s.kv_splits)
         else:
             out_TxHxV = paged_attention_reference(*args[:6], sm_scale=scale,
                                                   k_scales_PxBxG=args[6], v_scales_PxBxG=args[7],
@@ -107,14 +109,15 @@ class PagedKVCache:
         return out_TxHxV[None]
 
 
-def _kernel_per_shard(args, scale: float, max_q_len: int, sliding_window: int | None):
+def _kernel_per_shard(args, scale: float, max_q_len: int, sliding_window: int | None,
+                      kv_splits: int = 1):
     """The kernel is one device's program: on a mesh it runs per shard (shard_map), each
     device with its share of the heads and of every page's kv heads, as the rules split them;
     the block tables and lengths are whole everywhere."""
     def call(*a):
         return paged_attention(*a[:6], sm_scale=scale, max_q_len=max_q_len,
                                k_scales_PxBxG=a[6], v_scales_PxBxG=a[7],
-                               sliding_window=sliding_window)
+                               sliding_window=sliding_window, kv_splits=kv_splits)
     mesh, rules = active()
     if mesh is None or mesh.size == 1:
         return call(*args)
