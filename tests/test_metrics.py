@@ -1,4 +1,5 @@
 """The FLOPs/MFU numbers jaxlm prints, against values worked out by hand."""
+import json
 import pytest
 
 from jaxlm.config import load_config
@@ -71,3 +72,53 @@ def test_step_profile_attributes_instructions_to_their_source_lines():
     inner = {m["stack"][0] for m in meta.values() if m["stack"]}  # innermost "file:line"
     assert any(f.rsplit(":", 1)[0].endswith("tests/test_metrics.py") for f in inner)
     assert category("nvjet_sm90_tst_128x160", {}) == "matmul forward"
+
+
+def test_torch_profile_tells_backward_and_optimizer_kernels_by_their_launching_call(tmp_path):
+    """benchmarks/torch_profile.py on a real torch.profiler trace of a CPU training step, with
+    a GPU kernel (and its launch) added under three CPU ops: a forward matmul, a matmul inside
+    autograd's backward, and an op inside `Optimizer.step`. Torch names these by category
+    (cpu_op, user_annotation) and by thread; the breakdown must place each kernel by the call
+    that launched it, not by its name."""
+    import torch
+    from benchmarks.torch_profile import breakdown, category
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.AdamW(model.parameters())
+    prof = profile(activities=[ProfilerActivity.CPU],
+                   schedule=schedule(wait=1, warmup=1, active=1, repeat=1))
+    hook = register_optimizer_step_post_hook(lambda *a: prof.step())
+    with prof:
+        for _ in range(4):
+            model(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    hook.remove()
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    events = trace["traceEvents"]
+    ops = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
+    opt_span = next(e for e in events if e.get("name", "").startswith("Optimizer.step"))
+
+    def launch_under(op, corr, kernel):
+        t = op["ts"] + op.get("dur", 0) / 2
+        events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel",
+                       "tid": op["tid"], "ts": t, "dur": 1, "args": {"correlation": corr}})
+        events.append({"ph": "X", "cat": "kernel", "name": kernel, "tid": 7, "ts": t + 5,
+                       "dur": 1000.0 * corr, "args": {"correlation": corr}})
+    forward = next(e for e in ops if e["name"] == "aten::addmm")
+    in_backward = next(e for e in ops if e["name"] == "aten::mm" and any(
+        b["tid"] == e["tid"] and b["ts"] <= e["ts"] <= b["ts"] + b["dur"] for b in ops
+        if b["name"].startswith("autograd::engine::evaluate_function")))
+    in_opt = next(e for e in ops if e["tid"] == opt_span["tid"]
+                  and opt_span["ts"] <= e["ts"] <= opt_span["ts"] + opt_span["dur"])
+    launch_under(forward, 1, "sm90_xmma_gemm_bf16bf16_bf16f32")
+    launch_under(in_backward, 2, "sm90_xmma_gemm_bf16bf16_bf16f32")
+    launch_under(in_opt, 3, "triton_poi_fused_mul_0")
+    got = breakdown(trace, steps=1)
+    assert got["categories"] == {"matmul forward": 1.0, "matmul backward": 2.0,
+                                 "optimizer update": 3.0}
+    assert category("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_1", False, False) == "norms"
+    assert category("pytorch_flash::flash_bwd_kernel", True, False) == "attention backward"

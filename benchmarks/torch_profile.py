@@ -1,0 +1,139 @@
+"""The torch.compile peer's training step, broken down like benchmarks/step_profile.py breaks
+down jaxlm's: the peer (../shared/bench/ref_models.py, carried as .peer/) trains under
+torch.profiler, and every GPU kernel of three steps is put in the same categories (matmuls
+forward / backward, attention forward / backward, cross-entropy and head, norms, optimizer
+update, copies and transposes, other elementwise).
+
+  python3 benchmarks/torch_profile.py [--ref .peer/ref_models.py] [--steps 3] ['{"json": ...}']
+
+Forward or backward is not guessed from kernel names: a kernel is backward when the CPU call
+that launched it ran inside autograd's backward (an `autograd::engine::evaluate_function` op),
+and an optimizer kernel when it was launched inside `Optimizer.step`. The other categories come
+from kernel names: cuBLAS / nvjet / CUTLASS GEMMs, flash / cuDNN attention, and the fused op
+names that Inductor writes into its Triton kernels' names (`triton_red_fused_..._rsqrt_...`).
+Writes $OUT/profile_torch.json when $OUT is set.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+
+GEMM = ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "splitkreduce")
+ATTENTION = ("flash", "fmha", "cudnn", "attention", "sdpa")
+CROSS_ENTROPY = ("nll", "log_softmax", "logsumexp", "cross_entropy")
+NORM = ("rsqrt",)  # Inductor's RMSNorm fusions: mean, pow, rsqrt
+COPY = ("copy", "transpose", "clone", "cat_", "elementwise_kernel_with_index", "memcpy",
+        "memset")
+
+
+def category(kernel: str, backward: bool, optimizer: bool) -> str:
+    """One of step_profile.py's rows for a kernel of the torch step."""
+    low = kernel.lower()
+    if optimizer or "adam" in low or "multi_tensor" in low:
+        return "optimizer update"
+    if any(s in low for s in GEMM):
+        return "matmul " + ("backward" if backward else "forward")
+    if any(s in low for s in ATTENTION):
+        return "attention " + ("backward" if backward or "bwd" in low else "forward")
+    if any(s in low for s in CROSS_ENTROPY):
+        return "cross-entropy and head"
+    if any(s in low for s in NORM):
+        return "norms"
+    if any(s in low for s in COPY):
+        return "copies and transposes"
+    return "other elementwise"
+
+
+def _intervals(events, match) -> dict:
+    """{thread: sorted [(start, end)]} of the CPU ops and annotations (`Optimizer.step#...` is
+    one) whose name `match`es."""
+    out = collections.defaultdict(list)
+    for e in events:
+        if (e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation")
+                and match(e.get("name", ""))):
+            out[e["tid"]].append((e["ts"], e["ts"] + e.get("dur", 0)))
+    return {t: sorted(v) for t, v in out.items()}
+
+
+def _inside(intervals: dict, tid, ts) -> bool:
+    spans = intervals.get(tid, [])
+    i = bisect.bisect_right(spans, (ts, float("inf"))) - 1
+    # spans may nest: any one that starts before ts and ends after it
+    return any(s <= ts <= e for s, e in spans[max(0, i - 64):i + 1])
+
+
+def breakdown(trace: dict, steps: int) -> dict:
+    """{"kernel_ms", "categories", "kernels"} per step from a torch.profiler chrome trace."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    backward = _intervals(events, lambda n: n.startswith("autograd::engine::evaluate_function"))
+    optimizer = _intervals(events, lambda n: n.startswith("Optimizer.step"))
+    launches = {}  # correlation id -> (thread, time) of the runtime call that launched it
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver"):
+            corr = (e.get("args") or {}).get("correlation")
+            if corr is not None:
+                launches[corr] = (e["tid"], e["ts"])
+    by_cat, by_kernel = collections.defaultdict(float), collections.defaultdict(float)
+    total = 0.0
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
+            continue
+        ms = e.get("dur", 0) / 1e3 / steps
+        tid, ts = launches.get((e.get("args") or {}).get("correlation"), (None, None))
+        bwd = ts is not None and _inside(backward, tid, ts)
+        opt = ts is not None and _inside(optimizer, tid, ts)
+        by_cat[category(e["name"], bwd, opt)] += ms
+        by_kernel[e["name"][:100]] += ms
+        total += ms
+    return {"kernel_ms": total, "categories": dict(by_cat), "kernels": dict(by_kernel)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ref", default=".peer/ref_models.py", help="the peer's ref_models.py")
+    ap.add_argument("--steps", type=int, default=3, help="steps traced, after 6 untraced")
+    ap.add_argument("overrides", nargs="?", default="{}", help="JSON config overrides")
+    args = ap.parse_args(argv)
+    if not os.path.exists(args.ref):
+        ap.error(f"--ref {args.ref}: no such file (copy ../shared/bench/ref_models.py to .peer/)")
+    import torch.optim.optimizer as optim
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    spec = importlib.util.spec_from_file_location("ref_models", args.ref)
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    ref.CFG.update(json.loads(args.overrides))
+    # the peer's own loop: compile + 3 warm-up steps + 10 timed; every optimizer step advances
+    # the profiler's schedule, so the traced steps are warm ones (the peer's printed step time
+    # is the profiled one, slower than its benchmark: the breakdown is what counts here)
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                   schedule=schedule(wait=5, warmup=1, active=args.steps, repeat=1))
+    hook = optim.register_optimizer_step_post_hook(lambda *a: prof.step())
+    with prof:
+        ref.run_torch()
+    hook.remove()
+    path = os.path.join(tempfile.mkdtemp(prefix="torch-trace-"), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        result = breakdown(json.load(f), args.steps)
+    total = result["kernel_ms"]
+    print(f"\n### torch.compile ({ref.CFG}): GPU kernels {total:.1f} ms/step")
+    print("| category | ms/step | share |\n|---|---|---|")
+    for k, v in sorted(result["categories"].items(), key=lambda kv: -kv[1]):
+        print(f"| {k} | {v:.1f} | {v / max(total, 1e-9):.1%} |")
+    print("top kernels:")
+    for k, v in sorted(result["kernels"].items(), key=lambda kv: -kv[1])[:20]:
+        print(f"  {v:7.2f} ms  {k}")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "profile_torch.json"), "w") as f:
+            json.dump({"config": ref.CFG, **result}, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
