@@ -11,6 +11,7 @@ same call, in its own process, so the two never share the GPU's memory.
     python benchmarks/decode.py --variants int8                   # int8 weights (bf16 matmuls)
     python benchmarks/decode.py --variants bf16,int8 --speculate 4  # both, then speculative
     python benchmarks/decode.py --kv-splits 1,2,4 --batches 1     # flash-decoding splits
+    python benchmarks/decode.py --min-rows 1,2 --batches 1        # batch 1 padded to 2 rows
 
 --speculate K: batch 1, K drafts a round, against plain greedy of the same model: prompt lookup
 (3-grams) and a draft model. With random weights no small model predicts the target, so the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import subprocess
 import sys
 import time
@@ -65,7 +67,7 @@ def kv_bytes_per_token(lm) -> int:
 
 
 def measure(lm, batch: int, prompt: int, new: int, bw: float, weight_bytes: int,
-            label: str = "bf16"):
+            label: str = "bf16", min_rows: int = 1):
     import jax
     import numpy as np
     from jaxlm.generate.engine import Engine, Request
@@ -73,7 +75,8 @@ def measure(lm, batch: int, prompt: int, new: int, bw: float, weight_bytes: int,
     rng = np.random.default_rng(0)
     s = SamplingConfig(temperature=0.0, max_tokens=new)
     requests = [Request(rng.integers(3, lm.cfg.vocab_size, prompt), s) for _ in range(batch)]
-    engine = Engine(lm, eos_id=None)  # no stop token: every row makes all `new` tokens
+    # no stop token: every row makes all `new` tokens; MBU counts the real rows' KV only
+    engine = Engine(lm, eos_id=None, min_rows=min_rows)
     engine.generate(requests)  # compile prefill and loop
     t0 = time.perf_counter()
     outs = engine.generate(requests)
@@ -122,6 +125,16 @@ def speculate(lm, K: int, prompt: int, new: int):
               f"{same}", flush=True)
 
 
+def positive_ints(parser, flag: str, value: str) -> list[int]:
+    try:
+        out = [int(n) for n in value.split(",")]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        parser.error(f"{flag}: {value!r} is not a comma-separated list of positive ints")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny model and lengths (CPU)")
@@ -134,6 +147,9 @@ def main(argv=None):
     p.add_argument("--kv-splits", default="1",
                    help="comma-separated key splits of decode attention (the paged kernel's "
                         "flash-decoding) to measure in turn")
+    p.add_argument("--min-rows", default="1",
+                   help="comma-separated least rows a batch is padded to (Engine min_rows), "
+                        "measured in turn")
     p.add_argument("--speculate", type=int, default=0, metavar="K",
                    help="also batch-1 speculative decoding with K drafts a round")
     args = p.parse_args(argv)
@@ -147,11 +163,8 @@ def main(argv=None):
     else:
         config, overrides = args.config, []
         prompt, new, batches, bw_bytes = 128, 256, tuple(map(int, args.batches.split(","))), 2**31
-    try:
-        splits = [int(n) for n in args.kv_splits.split(",")]
-        assert all(n >= 1 for n in splits)
-    except (ValueError, AssertionError):
-        p.error(f"--kv-splits: {args.kv_splits!r} is not a comma-separated list of positive ints")
+    splits, min_rows = (positive_ints(p, flag, value) for flag, value in (
+        ("--kv-splits", args.kv_splits), ("--min-rows", args.min_rows)))
     bw = copy_bandwidth(bw_bytes)
     for variant in variants:
         if variant not in ("bf16", "int8"):
@@ -161,11 +174,12 @@ def main(argv=None):
         print(f"{jax.devices()[0].device_kind}: params {weight_bytes / 1e9:.2f} GB {variant}; "
               f"copy bandwidth {bw / 1e12:.2f} TB/s; KV {kv_bytes_per_token(lm) / 1024:.0f} "
               f"KiB/token", flush=True)
-        for n in splits:
+        for n, rows in itertools.product(splits, min_rows):
             lm = dataclasses.replace(lm, kv_splits=n)
-            label = variant if len(splits) == 1 else f"{variant} kv_splits={n}"
+            label = " ".join([variant] + [f"kv_splits={n}"] * (len(splits) > 1)
+                             + [f"min_rows={rows}"] * (len(min_rows) > 1))
             for b in batches:
-                measure(lm, b, prompt, new, bw, weight_bytes, label)
+                measure(lm, b, prompt, new, bw, weight_bytes, label, rows)
         if args.speculate and variant == "bf16":
             speculate(lm, args.speculate, prompt, new)
         del lm

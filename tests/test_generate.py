@@ -167,6 +167,19 @@ def test_seeds_reproduce_whatever_the_batch_and_stop_tokens_end_rows():
         temperature=1.0, top_k=20, max_tokens=8, seed=7, stop_ids=(stop,)))])[0]
     assert out.ids == alone[:first] and out.finish_reason == "stop"
     assert list(engine.stream(Request([5, 9, 2], s))) == alone
+    # one request padded to two rows (batch-1 decoding without vector x matrix products)
+    padded = Engine(lm, min_rows=2)
+    assert padded.prepare([Request([5, 9, 2], s)])[0]["tokens"].shape[0] == 2
+    assert padded.generate([Request([5, 9, 2], s)])[0].ids == alone
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, True])
+def test_decode_shape_options_refuse_what_is_not_a_positive_int(bad):
+    _, lm = tiny_lm("llama-gqa")
+    with pytest.raises(ConfigError, match=rf"^min_rows={bad!r}: expected a positive int"):
+        Engine(lm, min_rows=bad)
+    with pytest.raises(ConfigError, match=rf"^kv_splits={bad!r}: expected a positive int"):
+        LM.of(lm.cfg, lm.state, kv_splits=bad)
 
 
 def _seq_logp(model, prompt, seq):

@@ -81,8 +81,14 @@ def prompt_len(lm: LM, longest: int, max_len: int) -> int:
 
 
 class Engine:
-    def __init__(self, lm: LM, eos_id: int | None = None):
-        self.lm, self.eos_id = lm, eos_id
+    def __init__(self, lm: LM, eos_id: int | None = None, min_rows: int = 1):
+        """min_rows: a batch of fewer requests is padded to this many rows. Why 2 may pay on a
+        GPU: with one row every product is vector x matrix, and XLA's GPU compiler rewrites
+        those under 10M elements (the 1B preset's attention output projection) into a
+        multiply and a reduction instead of a GEMM (its DotStrengthReduction pass)."""
+        if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
+            raise ConfigError(f"min_rows={min_rows!r}: expected a positive int")
+        self.lm, self.eos_id, self.min_rows = lm, eos_id, min_rows
         self._prefill = jax.jit(self._prefill_fn, static_argnums=(2,))
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))
         self._loop = jax.jit(self._loop_fn, donate_argnums=(1,))
@@ -143,7 +149,8 @@ class Engine:
 
     def prepare(self, requests: list[Request], max_len: int | None = None):
         """Check the requests and lay them out as the prefill's host arrays: (arrays, cache
-        length, number of real rows). Rows are padded to a multiple of the data-parallel size."""
+        length, number of real rows). Rows are padded to at least `min_rows`, and to a
+        multiple of the data-parallel size."""
         if not requests:
             raise ConfigError("no prompts: give --prompt, --prompt-file or text on stdin")
         lm = self.lm
@@ -163,7 +170,7 @@ class Engine:
         if max(lens) > P:
             raise ConfigError(f"a prompt of {max(lens)} tokens does not fit a cache of {max_len}")
         n_real = len(requests)
-        B = round_up(n_real, lm.batch_multiple())
+        B = round_up(max(n_real, self.min_rows), lm.batch_multiple())
         padded = requests + [Request([0], SamplingConfig(max_tokens=1))] * (B - n_real)
         stops = [tuple(r.sampling.stop_ids) + ((self.eos_id,) if self.eos_id is not None else ())
                  for r in padded]
