@@ -76,8 +76,8 @@ class Preemption:
                         f"checkpoint in progress; the previous one is intact\n".encode())
             os._exit(128 + signum)
         self.signum = signum
-        os.write(2, f"\n{name}: stopping after the step in flight with a checkpoint; "
-                    f"send it again to exit at once without one\n".encode())
+        os.write(2, f"\n{name}: stopping after the step in flight (and its checkpoint, if "
+                    f"checkpoints are on); send it again to exit at once\n".encode())
         if self.multi_process:
             os.kill(os.getpid(), signal.SIGTERM)  # to JAX's handler: every process is told
 

@@ -133,6 +133,6 @@ def test_two_signals_inside_one_long_c_call_are_two_signals(tmp_path):
     proc.send_signal(signal.SIGINT)
     code, out, err = finish(proc, timeout=120)
     assert code == 128 + signal.SIGINT, (code, out, err)
-    assert "SIGINT: stopping after the step in flight" in err
+    assert "SIGINT: stopping after the step in flight (and its checkpoint" in err
     assert "second signal (SIGINT): exiting now" in err and "returned" not in out
     assert time.monotonic() - t0 < 3  # the C call itself runs ~10 s
