@@ -81,7 +81,8 @@ def make_loss_fn(cfg: Config, mesh: Mesh, graphdef):
     rules, cp = cfg.mesh.rules, cfg.mesh.context_parallel
 
     def loss_fn(params, batch, model_state=None):
-        with use_rules(mesh, rules, cp), matmul_precision(cfg.model.matmul_precision):
+        precision = matmul_precision(cfg.model.matmul_precision, cfg.model.fp8_margin)
+        with use_rules(mesh, rules, cp), precision:
             model = nnx.merge(graphdef, params, model_state or {})
             loss = objective(model, batch, plan, cfg.model.loss_chunks)
         if model_state is None:

@@ -65,13 +65,14 @@ def test_fp8_einsum_and_gradients_match_numpy(subscripts, x_shape, w_shape):
     assert np.abs(np.asarray(y) - np.einsum(subscripts, x, w)).max() > 1e-4
 
 
+@pytest.mark.parametrize("margin", [0, 1])
 @pytest.mark.parametrize("subscripts,x_shape,w_shape", CASES[1:])
 def test_delayed_scaling_uses_the_histories_and_returns_them_updated(subscripts, x_shape,
-                                                                      w_shape):
+                                                                      w_shape, margin):
     """Delayed: x's and the gradient's scales come from the largest amax in their histories
     (x's history here is below x's own amax, so the largest values saturate, as a stale scale
-    does), the weight's from itself; the histories' gradient is each one with this step's amax
-    rolled in first."""
+    does), times 2^margin, the weight's from itself; the histories' gradient is each one with
+    this step's amax rolled in first."""
     rng = np.random.default_rng(2)
     x = rng.normal(size=x_shape).astype(np.float32) * 3
     w = rng.normal(size=w_shape).astype(np.float32) * 0.1
@@ -79,13 +80,13 @@ def test_delayed_scaling_uses_the_histories_and_returns_them_updated(subscripts,
     hist = np.zeros((2, H), np.float32)
     hist[0, :3] = [2.0, 6.0, 1.0]       # x: scale 6 / 448
     hist[1, :2] = [2e-3, 5e-4]          # gradient: scale 2e-3 / 57344
-    y, vjp = jax.vjp(lambda a, b, h: fp8_einsum(subscripts, a, b, jnp.float32, h),
+    y, vjp = jax.vjp(lambda a, b, h: fp8_einsum(subscripts, a, b, jnp.float32, h, margin),
                      jnp.asarray(x), jnp.asarray(w), jnp.asarray(hist))
     g = rng.normal(size=y.shape).astype(np.float32) * 1e-3
     dx, dw, new_hist = vjp(jnp.asarray(g))
-    qx = emulate(x, E4M3, ml_dtypes.float8_e4m3fn, 6.0 / 448)
+    qx = emulate(x, E4M3, ml_dtypes.float8_e4m3fn, 6.0 / 448 * 2**margin)
     qw = emulate(w, E4M3, ml_dtypes.float8_e4m3fn)
-    qg = emulate(g, E5M2, ml_dtypes.float8_e5m2, 2e-3 / 57344)
+    qg = emulate(g, E5M2, ml_dtypes.float8_e5m2, 2e-3 / 57344 * 2**margin)
     assert np.abs(x).max() > 6.0  # x really saturated
     dx_sub, dw_sub = transposed(subscripts)
     np.testing.assert_allclose(y, np.einsum(subscripts, qx, qw), rtol=1e-5, atol=1e-6)
@@ -93,9 +94,9 @@ def test_delayed_scaling_uses_the_histories_and_returns_them_updated(subscripts,
     np.testing.assert_allclose(dw, np.einsum(dw_sub, qx, qg), rtol=1e-5, atol=1e-9)
     want = np.array([[np.abs(x).max(), 2.0, 6.0, 1.0], [np.abs(g).max(), 2e-3, 5e-4, 0.0]])
     np.testing.assert_allclose(new_hist, want, rtol=1e-6)
-    # an empty history scales by 1
+    # an empty history scales by 1, whatever the margin
     y1 = fp8_einsum(subscripts, jnp.asarray(x), jnp.asarray(w), jnp.float32,
-                    jnp.zeros((2, H), jnp.float32))
+                    jnp.zeros((2, H), jnp.float32), margin)
     np.testing.assert_allclose(
         y1, np.einsum(subscripts, emulate(x, E4M3, ml_dtypes.float8_e4m3fn, 1.0), qw),
         rtol=1e-5, atol=1e-6)
@@ -111,6 +112,15 @@ def test_delayed_scaling_is_refused_on_pipeline_stages():
     check_against_devices(tiny_config(*stages), 8)
 
 
+def test_margin_is_refused_without_delayed_scaling():
+    from jaxlm.config_fields import ConfigError
+    for extra in ([], ["model.matmul_precision=fp8"]):
+        with pytest.raises(ConfigError, match=r"model.fp8_margin=1 is delayed scaling's "
+                                              r"headroom: it needs model.matmul_precision=fp8"):
+            tiny_config(*extra, "model.fp8_margin=1")
+    tiny_config("model.matmul_precision=fp8", "model.fp8_scaling=delayed", "model.fp8_margin=1")
+
+
 def test_policy_reaches_projections_not_the_head():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(2, 3, 16)), jnp.float32)
@@ -122,6 +132,15 @@ def test_policy_reaches_projections_not_the_head():
     np.testing.assert_array_equal(fp8, fp8_einsum("bsd,df->bsf", x, w[...], jnp.float32))
     np.testing.assert_array_equal(head, plain)
     assert not np.array_equal(fp8, plain)
+    # the policy's margin reaches a projection with histories (delayed scaling): x's history
+    # (1.0) is below its amax, so margin 0 saturates it and margin 2 does not
+    hist = jnp.asarray([[1.0, 0.5], [0.0, 0.0]])
+    assert float(jnp.abs(x).max()) > 1.0
+    with matmul_precision("fp8", margin=2):
+        delayed = project("bsd,df->bsf", x, w, jnp.float32, amax_2xH=hist)
+    np.testing.assert_array_equal(
+        delayed, fp8_einsum("bsd,df->bsf", x, w[...], jnp.float32, hist, 2))
+    assert not np.array_equal(delayed, fp8_einsum("bsd,df->bsf", x, w[...], jnp.float32, hist))
     with pytest.raises(ValueError, match="matmul precision 'fp4'"):
         with matmul_precision("fp4"):
             pass

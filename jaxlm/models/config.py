@@ -45,6 +45,10 @@ class ModelConfig:
     # not on pipeline stages). Weights are always scaled current.
     fp8_scaling: str = field(default="current", metadata=choices("current", "delayed"))
     fp8_amax_history: int = field(default=16, metadata=bounds(1))
+    # delayed scaling's headroom in bits: activation and gradient scales 2^margin times what
+    # their history's largest amax asks for, so a value up to 2^margin times past it still
+    # fits the format (Transformer Engine's DelayedScaling margin), for one bit of precision
+    fp8_margin: int = field(default=0, metadata=bounds(0))
     # >1: the head and its cross-entropy run over this many strided chunks of positions, each
     # chunk's logits computed with its gradients and dropped (jaxlm/head_loss.py), so the
     # [tokens, vocab] float32 logits never exist whole; must divide the positions
@@ -77,6 +81,10 @@ class ModelConfig:
         if self.num_units % self.scan_unroll:
             raise ConfigError(f"model.scan_unroll={self.scan_unroll} does not divide "
                               f"{self.units_description()}")
+        if self.fp8_margin and not self.fp8_history:
+            raise ConfigError(f"model.fp8_margin={self.fp8_margin} is delayed scaling's "
+                              f"headroom: it needs model.matmul_precision=fp8 and "
+                              f"model.fp8_scaling=delayed (current scales fit the tensor itself)")
 
     def check_mesh(self, sizes: dict[str, int]) -> None:
         """Checks that need the resolved mesh axis sizes (a family's parallelism limits)."""

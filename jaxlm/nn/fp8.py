@@ -51,6 +51,7 @@ AMAX_KEY = "fp8_amax"  # the attribute layers hold their Fp8Amax under
 
 class _Policy(threading.local):
     precision: str = "default"
+    margin: int = 0  # delayed scaling's headroom in bits (model.fp8_margin)
     history: int = 0  # while a model is built: the amax history length layers get (0: none)
 
 
@@ -58,19 +59,25 @@ _policy = _Policy()
 
 
 @contextlib.contextmanager
-def matmul_precision(precision: str):
-    """Inside: `param.project` multiplies in fp8 (`fp8`) or in the compute dtype (`default`)."""
+def matmul_precision(precision: str, margin: int = 0):
+    """Inside: `param.project` multiplies in fp8 (`fp8`) or in the compute dtype (`default`),
+    delayed scales with `margin` bits of headroom."""
     if precision not in PRECISIONS:
         raise ValueError(f"matmul precision {precision!r}: expected one of {PRECISIONS}")
-    prev, _policy.precision = _policy.precision, precision
+    prev = _policy.precision, _policy.margin
+    _policy.precision, _policy.margin = precision, margin
     try:
         yield
     finally:
-        _policy.precision = prev
+        _policy.precision, _policy.margin = prev
 
 
 def fp8_active() -> bool:
     return _policy.precision == "fp8"
+
+
+def fp8_margin() -> int:
+    return _policy.margin
 
 
 class Fp8Amax(nnx.Variable):
@@ -111,9 +118,11 @@ def site(amax: Fp8Amax | None, index: int, input_of: int | None = None):
     return jnp.stack([jax.lax.stop_gradient(histories[input_of][0]), histories[index][1]])
 
 
-def delayed_scale(history_H, fmt):
-    """The scale the largest amax of a history asks for (1 while the history is empty)."""
-    return _scale_for(jnp.max(history_H), fmt)
+def delayed_scale(history_H, fmt, margin: int = 0):
+    """The scale the largest amax of a history asks for, times 2^margin (1 while the history
+    is empty)."""
+    amax = jnp.max(history_H)
+    return jnp.where(amax > 0, _scale_for(amax, fmt) * 2.0 ** margin, 1.0)
 
 
 def roll_in(history_H, amax):
@@ -154,7 +163,7 @@ def gradient_subscripts(subscripts: str) -> tuple[str, str]:
     return f"{out},{w}->{x}", f"{x},{out}->{w}"
 
 
-def fp8_einsum(subscripts: str, x, w, dtype, history_2xH=None):
+def fp8_einsum(subscripts: str, x, w, dtype, history_2xH=None, margin: int = 0):
     """einsum(subscripts, x, w) with float8 operands: x and w as e4m3, and in the backward the
     output's gradient as e5m2 against the saved e4m3 operands; accumulation in float32, each
     product written in `dtype` (x's gradient in the gradient's dtype) and rescaled by its
@@ -162,11 +171,11 @@ def fp8_einsum(subscripts: str, x, w, dtype, history_2xH=None):
     compiler hands to cuBLAS's fp8 GEMM. The weight is rounded from its stored (master) dtype,
     with no `dtype` copy in between, and its gradient comes back in that dtype.
     history_2xH: this projection's amax histories (delayed scaling; None: current scaling);
-    its gradient is the updated histories."""
+    its gradient is the updated histories; margin: their scales' headroom in bits."""
     x = x.astype(dtype)
     if history_2xH is None:
         return _fp8_current(subscripts, jnp.dtype(w.dtype), x, w)
-    return _fp8_delayed(subscripts, jnp.dtype(w.dtype), x, w, history_2xH)
+    return _fp8_delayed(subscripts, jnp.dtype(w.dtype), margin, x, w, history_2xH)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -190,21 +199,21 @@ def _gradients(subscripts, w_dtype, xq, sx, wq, sw, gq, sg, g_dtype):
             _scaled(dw_sub, xq, gq, sx * sg, w_dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fp8_delayed(subscripts, w_dtype, x, w, history_2xH):
-    return _delayed_fwd(subscripts, w_dtype, x, w, history_2xH)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fp8_delayed(subscripts, w_dtype, margin, x, w, history_2xH):
+    return _delayed_fwd(subscripts, w_dtype, margin, x, w, history_2xH)[0]
 
 
-def _delayed_fwd(subscripts, w_dtype, x, w, history_2xH):
-    xq, sx = quantise(x, E4M3, delayed_scale(history_2xH[0], E4M3))
+def _delayed_fwd(subscripts, w_dtype, margin, x, w, history_2xH):
+    xq, sx = quantise(x, E4M3, delayed_scale(history_2xH[0], E4M3, margin))
     wq, sw = quantise(w, E4M3)
     y = _scaled(subscripts, xq, wq, sx * sw, x.dtype)
     return y, (xq, sx, wq, sw, roll_in(history_2xH[0], amax_of(x)), history_2xH[1])
 
 
-def _delayed_bwd(subscripts, w_dtype, res, g):
+def _delayed_bwd(subscripts, w_dtype, margin, res, g):
     xq, sx, wq, sw, x_history_H, g_history_H = res
-    gq, sg = quantise(g, E5M2, delayed_scale(g_history_H, E5M2))
+    gq, sg = quantise(g, E5M2, delayed_scale(g_history_H, E5M2, margin))
     dx, dw = _gradients(subscripts, w_dtype, xq, sx, wq, sw, gq, sg, g.dtype)
     return dx, dw, jnp.stack([x_history_H, roll_in(g_history_H, amax_of(g))])
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from jaxlm.nn.fp8 import fp8_active, fp8_einsum
+from jaxlm.nn.fp8 import fp8_active, fp8_einsum, fp8_margin
 
 
 def param(rngs: nnx.Rngs, shape, names, std: float, dtype) -> nnx.Param:
@@ -90,7 +90,7 @@ def project(subscripts: str, x, weight: nnx.Variable, dtype, *, fp8: bool = True
     subscripts, x, w = merge_contracted(subscripts, x, w)
     if not isinstance(w, Int8Weight):
         if fp8 and fp8_active():
-            return fp8_einsum(subscripts, x, w, dtype, amax_2xH)
+            return fp8_einsum(subscripts, x, w, dtype, amax_2xH, fp8_margin())
         return jnp.einsum(subscripts, x, w.astype(dtype))
     y = jnp.einsum(subscripts, x, w.q.astype(dtype))
     # the scale laid out as the output: contracting size-1 input axes is a broadcast
