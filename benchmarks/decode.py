@@ -12,6 +12,7 @@ same call, in its own process, so the two never share the GPU's memory.
     python benchmarks/decode.py --variants bf16,int8 --speculate 4  # both, then speculative
     python benchmarks/decode.py --kv-splits 1,2,4 --batches 1     # flash-decoding splits
     python benchmarks/decode.py --min-rows 1,2 --batches 1        # batch 1 padded to 2 rows
+    python benchmarks/decode.py --gemv off,on [--gemv-config '{"block_k": 64}']  # GEMV kernel
 
 --speculate K: batch 1, K drafts a round, against plain greedy of the same model: prompt lookup
 (3-grams) and a draft model. With random weights no small model predicts the target, so the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import subprocess
 import sys
 import time
@@ -150,6 +152,11 @@ def main(argv=None):
     p.add_argument("--min-rows", default="1",
                    help="comma-separated least rows a batch is padded to (Engine min_rows), "
                         "measured in turn")
+    p.add_argument("--gemv", default="off",
+                   help="comma-separated off/on: few-row products by the Pallas GEMV kernel "
+                        "(kernels_pallas/gemv.py), measured in turn")
+    p.add_argument("--gemv-config", default="{}",
+                   help="JSON fields of the kernel's GemvConfig (block sizes, splits, warps)")
     p.add_argument("--speculate", type=int, default=0, metavar="K",
                    help="also batch-1 speculative decoding with K drafts a round")
     args = p.parse_args(argv)
@@ -165,6 +172,14 @@ def main(argv=None):
         prompt, new, batches, bw_bytes = 128, 256, tuple(map(int, args.batches.split(","))), 2**31
     splits, min_rows = (positive_ints(p, flag, value) for flag, value in (
         ("--kv-splits", args.kv_splits), ("--min-rows", args.min_rows)))
+    gemvs = args.gemv.split(",")
+    if not set(gemvs) <= {"off", "on"}:
+        p.error(f"--gemv: {args.gemv!r}: expected off, on or off,on")
+    from kernels_pallas.gemv import GemvConfig
+    try:
+        gemv_cfg = GemvConfig(**json.loads(args.gemv_config))
+    except (ValueError, TypeError) as e:
+        p.error(f"--gemv-config: {args.gemv_config!r}: {e}")
     bw = copy_bandwidth(bw_bytes)
     for variant in variants:
         if variant not in ("bf16", "int8"):
@@ -174,10 +189,11 @@ def main(argv=None):
         print(f"{jax.devices()[0].device_kind}: params {weight_bytes / 1e9:.2f} GB {variant}; "
               f"copy bandwidth {bw / 1e12:.2f} TB/s; KV {kv_bytes_per_token(lm) / 1024:.0f} "
               f"KiB/token", flush=True)
-        for n, rows in itertools.product(splits, min_rows):
-            lm = dataclasses.replace(lm, kv_splits=n)
+        for n, rows, g in itertools.product(splits, min_rows, gemvs):
+            lm = dataclasses.replace(lm, kv_splits=n, gemv=gemv_cfg if g == "on" else None)
             label = " ".join([variant] + [f"kv_splits={n}"] * (len(splits) > 1)
-                             + [f"min_rows={rows}"] * (len(min_rows) > 1))
+                             + [f"min_rows={rows}"] * (len(min_rows) > 1)
+                             + [f"gemv={g}"] * (len(gemvs) > 1))
             for b in batches:
                 measure(lm, b, prompt, new, bw, weight_bytes, label, rows)
         if args.speculate and variant == "bf16":

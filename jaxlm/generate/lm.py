@@ -24,6 +24,7 @@ from jaxlm.generate import cache as kv
 from jaxlm.generate.quantize import cast_matmul_weights, quantize_state
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.registry import build_model
+from jaxlm.nn.param import skinny_matmuls
 from jaxlm.parallel.sharding import check_divisible, mesh_axis_of, tree_shardings, use_rules
 
 CACHE_DTYPES = ("float32", "bfloat16", "int8")  # int8: per-head scales (jaxlm.nn.kv_cache)
@@ -40,16 +41,19 @@ class LM:
     cache_dtype: Any = None         # None: the model's compute dtype
     decoder_start_id: int = 0       # seq2seq: the decoder's first token (pad, as span corruption)
     kv_splits: int = 1              # decode attention's key splits, where the paged kernel reads
+    gemv: Any = None                # a GemvConfig: few-row products by the Pallas GEMV kernel
 
     @classmethod
     def of(cls, cfg: ModelConfig, state, *, mesh: Mesh | None = None, rules=None,
            context_len: int | None = None, cache_dtype=None, decoder_start_id: int = 0,
-           quantize: str | None = None, kv_splits: int = 1) -> "LM":
+           quantize: str | None = None, kv_splits: int = 1, gemv=None) -> "LM":
         """The model of `cfg` with `state` ({'params': ..., 'model_state': ...} as a train state
         holds them, or one nnx pure dict of all variables), placed on `mesh` by `rules`;
         `quantize="int8"`: its matmul weights then held as int8 (jaxlm.generate.quantize).
         `kv_splits`: programs per kv head and row in decode attention, where the paged kernel
-        reads the cache (flash-decoding; for batches too small to fill a GPU)."""
+        reads the cache (flash-decoding; for batches too small to fill a GPU). `gemv`: a
+        kernels_pallas.gemv.GemvConfig to multiply decode steps' few rows by the weights with
+        that kernel (jaxlm.nn.param.skinny_matmuls); None: XLA's dots."""
         if isinstance(kv_splits, bool) or not isinstance(kv_splits, int) or kv_splits < 1:
             raise ConfigError(f"kv_splits={kv_splits!r}: expected a positive int")
         if cache_dtype is not None and jnp.dtype(cache_dtype).name not in CACHE_DTYPES:
@@ -82,7 +86,7 @@ class LM:
         context_len = limit if context_len is None else min(context_len, limit or context_len)
         return cls(cfg, graphdef, state, mesh, rules, context_len,
                    None if cache_dtype is None else jnp.dtype(cache_dtype), decoder_start_id,
-                   kv_splits)
+                   kv_splits, gemv)
 
     @property
     def seq2seq(self) -> bool:
@@ -95,11 +99,15 @@ class LM:
         the decoder start token."""
         return 1 if self.seq2seq else prompt_len
 
+    @contextlib.contextmanager
     def rules_scope(self):
-        """The scope a traced decoding function runs in: the mesh's logical rules, if any."""
-        if self.mesh is None:
-            return contextlib.nullcontext()
-        return use_rules(self.mesh, self.rules)
+        """The scope a traced decoding function runs in: the mesh's logical rules, if any, and
+        the GEMV kernel's policy."""
+        with contextlib.ExitStack() as stack:
+            if self.mesh is not None:
+                stack.enter_context(use_rules(self.mesh, self.rules))
+            stack.enter_context(skinny_matmuls(self.gemv))
+            yield
 
     def model(self, state):
         return nnx.merge(self.graphdef, state)
