@@ -35,6 +35,7 @@ BACKENDS = ("gpu", "interpret")
 MAX_ROWS = 16          # more rows than this is a GEMM's job
 DOT_ROWS = 16          # a tl.dot's least rows: x is padded to this many for one
 TARGET_PROGRAMS = 264  # two per SM of an H100/H200 (132 SMs)
+MIN_K_STEPS = 4        # K blocks per program at least: the splits' partial sums cost traffic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,14 +65,15 @@ def supported(M: int, K: int, N: int, cfg: GemvConfig = GemvConfig()) -> bool:
 
 def _splits(cfg: GemvConfig, K: int, N: int) -> int:
     """K splits: the given count, or the least power of two giving TARGET_PROGRAMS programs,
-    at most one block of K each."""
+    each left MIN_K_STEPS blocks of K or more."""
     k_blocks = K // cfg.block_k
     if cfg.splits is not None:
         if k_blocks % cfg.splits:
             _fail(f"splits={cfg.splits} must divide K / block_k = {k_blocks}")
         return cfg.splits
     splits = 1
-    while (N // cfg.block_n) * splits < TARGET_PROGRAMS and k_blocks % (2 * splits) == 0:
+    while ((N // cfg.block_n) * splits < TARGET_PROGRAMS and k_blocks % (2 * splits) == 0
+           and k_blocks // (2 * splits) >= MIN_K_STEPS):
         splits *= 2
     return splits
 
