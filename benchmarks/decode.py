@@ -69,7 +69,8 @@ def kv_bytes_per_token(lm) -> int:
 
 
 def measure(lm, batch: int, prompt: int, new: int, bw: float, weight_bytes: int,
-            label: str = "bf16", min_rows: int = 1):
+            label: str = "bf16", min_rows: int = 1) -> list[list[int]]:
+    """Prints the batch's tokens/s, step time and MBU; returns its greedy outputs."""
     import jax
     import numpy as np
     from jaxlm.generate.engine import Engine, Request
@@ -94,6 +95,18 @@ def measure(lm, batch: int, prompt: int, new: int, bw: float, weight_bytes: int,
     print(f"RESULT jaxlm generate {label} batch {batch}: {batch * new / total:,.0f} tokens/s, "
           f"{step * 1e3:.2f} ms/step, MBU {mbu * 100:.1f}% (weights {weight_bytes / 1e9:.2f} GB "
           f"+ KV {kv_read / 1e9:.3f} GB per step)", flush=True)
+    return [list(o.ids) for o in outs]
+
+
+def compare(label: str, batch: int, got: list[list[int]], first: tuple[str, list[list[int]]]):
+    """Whether a variant's greedy outputs equal the first variant's of the same weights (a
+    kernel that miscompiled on the GPU shows here; in bf16 a near-tie may flip a token too)."""
+    base_label, base = first
+    differ = [next(i for i, (a, b) in enumerate(zip(g, w)) if a != b)
+              for g, w in zip(got, base) if g != w]
+    print(f"RESULT outputs {label} batch {batch} vs {base_label}: " + (
+        "all equal" if not differ else f"{len(differ)} of {len(got)} rows differ, first at "
+        f"token {min(differ)}"), flush=True)
 
 
 def speculate(lm, K: int, prompt: int, new: int):
@@ -189,13 +202,18 @@ def main(argv=None):
         print(f"{jax.devices()[0].device_kind}: params {weight_bytes / 1e9:.2f} GB {variant}; "
               f"copy bandwidth {bw / 1e12:.2f} TB/s; KV {kv_bytes_per_token(lm) / 1024:.0f} "
               f"KiB/token", flush=True)
+        first = {}  # batch -> (label, outputs) of this weight format's first setting
         for n, rows, g in itertools.product(splits, min_rows, gemvs):
             lm = dataclasses.replace(lm, kv_splits=n, gemv=gemv_cfg if g == "on" else None)
             label = " ".join([variant] + [f"kv_splits={n}"] * (len(splits) > 1)
                              + [f"min_rows={rows}"] * (len(min_rows) > 1)
                              + [f"gemv={g}"] * (len(gemvs) > 1))
             for b in batches:
-                measure(lm, b, prompt, new, bw, weight_bytes, label, rows)
+                outs = measure(lm, b, prompt, new, bw, weight_bytes, label, rows)
+                if b in first:
+                    compare(label, b, outs, first[b])
+                else:
+                    first[b] = label, outs
         if args.speculate and variant == "bf16":
             speculate(lm, args.speculate, prompt, new)
         del lm

@@ -1,8 +1,8 @@
-"""The skinny-matmul (GEMV) kernel (kernels_pallas/gemv.py), interpreted: against a float64
-NumPy product for float and int8 weights, one to 16 rows, both tile products (broadcast and
-dot) and several K splits; its Triton lowering for the 1B preset's decode shapes; one
-ValueError per bad input; and decoding through it (`LM(gemv=...)`) giving the tokens and logits
-of XLA's dots."""
+"""The skinny-matmul (GEMV) kernel (kernels_pallas/gemv.py), interpreted (and compiled, on a
+GPU: run this file with --noconftest there): against a float64 NumPy product for float and int8
+weights, one to 16 rows, both tile products (broadcast and dot) and several K splits; its
+Triton lowering for the 1B preset's decode shapes; one ValueError per bad input; and decoding
+through it (`LM(gemv=...)`) giving the tokens and logits of XLA's dots."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +11,7 @@ import pytest
 from kernels_pallas.gemv import GemvConfig, gemv
 
 SMALL = GemvConfig(block_n=32, block_k=16)
+BACKENDS = ["interpret"] + (["gpu"] if jax.default_backend() == "gpu" else [])
 
 
 def inputs(M, K, N, w_dtype, seed=0):
@@ -27,6 +28,7 @@ def inputs(M, K, N, w_dtype, seed=0):
     return x_j, w_j, None, want
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("M,w_dtype,cfg", [
     (1, "float32", SMALL),                                    # broadcast, splits by default
     (2, "bfloat16", GemvConfig(block_n=32, block_k=16, splits=1)),
@@ -35,15 +37,15 @@ def inputs(M, K, N, w_dtype, seed=0):
     (1, "int8", GemvConfig(block_n=32, block_k=16, splits=4)),
     (5, "int8", GemvConfig(block_n=32, block_k=16, dot=False)),  # broadcast with 8 rows
 ])
-def test_gemv_matches_numpy(M, w_dtype, cfg):
+def test_gemv_matches_numpy(M, w_dtype, cfg, backend):
     K, N = 128, 96
     x, w, scale, want = inputs(M, K, N, w_dtype)
-    y = gemv(x, w, scale, cfg=cfg, backend="interpret")
+    y = gemv(x, w, scale, cfg=cfg, backend=backend)
     assert y.shape == (M, N) and y.dtype == x.dtype
     tol = 1e-5 if x.dtype == jnp.float32 else 1e-2
     np.testing.assert_allclose(np.asarray(y, np.float64), want,
                                atol=tol * np.abs(want).max(), rtol=0)
-    y32 = gemv(x, w, scale, cfg=cfg, backend="interpret", out_dtype=jnp.float32)
+    y32 = gemv(x, w, scale, cfg=cfg, backend=backend, out_dtype=jnp.float32)
     assert y32.dtype == jnp.float32
 
 
