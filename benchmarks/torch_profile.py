@@ -5,6 +5,7 @@ forward / backward, attention forward / backward, cross-entropy and head, norms,
 update, copies and transposes, other elementwise).
 
   python3 benchmarks/torch_profile.py [--ref .peer/ref_models.py] [--steps 3] ['{"json": ...}']
+      [--beside $OUT/profile_step.json]   # step_profile.py's breakdown, side by side
 
 Forward or backward is not guessed from kernel names: a kernel is backward when the CPU call
 that launched it ran inside autograd's backward (an `autograd::engine::evaluate_function` op),
@@ -99,9 +100,13 @@ def main(argv=None):
     ap.add_argument("--ref", default=".peer/ref_models.py", help="the peer's ref_models.py")
     ap.add_argument("--steps", type=int, default=3, help="steps traced, after 6 untraced")
     ap.add_argument("overrides", nargs="?", default="{}", help="JSON config overrides")
+    ap.add_argument("--beside", help="a profile_<tag>.json of benchmarks/step_profile.py: print "
+                                     "jaxlm's categories beside torch's")
     args = ap.parse_args(argv)
-    if not os.path.exists(args.ref):
-        ap.error(f"--ref {args.ref}: no such file (copy ../shared/bench/ref_models.py to .peer/)")
+    for flag, path in (("--ref", args.ref), ("--beside", args.beside)):
+        if path and not os.path.exists(path):
+            ap.error(f"{flag} {path}: no such file" + (
+                " (copy ../shared/bench/ref_models.py to .peer/)" if flag == "--ref" else ""))
     import torch.optim.optimizer as optim
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -130,9 +135,25 @@ def main(argv=None):
     print("top kernels:")
     for k, v in sorted(result["kernels"].items(), key=lambda kv: -kv[1])[:20]:
         print(f"  {v:7.2f} ms  {k}")
+    if args.beside:
+        with open(args.beside) as f:
+            print(side_by_side(json.load(f), result))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "profile_torch.json"), "w") as f:
             json.dump({"config": ref.CFG, **result}, f, indent=1)
+
+
+def side_by_side(jaxlm: dict, torch: dict) -> str:
+    """A markdown table of ms per step by category: jaxlm (step_profile.py's JSON), torch, and
+    the difference, largest jaxlm-minus-torch first (where jaxlm has the most to win)."""
+    a, b = jaxlm["categories"], torch["categories"]
+    rows = sorted(set(a) | set(b), key=lambda k: (-(a.get(k, 0.0) - b.get(k, 0.0)), k))
+    lines = ["| category | jaxlm ms | torch.compile ms | jaxlm - torch |", "|---|---|---|---|"]
+    lines += [f"| {k} | {a.get(k, 0.0):.1f} | {b.get(k, 0.0):.1f} | "
+              f"{a.get(k, 0.0) - b.get(k, 0.0):+.1f} |" for k in rows]
+    lines.append(f"| GPU kernels in all | {jaxlm['kernel_ms']:.1f} | {torch['kernel_ms']:.1f} | "
+                 f"{jaxlm['kernel_ms'] - torch['kernel_ms']:+.1f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -122,3 +122,11 @@ def test_torch_profile_tells_backward_and_optimizer_kernels_by_their_launching_c
                                  "optimizer update": 3.0}
     assert category("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_1", False, False) == "norms"
     assert category("pytorch_flash::flash_bwd_kernel", True, False) == "attention backward"
+    from benchmarks.torch_profile import side_by_side
+    table = side_by_side({"categories": {"norms": 5.0, "matmul forward": 40.0}, "kernel_ms": 45.0},
+                         {"categories": {"norms": 2.0, "matmul forward": 41.0,
+                                         "optimizer update": 1.0}, "kernel_ms": 44.0})
+    assert table.splitlines()[2:] == ["| norms | 5.0 | 2.0 | +3.0 |",
+                                      "| matmul forward | 40.0 | 41.0 | -1.0 |",
+                                      "| optimizer update | 0.0 | 1.0 | -1.0 |",
+                                      "| GPU kernels in all | 45.0 | 44.0 | +1.0 |"]
