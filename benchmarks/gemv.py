@@ -46,7 +46,7 @@ def timed(fn, *args) -> float:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="1,2")
-    p.add_argument("--sweep", action="store_true", help="36 configs instead of 10")
+    p.add_argument("--sweep", action="store_true", help="36 configs instead of 11")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: does it run")
     args = p.parse_args(argv)
     import jax
@@ -65,8 +65,8 @@ def main(argv=None):
         configs = [GemvConfig(), GemvConfig(block_k=64), GemvConfig(block_n=128),
                    GemvConfig(block_n=128, block_k=64), GemvConfig(num_warps=8),
                    GemvConfig(num_stages=3), GemvConfig(dot=True),
-                   GemvConfig(block_k=64, dot=True), GemvConfig(splits=4),
-                   GemvConfig(splits=16)]
+                   GemvConfig(block_k=64, dot=True), GemvConfig(splits=1),
+                   GemvConfig(splits=4), GemvConfig(splits=16)]
     shapes = SHAPES
     if args.smoke:
         shapes, configs = [("smoke", 64, 512)], [GemvConfig(), GemvConfig(dot=True)]

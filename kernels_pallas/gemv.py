@@ -13,7 +13,7 @@ them in registers and accumulates x's rows against them in float32: for one or t
 broadcast product summed over K, else as a dot with x padded to the 16 rows tl.dot wants. The
 grid splits K as well as N (split-K), so a 2048-wide output still gives the GPU hundreds of
 programs; each writes its partial product and XLA sums the splits, applies the int8 scales and
-casts.
+casts (with one split the kernel does that itself, and the product is one kernel).
 
 Backends (`backend=None`: "gpu" on a GPU, else "interpret"): "gpu" lowers through Triton
 (full-array refs in global memory, tiles loaded by dynamic slices); "interpret" runs the same
@@ -78,8 +78,11 @@ def _splits(cfg: GemvConfig, K: int, N: int) -> int:
     return splits
 
 
-def _kernel(x_ref, w_ref, o_ref, *, block_n, block_k, k_steps, dot):
-    """Program (n, s): output columns [n * block_n, +block_n), K rows of split s."""
+def _kernel(x_ref, w_ref, *refs, block_n, block_k, k_steps, dot, final):
+    """Program (n, s): output columns [n * block_n, +block_n), K rows of split s. refs: the
+    int8 scales if any, then the output: with one split (`final`) the product itself, scaled
+    and cast; else this split's float32 partial product."""
+    o_ref, scale_ref = refs[-1], refs[0] if len(refs) == 2 else None
     n, s = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(n * block_n, block_n)
     k0 = s * k_steps * block_k
@@ -98,7 +101,12 @@ def _kernel(x_ref, w_ref, o_ref, *, block_n, block_k, k_steps, dot):
 
     acc_RxN = lax.fori_loop(0, k_steps, body,
                             jnp.zeros((x_ref.shape[0], block_n), jnp.float32))
-    o_ref[s, :, cols] = acc_RxN
+    if not final:
+        o_ref[s, :, cols] = acc_RxN
+        return
+    if scale_ref is not None:
+        acc_RxN = acc_RxN * scale_ref[cols][None, :]
+    o_ref[:, cols] = acc_RxN.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "backend", "out_dtype"))
@@ -110,16 +118,20 @@ def _gemv(x_MxK, w_KxN, scale_N, *, cfg: GemvConfig, backend: str, out_dtype):
     x_RxK = jnp.pad(x_MxK, ((0, rows - M), (0, 0)))
     splits = _splits(cfg, K, N)
     k_steps = K // cfg.block_k // splits
-    partial_SxRxN = pl.pallas_call(
+    final = splits == 1  # one program per column block: it writes the product itself
+    out = pl.pallas_call(
         functools.partial(_kernel, block_n=cfg.block_n, block_k=cfg.block_k, k_steps=k_steps,
-                          dot=dot),
+                          dot=dot, final=final),
         grid=(N // cfg.block_n, splits),
-        out_shape=jax.ShapeDtypeStruct((splits, rows, N), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((rows, N), out_dtype) if final
+        else jax.ShapeDtypeStruct((splits, rows, N), jnp.float32),
         interpret=backend == "interpret",
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
                                              num_stages=cfg.num_stages),
-        name="gemv")(x_RxK, w_KxN)
-    y_MxN = jnp.sum(partial_SxRxN, axis=0)[:M]
+        name="gemv")(x_RxK, w_KxN, *(() if scale_N is None or not final else (scale_N,)))
+    if final:
+        return out[:M]
+    y_MxN = jnp.sum(out, axis=0)[:M]
     if scale_N is not None:
         y_MxN = y_MxN * scale_N[None, :]
     return y_MxN.astype(out_dtype)

@@ -36,6 +36,8 @@ def inputs(M, K, N, w_dtype, seed=0):
     (16, "bfloat16", GemvConfig(block_n=32, block_k=32, splits=2)),
     (1, "int8", GemvConfig(block_n=32, block_k=16, splits=4)),
     (5, "int8", GemvConfig(block_n=32, block_k=16, dot=False)),  # broadcast with 8 rows
+    (1, "int8", GemvConfig(block_n=32, block_k=16, splits=1)),   # the kernel scales and casts
+    (16, "float32", GemvConfig(block_n=32, block_k=16, splits=1)),
 ])
 def test_gemv_matches_numpy(M, w_dtype, cfg, backend):
     K, N = 128, 96
@@ -49,15 +51,16 @@ def test_gemv_matches_numpy(M, w_dtype, cfg, backend):
     assert y32.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("M,K,N,w_dtype", [(1, 2048, 2048, jnp.bfloat16),
-                                           (2, 2048, 5632, jnp.int8),
-                                           (16, 5632, 2048, jnp.bfloat16)])
-def test_gemv_lowers_to_triton(M, K, N, w_dtype):
+@pytest.mark.parametrize("M,K,N,w_dtype,cfg", [
+    (1, 2048, 2048, jnp.bfloat16, GemvConfig()), (2, 2048, 5632, jnp.int8, GemvConfig()),
+    (16, 5632, 2048, jnp.bfloat16, GemvConfig()),
+    (1, 2048, 32000, jnp.int8, GemvConfig(splits=1))])
+def test_gemv_lowers_to_triton(M, K, N, w_dtype, cfg):
     sd = jax.ShapeDtypeStruct
     args = [sd((M, K), jnp.bfloat16), sd((K, N), w_dtype)]
     if w_dtype == jnp.int8:
         args.append(sd((N,), jnp.float32))
-    text = jax.jit(lambda *a: gemv(*a, backend="gpu")).trace(*args).lower(
+    text = jax.jit(lambda *a: gemv(*a, cfg=cfg, backend="gpu")).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
 
