@@ -30,6 +30,7 @@ _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?(?:custom_call_target=\"([
                     r"metadata=\{([^}]*)\}")
 _FIELD = re.compile(r'(\w+)="?([^" ]*)"?')
 GEMM_KERNEL = ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_")
+ATTENTION_KERNEL = ("flash", "mosaic", "attention", "fmha", "cudnn")
 
 
 def _stacks(hlo_text: str) -> dict[str, list[str]]:
@@ -92,7 +93,7 @@ def category(kernel: str, meta: dict) -> str:
     backward = "transpose(" in op
     if "cublas" in meta.get("target", "") or any(s in low for s in GEMM_KERNEL):
         return "matmul " + ("backward" if backward else "forward")
-    if any(s in low for s in ("flash", "mosaic", "attention", "fmha", "cudnn")) or "kernels_pallas" in src:
+    if any(s in low for s in ATTENTION_KERNEL) or "kernels_pallas" in src:
         return "attention " + ("backward" if backward or "bwd" in low or "dkv" in low else "forward")
     if "optax" in src:
         return "optimizer update"

@@ -25,8 +25,12 @@ import os
 import sys
 import tempfile
 
-GEMM = ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "splitkreduce")
-ATTENTION = ("flash", "fmha", "cudnn", "attention", "sdpa")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.step_profile import ATTENTION_KERNEL, GEMM_KERNEL  # noqa: E402
+
+# jaxlm's kernel names, and what only torch's kernels are called: the two breakdowns must agree
+GEMM = GEMM_KERNEL + ("splitkreduce",)
+ATTENTION = ATTENTION_KERNEL + ("sdpa",)
 CROSS_ENTROPY = ("nll", "log_softmax", "logsumexp", "cross_entropy")
 NORM = ("rsqrt",)  # Inductor's RMSNorm fusions: mean, pow, rsqrt
 COPY = ("copy", "transpose", "clone", "cat_", "elementwise_kernel_with_index", "memcpy",

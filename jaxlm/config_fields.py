@@ -46,6 +46,12 @@ def check_field(key: str, value, meta) -> None:
         raise ConfigError(f"{key}: {value!r} is above the maximum {hi}")
 
 
+def check_positive_int(name: str, value) -> None:
+    """For options passed in code (not config fields): a positive int, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r}: expected a positive int")
+
+
 def check_fields(obj, prefix: str = "") -> None:
     """Every field of a (nested) config dataclass against its metadata."""
     for f in dataclasses.fields(obj):

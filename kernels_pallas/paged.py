@@ -99,6 +99,10 @@ def _fail(msg):
     raise ValueError(f"paged_attention: {msg}")
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _check_inputs(q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens, scales=None):
     """scales: None (float pages) or (k_scales, v_scales) of int8 pages."""
     for name, x, rank, layout in (
@@ -149,19 +153,18 @@ def _config(q, k_pages, v_pages, causal, sm_scale, max_q_len, backend, pages_per
         _fail(f"backend={backend!r}; expected one of {BACKENDS}")
     if quantized and backend in ("tpu", "interpret_tpu"):
         _fail(f"int8 pages run on the gpu and interpret backends, not {backend}")
-    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(
-            sliding_window, int) or sliding_window < 1):
+    if sliding_window is not None and not _positive_int(sliding_window):
         _fail(f"sliding_window must be a positive int (or None); got {sliding_window!r}")
     T, H, K = q.shape
     B, G, V = k_pages.shape[1], k_pages.shape[2], v_pages.shape[3]
     max_q_len = T if max_q_len is None else max_q_len
-    if isinstance(max_q_len, bool) or not isinstance(max_q_len, int) or max_q_len < 1:
+    if not _positive_int(max_q_len):
         _fail(f"max_q_len must be a positive int (or None: T); got {max_q_len!r}")
     # gpu: ~64 keys per loop iteration (measured on an H200, 16-token pages: 4 pages per
     # iteration 1.3x faster decode than 1, 16 slower); tpu: one page per grid step
     ppb = pages_per_block if pages_per_block is not None else (
         1 if backend in ("tpu", "interpret_tpu") else min(4, max(1, 64 // B)))
-    if isinstance(ppb, bool) or not isinstance(ppb, int) or ppb < 1:
+    if not _positive_int(ppb):
         _fail(f"pages_per_block must be a positive int; got {pages_per_block!r}")
     if backend == "tpu" and (K % LANES or V % LANES):
         _fail(f"the tpu backend needs head_dim and v_head_dim multiples of {LANES} (a kv head is "
@@ -170,7 +173,7 @@ def _config(q, k_pages, v_pages, causal, sm_scale, max_q_len, backend, pages_per
         for name, n in (("page_size", B), ("head_dim", K), ("v_head_dim", V)):
             if n < 16 or n & (n - 1):
                 _fail(f"the gpu (Triton) backend needs {name} a power of two >= 16; got {n}")
-    if isinstance(kv_splits, bool) or not isinstance(kv_splits, int) or kv_splits < 1:
+    if not _positive_int(kv_splits):
         _fail(f"kv_splits must be a positive int; got {kv_splits!r}")
     if kv_splits > 1 and backend not in ("gpu", "interpret"):
         _fail(f"kv_splits > 1 runs on the gpu and interpret backends, not {backend}")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxlm.config_fields import ConfigError
+from jaxlm.config_fields import ConfigError, check_positive_int
 from jaxlm.generate.lm import LM
 from jaxlm.generate.sampling import RowParams, SamplingConfig, sample
 
@@ -86,8 +86,7 @@ class Engine:
         GPU: with one row every product is vector x matrix, and XLA's GPU compiler rewrites
         those under 10M elements (the 1B preset's attention output projection) into a
         multiply and a reduction instead of a GEMM (its DotStrengthReduction pass)."""
-        if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
-            raise ConfigError(f"min_rows={min_rows!r}: expected a positive int")
+        check_positive_int("min_rows", min_rows)
         self.lm, self.eos_id, self.min_rows = lm, eos_id, min_rows
         self._prefill = jax.jit(self._prefill_fn, static_argnums=(2,))
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxlm.config_fields import ConfigError
+from jaxlm.config_fields import ConfigError, check_positive_int
 from jaxlm.config_schema import DEFAULT_RULES
 from jaxlm.generate import cache as kv
 from jaxlm.generate.quantize import cast_matmul_weights, quantize_state
@@ -54,8 +54,7 @@ class LM:
         reads the cache (flash-decoding; for batches too small to fill a GPU). `gemv`: a
         kernels_pallas.gemv.GemvConfig to multiply decode steps' few rows by the weights with
         that kernel (jaxlm.nn.param.skinny_matmuls); None: XLA's dots."""
-        if isinstance(kv_splits, bool) or not isinstance(kv_splits, int) or kv_splits < 1:
-            raise ConfigError(f"kv_splits={kv_splits!r}: expected a positive int")
+        check_positive_int("kv_splits", kv_splits)
         if cache_dtype is not None and jnp.dtype(cache_dtype).name not in CACHE_DTYPES:
             raise ConfigError(f"cache dtype {jnp.dtype(cache_dtype).name}: expected one of "
                               f"{', '.join(CACHE_DTYPES)}")

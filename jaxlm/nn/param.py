@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from jaxlm.nn.fp8 import fp8_active, fp8_einsum, fp8_margin
+from kernels_pallas import gemv
 
 
 def param(rngs: nnx.Rngs, shape, names, std: float, dtype) -> nnx.Param:
@@ -89,8 +90,8 @@ def _skinny(subscripts: str, x, w, dtype):
     cfg = _skinny_policy.config
     if cfg is None:
         return None
+    # here, not at the top: sharding's config schema imports the models, which import this
     from jaxlm.parallel.sharding import active
-    from kernels_pallas import gemv
     ins, out = subscripts.replace(" ", "").split("->")
     xs, ws = ins.split(",")
     mesh, _ = active()
