@@ -190,9 +190,11 @@ def _can_mount_tmpfs() -> bool:
 
 def test_a_failing_save_stops_the_run_in_one_line_and_earlier_checkpoints_stay(
         abstract_state, tmp_path, xla_cache_dir):
-    """As root: the run directory on a 900 KiB tmpfs (in a private mount namespace) that holds
-    one checkpoint of this model but not two: the second (asynchronous) save hits ENOSPC. Not
-    root: write permission on the checkpoint directory is taken away after the first save."""
+    """As root: the run directory on a 1,100 KiB tmpfs (in a private mount namespace) that holds
+    one checkpoint of this model but not two: the second (asynchronous) save hits ENOSPC. A
+    checkpoint is ~704 KiB once written, more while orbax writes it: 900 KiB once failed the
+    first save too (CI, 2026-11-30), and two need 1,408. Not root: write permission on the
+    checkpoint directory is taken away after the first save."""
     common = ["train.steps=100000", "checkpoint.every_steps=3", "checkpoint.async_save=true",
               "log.every_steps=1000"]
     if _can_mount_tmpfs():
@@ -200,7 +202,7 @@ def test_a_failing_save_stops_the_run_in_one_line_and_earlier_checkpoints_stay(
         mnt.mkdir()
         run_dir = mnt / "run"
         # the mount lives as long as the process: copy the run directory out before it goes
-        script = ('mount -t tmpfs -o size=900k tmpfs "$0" && "$@"; rc=$?; '
+        script = ('mount -t tmpfs -o size=1100k tmpfs "$0" && "$@"; rc=$?; '
                   'cp -a "$0/run" "$0/../after"; exit $rc')
         code, out, err = train(run_dir, xla_cache_dir, *common, prefix=(
             "unshare", "-m", "sh", "-c", script, str(mnt)))
