@@ -13,6 +13,7 @@ same call, in its own process, so the two never share the GPU's memory.
     python benchmarks/decode.py --kv-splits 1,2,4 --batches 1     # flash-decoding splits
     python benchmarks/decode.py --min-rows 1,2 --batches 1        # batch 1 padded to 2 rows
     python benchmarks/decode.py --gemv off,on [--gemv-config '{"block_k": 64}']  # GEMV kernel
+    python benchmarks/decode.py --profile --batches 1     # + where the decode step's time goes
 
 --speculate K: batch 1, K drafts a round, against plain greedy of the same model: prompt lookup
 (3-grams) and a draft model. With random weights no small model predicts the target, so the
@@ -69,8 +70,9 @@ def kv_bytes_per_token(lm) -> int:
 
 
 def measure(lm, batch: int, prompt: int, new: int, bw: float, weight_bytes: int,
-            label: str = "bf16", min_rows: int = 1) -> list[list[int]]:
-    """Prints the batch's tokens/s, step time and MBU; returns its greedy outputs."""
+            label: str = "bf16", min_rows: int = 2, profile: bool = False) -> list[list[int]]:
+    """Prints the batch's tokens/s, step time and MBU (and with `profile` the step's GPU
+    kernels by source line); returns its greedy outputs."""
     import jax
     import numpy as np
     from jaxlm.generate.engine import Engine, Request
@@ -95,7 +97,32 @@ def measure(lm, batch: int, prompt: int, new: int, bw: float, weight_bytes: int,
     print(f"RESULT jaxlm generate {label} batch {batch}: {batch * new / total:,.0f} tokens/s, "
           f"{step * 1e3:.2f} ms/step, MBU {mbu * 100:.1f}% (weights {weight_bytes / 1e9:.2f} GB "
           f"+ KV {kv_read / 1e9:.3f} GB per step)", flush=True)
+    if profile:
+        profile_loop(engine, requests, new - 1, f"{label} batch {batch}")
     return [list(o.ids) for o in outs]
+
+
+def profile_loop(engine, requests, steps: int, label: str, top: int = 25):
+    """Traces one decode loop (`steps` steps) and prints GPU time per step by the jaxlm source
+    line that produced each kernel (step_profile's HLO metadata), with kernels per step: what a
+    step is made of, and which small kernels a fusion would remove."""
+    import collections
+    import jax
+    from benchmarks.step_profile import gpu_kernels, hlo_metadata, source
+    d, _ = engine.prefill(requests)
+    meta = hlo_metadata(engine._loop.lower(engine.lm.state, d).compile().as_text())
+    jax.block_until_ready(d)
+    us, count = collections.defaultdict(float), collections.Counter()
+    for name, ms, info in gpu_kernels(lambda: jax.block_until_ready(
+            engine._loop(engine.lm.state, d)), meta):
+        key = f"{source(info) if info else '?'}  [{name[:48]}]"
+        us[key] += ms * 1e3 / steps
+        count[key] += 1
+    total = sum(us.values())
+    print(f"PROFILE {label}: {total:.0f} us of kernels per step, "
+          f"{sum(count.values()) / steps:.0f} kernels per step; top {top}:")
+    for key, t in sorted(us.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {t:7.1f} us  {count[key] / steps:5.1f}/step  {key}")
 
 
 def compare(label: str, batch: int, got: list[list[int]], first: tuple[str, list[list[int]]]):
@@ -162,14 +189,16 @@ def main(argv=None):
     p.add_argument("--kv-splits", default="1",
                    help="comma-separated key splits of decode attention (the paged kernel's "
                         "flash-decoding) to measure in turn")
-    p.add_argument("--min-rows", default="1",
-                   help="comma-separated least rows a batch is padded to (Engine min_rows), "
-                        "measured in turn")
+    p.add_argument("--min-rows", default="2",
+                   help="comma-separated least rows a batch is padded to (Engine min_rows; "
+                        "its default 2), measured in turn")
     p.add_argument("--gemv", default="off",
                    help="comma-separated off/on: few-row products by the Pallas GEMV kernel "
                         "(kernels_pallas/gemv.py), measured in turn")
     p.add_argument("--gemv-config", default="{}",
                    help="JSON fields of the kernel's GemvConfig (block sizes, splits, warps)")
+    p.add_argument("--profile", action="store_true",
+                   help="trace each batch's first setting: GPU time per step by source line")
     p.add_argument("--speculate", type=int, default=0, metavar="K",
                    help="also batch-1 speculative decoding with K drafts a round")
     args = p.parse_args(argv)
@@ -210,7 +239,8 @@ def main(argv=None):
                              + [f"gemv={g}"] * (len(gemvs) > 1))
             for b in batches:
                 try:
-                    outs = measure(lm, b, prompt, new, bw, weight_bytes, label, rows)
+                    outs = measure(lm, b, prompt, new, bw, weight_bytes, label, rows,
+                                   profile=args.profile and b not in first)
                 except Exception as e:  # a lever that fails to compile: say so, measure the rest
                     print(f"RESULT jaxlm generate {label} batch {b}: failed: "
                           f"{type(e).__name__}: {str(e)[:300]}", flush=True)

@@ -109,6 +109,28 @@ def category(kernel: str, meta: dict) -> str:
     return "other elementwise"
 
 
+def gpu_kernels(run, meta: dict) -> list[tuple[str, float, dict]]:
+    """(kernel name, ms, HLO metadata or {}) of every GPU kernel that `run()` launches, read
+    from a jax.profiler trace of it; `meta` is hlo_metadata of the compiled program run."""
+    import jax
+    tdir = tempfile.mkdtemp(prefix="jaxlm-trace-")
+    with jax.profiler.trace(tdir, create_perfetto_trace=True):
+        run()
+    events = json.load(gzip.open(glob.glob(f"{tdir}/**/*perfetto*", recursive=True)[0]))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    pname = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    meta = {**meta, **{k.replace(".", "_").replace("-", "_"): v for k, v in meta.items()}}
+    out = []
+    for e in events:
+        proc = pname.get(e.get("pid"), "")
+        if e.get("ph") != "X" or not ("GPU" in proc or "/device" in proc):
+            continue
+        hlo_op = (e.get("args") or {}).get("hlo_op", "")
+        out.append((e["name"], e.get("dur", 0) / 1e3, meta.get(hlo_op) or meta.get(e["name"]) or {}))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/llama-1b.yaml")
@@ -139,7 +161,6 @@ def main():
     if args.hlo and os.environ.get("OUT"):
         with gzip.open(os.path.join(os.environ["OUT"], f"hlo_{args.tag}.txt.gz"), "wt") as f:
             f.write(hlo_text)
-    meta.update({k.replace(".", "_").replace("-", "_"): v for k, v in list(meta.items())})
     for _ in range(3):
         state, m = step(state, batch)
     jax.block_until_ready(m)
@@ -149,24 +170,15 @@ def main():
     jax.block_until_ready(m)
     step_ms = (time.perf_counter() - t0) / 10 * 1e3
 
-    tdir = tempfile.mkdtemp(prefix="jaxlm-trace-")
-    with jax.profiler.trace(tdir, create_perfetto_trace=True):
+    def run():
+        nonlocal state
         for _ in range(args.steps):
             state, m = step(state, batch)
         jax.block_until_ready(m)
-    events = json.load(gzip.open(glob.glob(f"{tdir}/**/*perfetto*", recursive=True)[0]))
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    pname = {e["pid"]: e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
     by_cat, by_src, by_kernel = (collections.defaultdict(float) for _ in range(3))
     matched = total = 0.0
-    for e in events:
-        proc = pname.get(e.get("pid"), "")
-        if e.get("ph") != "X" or not ("GPU" in proc or "/device" in proc):
-            continue
-        name, dur = e["name"], e.get("dur", 0) / args.steps / 1e3  # ms per step
-        hlo_op = (e.get("args") or {}).get("hlo_op", "")
-        info = meta.get(hlo_op) or meta.get(name) or {}
+    for name, ms, info in gpu_kernels(run, meta):
+        dur = ms / args.steps
         matched += dur if info else 0.0
         total += dur
         by_cat[category(name, info)] += dur

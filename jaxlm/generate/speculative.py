@@ -206,8 +206,9 @@ class Speculator:
                               f"differs from the target's ({lm.cfg.vocab_size}); it must share "
                               f"the tokenizer")
         self.lm, self.K, self.draft, self.ngram = lm, K, draft, ngram
-        self.target_engine = Engine(lm, eos_id)
-        self.draft_engine = Engine(draft, eos_id) if draft is not None else None
+        # one row: the rounds below are written for a single sequence's cache
+        self.target_engine = Engine(lm, eos_id, min_rows=1)
+        self.draft_engine = Engine(draft, eos_id, min_rows=1) if draft is not None else None
         self._run = jax.jit(functools.partial(_run_fn, lm, draft, K, ngram),
                             donate_argnums=(2,))
 
