@@ -116,6 +116,7 @@ def main(argv=None):
 
     spec = importlib.util.spec_from_file_location("ref_models", args.ref)
     ref = importlib.util.module_from_spec(spec)
+    sys.argv = [args.ref]  # the peer reads its overrides from argv[2] at import: ours are not
     spec.loader.exec_module(ref)
     ref.CFG.update(json.loads(args.overrides))
     # the peer's own loop: compile + 3 warm-up steps + 10 timed; every optimizer step advances

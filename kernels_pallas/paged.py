@@ -166,6 +166,8 @@ def _config(q, k_pages, v_pages, causal, sm_scale, max_q_len, backend, pages_per
         1 if backend in ("tpu", "interpret_tpu") else min(4, max(1, 64 // B)))
     if not _positive_int(ppb):
         _fail(f"pages_per_block must be a positive int; got {pages_per_block!r}")
+    if not _positive_int(kv_splits):
+        _fail(f"kv_splits must be a positive int; got {kv_splits!r}")
     if backend == "tpu" and (K % LANES or V % LANES):
         _fail(f"the tpu backend needs head_dim and v_head_dim multiples of {LANES} (a kv head is "
               f"a lane block of the page); got {K}, {V}")
@@ -173,8 +175,6 @@ def _config(q, k_pages, v_pages, causal, sm_scale, max_q_len, backend, pages_per
         for name, n in (("page_size", B), ("head_dim", K), ("v_head_dim", V)):
             if n < 16 or n & (n - 1):
                 _fail(f"the gpu (Triton) backend needs {name} a power of two >= 16; got {n}")
-    if not _positive_int(kv_splits):
-        _fail(f"kv_splits must be a positive int; got {kv_splits!r}")
     if kv_splits > 1 and backend not in ("gpu", "interpret"):
         _fail(f"kv_splits > 1 runs on the gpu and interpret backends, not {backend}")
     R, max_q_len = H // G, min(max_q_len, max(T, 1))

@@ -171,7 +171,10 @@ class Engine:
             raise ConfigError(f"a prompt of {max(lens)} tokens does not fit a cache of {max_len}")
         n_real = len(requests)
         B = round_up(max(n_real, self.min_rows), lm.batch_multiple())
-        padded = requests + [Request([0], SamplingConfig(max_tokens=1))] * (B - n_real)
+        # a padding row is greedy, so an all-greedy batch keeps skipping the sampling filters'
+        # vocabulary sort (sampling.distribution)
+        pad = Request([0], SamplingConfig(temperature=0.0, max_tokens=1))
+        padded = requests + [pad] * (B - n_real)
         stops = [tuple(r.sampling.stop_ids) + ((self.eos_id,) if self.eos_id is not None else ())
                  for r in padded]
         S = max(1, max(len(s) for s in stops))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
@@ -163,9 +164,11 @@ def _attend_cache_paged(q_BxSxHxK, cache, scale):
 
     def pages(x):  # [B, T, G, D] -> [B * M, CACHE_PAGE, G, D]
         return None if x is None else x.reshape(B * M, CACHE_PAGE, G, x.shape[-1])
-    layout = PagedStep(None, jnp.arange(B * M, dtype=jnp.int32).reshape(B, M),
+    # the page table and query offsets are NumPy constants: as jnp.arange each was an iota
+    # kernel per layer per decode step (13 us of a 1.16 ms 1B step on an H200)
+    layout = PagedStep(None, np.arange(B * M, dtype=np.int32).reshape(B, M),
                        cache.lengths_B.astype(jnp.int32),
-                       jnp.arange(B + 1, dtype=jnp.int32) * S, max_q_len=S,
+                       np.arange(B + 1, dtype=np.int32) * S, max_q_len=S,
                        kv_splits=min(cache.kv_splits, M))
     view = PagedKVCache(pages(cache.k_BxTxGxK), pages(cache.v_BxTxGxV), layout,
                         v_dim=cache.v_dim, impl="pallas")
