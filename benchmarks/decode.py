@@ -186,9 +186,9 @@ def main(argv=None):
     p.add_argument("--cache-dtype", choices=("bfloat16", "int8"), help="default: the model's")
     p.add_argument("--variants", default="bf16",
                    help="comma-separated weight formats to measure in turn: bf16, int8")
-    p.add_argument("--kv-splits", default="1",
+    p.add_argument("--kv-splits", default="auto",
                    help="comma-separated key splits of decode attention (the paged kernel's "
-                        "flash-decoding) to measure in turn")
+                        "flash-decoding; auto: chosen by the batch) to measure in turn")
     p.add_argument("--min-rows", default="2",
                    help="comma-separated least rows a batch is padded to (Engine min_rows; "
                         "its default 2), measured in turn")
@@ -212,8 +212,9 @@ def main(argv=None):
     else:
         config, overrides = args.config, []
         prompt, new, batches, bw_bytes = 128, 256, tuple(map(int, args.batches.split(","))), 2**31
-    splits, min_rows = (positive_ints(p, flag, value) for flag, value in (
-        ("--kv-splits", args.kv_splits), ("--min-rows", args.min_rows)))
+    splits = [None if n == "auto" else positive_ints(p, "--kv-splits", n)[0]
+              for n in args.kv_splits.split(",")]
+    min_rows = positive_ints(p, "--min-rows", args.min_rows)
     gemvs = args.gemv.split(",")
     if not set(gemvs) <= {"off", "on"}:
         p.error(f"--gemv: {args.gemv!r}: expected off, on or off,on")
@@ -234,7 +235,7 @@ def main(argv=None):
         first = {}  # batch -> (label, outputs) of this weight format's first setting
         for n, rows, g in itertools.product(splits, min_rows, gemvs):
             lm = dataclasses.replace(lm, kv_splits=n, gemv=gemv_cfg if g == "on" else None)
-            label = " ".join([variant] + [f"kv_splits={n}"] * (len(splits) > 1)
+            label = " ".join([variant] + [f"kv_splits={n or 'auto'}"] * (len(splits) > 1)
                              + [f"min_rows={rows}"] * (len(min_rows) > 1)
                              + [f"gemv={g}"] * (len(gemvs) > 1))
             for b in batches:

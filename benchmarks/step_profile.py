@@ -91,10 +91,10 @@ def category(kernel: str, meta: dict) -> str:
     low, src = kernel.lower(), " ".join(meta.get("stack", []))
     op = meta.get("op_name", "")
     backward = "transpose(" in op
-    if "cublas" in meta.get("target", "") or any(s in low for s in GEMM_KERNEL):
-        return "matmul " + ("backward" if backward else "forward")
     if any(s in low for s in ATTENTION_KERNEL) or "kernels_pallas" in src:
         return "attention " + ("backward" if backward or "bwd" in low or "dkv" in low else "forward")
+    if "cublas" in meta.get("target", "") or any(s in low for s in GEMM_KERNEL):
+        return "matmul " + ("backward" if backward else "forward")
     if "optax" in src:
         return "optimizer update"
     if "head_loss" in src or "log_softmax" in op or "token_nll" in op:

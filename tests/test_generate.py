@@ -84,12 +84,13 @@ def test_cached_decode_equals_full_forward(name):
         assert (np.argmax(full, -1) == tokens).all()
 
 
-@pytest.mark.parametrize("kv_splits", [1, 2])
+@pytest.mark.parametrize("kv_splits", [None, 2])
 def test_decode_through_the_paged_kernel_equals_full_forward(monkeypatch, kv_splits):
     """attention_impl=pallas: the dense cache is read as pages by the paged-attention kernel
     (interpreted here), prefill and decode; every generated position's logits equal the XLA
     full forward's, and the kernel really ran. kv_splits=2: a 3-page cache whose longest row
-    fills two pages, its keys shared out between two programs (flash-decoding)."""
+    fills two pages, its keys shared out between two programs (flash-decoding). None: the
+    automatic choice, 4 for 2 rows of 2 kv heads, capped at the cache's one page."""
     import jaxlm.nn.attend as attend_mod
     import kernels_pallas.paged as paged_mod
     calls = []
@@ -101,11 +102,11 @@ def test_decode_through_the_paged_kernel_equals_full_forward(monkeypatch, kv_spl
     kernel_lm = LM.of(dataclasses.replace(lm.cfg, attention_impl="pallas"), lm.state,
                       kv_splits=kv_splits)
     prompts, max_len = PROMPTS, None
-    if kv_splits > 1:
+    if kv_splits:
         prompts = PROMPTS + [[(7 * i) % 60 + 1 for i in range(67)]]
         max_len = 3 * attend_mod.CACHE_PAGE
     got = decode_logits(Engine(kernel_lm), [Request(p, GREEDY) for p in prompts], 4, max_len)
-    assert calls and set(calls) == {kv_splits}
+    assert calls and set(calls) == {kv_splits or 1}
     seqs = [p + t.tolist() for p, (_, t) in zip(prompts, got)]
     full_BxSxV = full_forward(lm, seqs)
     for b, (prompt, (logits_NxV, tokens)) in enumerate(zip(prompts, got)):
@@ -153,7 +154,7 @@ def test_mesh_decode_equals_one_device_and_cache_is_sharded(name, cache_dtype):
 def test_seeds_reproduce_whatever_the_batch_and_stop_tokens_end_rows():
     _, lm = tiny_lm("llama-gqa")
     s = SamplingConfig(temperature=1.0, top_k=20, max_tokens=8, seed=7)
-    engine = Engine(lm)
+    engine = Engine(lm, min_rows=1)
     alone = engine.generate([Request([5, 9, 2], s)])[0].ids
     batched = engine.generate([Request([40, 3], SamplingConfig(max_tokens=8, seed=1)),
                                Request([5, 9, 2], s)])
@@ -167,14 +168,19 @@ def test_seeds_reproduce_whatever_the_batch_and_stop_tokens_end_rows():
         temperature=1.0, top_k=20, max_tokens=8, seed=7, stop_ids=(stop,)))])[0]
     assert out.ids == alone[:first] and out.finish_reason == "stop"
     assert list(engine.stream(Request([5, 9, 2], s))) == alone
-    # one request padded to two rows (batch-1 decoding without vector x matrix products)
-    padded = Engine(lm, min_rows=2)
+    # one request padded to two rows, the default (batch-1 decoding without vector x matrix
+    # products)
+    padded = Engine(lm)
     assert padded.prepare([Request([5, 9, 2], s)])[0]["tokens"].shape[0] == 2
     assert padded.generate([Request([5, 9, 2], s)])[0].ids == alone
 
 
 @pytest.mark.parametrize("bad", [0, 1.5, True])
 def test_decode_shape_options_refuse_what_is_not_a_positive_int(bad):
+    """min_rows and kv_splits; and kv_splits' automatic choice fills ~128 programs, 1 to 4."""
+    from jaxlm.nn.attend import auto_kv_splits
+    assert [auto_kv_splits(rows, 16) for rows in (1, 2, 4, 8, 16)] == [4, 4, 2, 1, 1]
+    assert auto_kv_splits(1, 1) == 4 and auto_kv_splits(64, 8) == 1
     _, lm = tiny_lm("llama-gqa")
     with pytest.raises(ConfigError, match=rf"^min_rows={bad!r}: expected a positive int"):
         Engine(lm, min_rows=bad)

@@ -40,21 +40,23 @@ class LM:
     context_len: int | None = None  # longest sequence the model may read (None: no limit)
     cache_dtype: Any = None         # None: the model's compute dtype
     decoder_start_id: int = 0       # seq2seq: the decoder's first token (pad, as span corruption)
-    kv_splits: int = 1              # decode attention's key splits, where the paged kernel reads
+    kv_splits: int | None = None    # decode attention's key splits (None: by the batch)
     gemv: Any = None                # a GemvConfig: few-row products by the Pallas GEMV kernel
 
     @classmethod
     def of(cls, cfg: ModelConfig, state, *, mesh: Mesh | None = None, rules=None,
            context_len: int | None = None, cache_dtype=None, decoder_start_id: int = 0,
-           quantize: str | None = None, kv_splits: int = 1, gemv=None) -> "LM":
+           quantize: str | None = None, kv_splits: int | None = None, gemv=None) -> "LM":
         """The model of `cfg` with `state` ({'params': ..., 'model_state': ...} as a train state
         holds them, or one nnx pure dict of all variables), placed on `mesh` by `rules`;
         `quantize="int8"`: its matmul weights then held as int8 (jaxlm.generate.quantize).
         `kv_splits`: programs per kv head and row in decode attention, where the paged kernel
-        reads the cache (flash-decoding; for batches too small to fill a GPU). `gemv`: a
+        reads the cache (flash-decoding; for batches too small to fill a GPU); None: chosen
+        from the batch and kv heads (jaxlm.nn.attend.auto_kv_splits). `gemv`: a
         kernels_pallas.gemv.GemvConfig to multiply decode steps' few rows by the weights with
         that kernel (jaxlm.nn.param.skinny_matmuls); None: XLA's dots."""
-        check_positive_int("kv_splits", kv_splits)
+        if kv_splits is not None:
+            check_positive_int("kv_splits", kv_splits)
         if cache_dtype is not None and jnp.dtype(cache_dtype).name not in CACHE_DTYPES:
             raise ConfigError(f"cache dtype {jnp.dtype(cache_dtype).name}: expected one of "
                               f"{', '.join(CACHE_DTYPES)}")

@@ -29,8 +29,9 @@ class KVCache:
     k_scale_BxTxG: jax.Array | None = None    # int8 storage only
     v_scale_BxTxG: jax.Array | None = None
     v_dim: int = struct.field(pytree_node=False, default=0)  # shared values' head dim
-    # programs per kv head when the paged kernel reads this cache (flash-decoding; 1: none)
-    kv_splits: int = struct.field(pytree_node=False, default=1)
+    # programs per kv head when the paged kernel reads this cache (flash-decoding; 1: none;
+    # None: jaxlm.nn.attend.auto_kv_splits)
+    kv_splits: int | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
     def empty(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype,
