@@ -14,6 +14,7 @@ same call, in its own process, so the two never share the GPU's memory.
     python benchmarks/decode.py --min-rows 1,2 --batches 1        # batch 1 padded to 2 rows
     python benchmarks/decode.py --gemv off,on [--gemv-config '{"block_k": 64}']  # GEMV kernel
     python benchmarks/decode.py --profile --batches 1     # + where the decode step's time goes
+    python benchmarks/decode.py --xla-options '[{}, {"xla_gpu_enable_triton_gemm": false}]'
 
 --speculate K: batch 1, K drafts a round, against plain greedy of the same model: prompt lookup
 (3-grams) and a draft model. With random weights no small model predicts the target, so the
@@ -70,7 +71,8 @@ def kv_bytes_per_token(lm) -> int:
 
 
 def measure(lm, batch: int, prompt: int, new: int, bw: float, weight_bytes: int,
-            label: str = "bf16", min_rows: int = 2, profile: bool = False) -> list[list[int]]:
+            label: str = "bf16", min_rows: int = 2, profile: bool = False,
+            compiler_options: dict | None = None) -> list[list[int]]:
     """Prints the batch's tokens/s, step time and MBU (and with `profile` the step's GPU
     kernels by source line); returns its greedy outputs."""
     import jax
@@ -81,7 +83,7 @@ def measure(lm, batch: int, prompt: int, new: int, bw: float, weight_bytes: int,
     s = SamplingConfig(temperature=0.0, max_tokens=new)
     requests = [Request(rng.integers(3, lm.cfg.vocab_size, prompt), s) for _ in range(batch)]
     # no stop token: every row makes all `new` tokens; MBU counts the real rows' KV only
-    engine = Engine(lm, eos_id=None, min_rows=min_rows)
+    engine = Engine(lm, eos_id=None, min_rows=min_rows, compiler_options=compiler_options)
     engine.generate(requests)  # compile prefill and loop
     t0 = time.perf_counter()
     outs = engine.generate(requests)
@@ -197,6 +199,10 @@ def main(argv=None):
                         "(kernels_pallas/gemv.py), measured in turn")
     p.add_argument("--gemv-config", default="{}",
                    help="JSON fields of the kernel's GemvConfig (block sizes, splits, warps)")
+    p.add_argument("--xla-options", default="[{}]",
+                   help="JSON list of XLA option dicts for the decode loop (Engine "
+                        "compiler_options), measured in turn, e.g. "
+                        "'[{}, {\"xla_gpu_enable_triton_gemm\": false}]'")
     p.add_argument("--profile", action="store_true",
                    help="trace each batch's first setting: GPU time per step by source line")
     p.add_argument("--speculate", type=int, default=0, metavar="K",
@@ -215,6 +221,11 @@ def main(argv=None):
     splits = [None if n == "auto" else positive_ints(p, "--kv-splits", n)[0]
               for n in args.kv_splits.split(",")]
     min_rows = positive_ints(p, "--min-rows", args.min_rows)
+    try:
+        xla_options = json.loads(args.xla_options)
+        assert isinstance(xla_options, list) and all(isinstance(o, dict) for o in xla_options)
+    except (ValueError, AssertionError):
+        p.error(f"--xla-options: {args.xla_options!r} is not a JSON list of objects")
     gemvs = args.gemv.split(",")
     if not set(gemvs) <= {"off", "on"}:
         p.error(f"--gemv: {args.gemv!r}: expected off, on or off,on")
@@ -233,15 +244,17 @@ def main(argv=None):
               f"copy bandwidth {bw / 1e12:.2f} TB/s; KV {kv_bytes_per_token(lm) / 1024:.0f} "
               f"KiB/token", flush=True)
         first = {}  # batch -> (label, outputs) of this weight format's first setting
-        for n, rows, g in itertools.product(splits, min_rows, gemvs):
+        for n, rows, g, xo in itertools.product(splits, min_rows, gemvs, xla_options):
             lm = dataclasses.replace(lm, kv_splits=n, gemv=gemv_cfg if g == "on" else None)
             label = " ".join([variant] + [f"kv_splits={n or 'auto'}"] * (len(splits) > 1)
                              + [f"min_rows={rows}"] * (len(min_rows) > 1)
-                             + [f"gemv={g}"] * (len(gemvs) > 1))
+                             + [f"gemv={g}"] * (len(gemvs) > 1)
+                             + [f"xla={json.dumps(xo)}"] * (len(xla_options) > 1))
             for b in batches:
                 try:
                     outs = measure(lm, b, prompt, new, bw, weight_bytes, label, rows,
-                                   profile=args.profile and b not in first)
+                                   profile=args.profile and b not in first,
+                                   compiler_options=xo or None)
                 except Exception as e:  # a lever that fails to compile: say so, measure the rest
                     print(f"RESULT jaxlm generate {label} batch {b}: failed: "
                           f"{type(e).__name__}: {str(e)[:300]}", flush=True)

@@ -81,17 +81,22 @@ def prompt_len(lm: LM, longest: int, max_len: int) -> int:
 
 
 class Engine:
-    def __init__(self, lm: LM, eos_id: int | None = None, min_rows: int = 2):
+    def __init__(self, lm: LM, eos_id: int | None = None, min_rows: int = 2,
+                 compiler_options: dict | None = None):
         """min_rows: a batch of fewer requests is padded to this many rows. Why 2: with one
         row every product is vector x matrix, and XLA's GPU compiler rewrites those under 10M
         elements (the 1B preset's attention output projection) into a multiply and a
         reduction instead of a GEMM (its DotStrengthReduction pass). On an H200 the 1B
-        preset's batch-1 step went from 1.30 to 1.15 ms with 2 (benchmarks/RESULTS.md)."""
+        preset's batch-1 step went from 1.30 to 1.15 ms with 2 (benchmarks/RESULTS.md).
+        compiler_options: XLA options for the decode step and loop (not prefill), as
+        jax.jit takes them."""
         check_positive_int("min_rows", min_rows)
         self.lm, self.eos_id, self.min_rows = lm, eos_id, min_rows
         self._prefill = jax.jit(self._prefill_fn, static_argnums=(2,))
-        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
-        self._loop = jax.jit(self._loop_fn, donate_argnums=(1,))
+        self._step = jax.jit(self._step_fn, donate_argnums=(1,),
+                             compiler_options=compiler_options)
+        self._loop = jax.jit(self._loop_fn, donate_argnums=(1,),
+                             compiler_options=compiler_options)
 
     # ---------------------------------------------------------------- traced functions
 

@@ -88,8 +88,11 @@ def attend(q_BxSxHxK, k_BxTxGxK, v_BxTxGxV, mask: MaskSpec, *, bias=None, cache=
         cache, _ = cache.update(k_BxTxGxK, v_BxTxGxV, mask)
         return cache.attend(q_BxSxHxK, scale, mask.sliding_window), cache
     if cache is not None:  # decoding: bandwidth-bound
-        cache, mask = cache.update(k_BxTxGxK, v_BxTxGxV, mask)
-        if _cache_pages(cache, mask, bias, impl, q_BxSxHxK.dtype):
+        # the same for every call on this cache (prefill and decode alike); when paged, the
+        # segment ids are never read, so not written (a scatter a layer a step less)
+        paged = _cache_pages(cache, mask, bias, impl, q_BxSxHxK.dtype)
+        cache, mask = cache.update(k_BxTxGxK, v_BxTxGxV, mask, segments=not paged)
+        if paged:
             return _attend_cache_paged(q_BxSxHxK, cache, scale), cache
         dt = q_BxSxHxK.dtype
         return _attend_xla(q_BxSxHxK, cache.keys(dt), cache.values(dt), mask, bias,

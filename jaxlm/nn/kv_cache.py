@@ -70,10 +70,13 @@ class KVCache:
             return self.keys(dtype)[..., :self.v_dim]
         return _read(self.v_BxTxGxV, self.v_scale_BxTxG, dtype)
 
-    def update(self, k_BxSxGxK, v_BxSxGxV, mask: MaskSpec) -> tuple["KVCache", MaskSpec]:
+    def update(self, k_BxSxGxK, v_BxSxGxV, mask: MaskSpec,
+               segments: bool = True) -> tuple["KVCache", MaskSpec]:
         """Append S new tokens to every row (padding among them keeps segment 0, so it takes a
         slot no one reads); returns the cache and the mask of the new queries over all of it.
-        With shared values, `v` must be the first v_dim columns of `k` (it is not stored)."""
+        With shared values, `v` must be the first v_dim columns of `k` (it is not stored).
+        segments=False: the slots' segment ids are left as they are, for a cache that is only
+        ever read up to each row's length (the paged kernel's reading), which needs none."""
         B, S = k_BxSxGxK.shape[:2]
         seg_BxS = (jnp.ones((B, S), jnp.int32) if mask.q_segment_ids is None
                    else mask.q_segment_ids.astype(jnp.int32))
@@ -87,7 +90,8 @@ class KVCache:
         v, v_scale = store(append, self.v_BxTxGxV, self.v_scale_BxTxG, v_BxSxGxV)
         new = self.replace(k_BxTxGxK=k, v_BxTxGxV=v, k_scale_BxTxG=k_scale,
                            v_scale_BxTxG=v_scale, lengths_B=at + S,
-                           segment_ids_BxT=put(self.segment_ids_BxT, seg_BxS, at))
+                           segment_ids_BxT=put(self.segment_ids_BxT, seg_BxS, at)
+                           if segments else self.segment_ids_BxT)
         over = MaskSpec(causal=mask.causal, sliding_window=mask.sliding_window,
                         q_segment_ids=seg_BxS, kv_segment_ids=new.segment_ids_BxT,
                         q_offset=self.lengths_B)
