@@ -78,9 +78,15 @@ def quiet_library_noise():
 
 def console_filter(record: logging.LogRecord) -> bool:
     """For the console handler: orbax's own error reports (with their tracebacks), and asyncio's
-    "Task exception was never retrieved" for orbax write tasks abandoned after a failed save
-    (logged whenever the garbage collector gets to them), stay in the process log; jaxlm reports
-    the failure itself in one line."""
+    "Task/Future exception was never retrieved" for orbax write tasks, or their thread-pool file
+    writes failing with an OSError, abandoned after a failed save (logged whenever the garbage
+    collector gets to them), stay in the process log; jaxlm reports the failure itself in one
+    line."""
     if record.name == "absl" and record.levelno >= logging.ERROR:
         return False
-    return not (record.name == "asyncio" and "orbax" in record.getMessage())
+    if record.name != "asyncio":
+        return True
+    message = record.getMessage()
+    exc = record.exc_info[1] if record.exc_info else None
+    return not ("orbax" in message or ("never retrieved" in message
+                                       and isinstance(exc, OSError)))

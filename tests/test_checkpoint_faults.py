@@ -190,11 +190,13 @@ def _can_mount_tmpfs() -> bool:
 
 def test_a_failing_save_stops_the_run_in_one_line_and_earlier_checkpoints_stay(
         abstract_state, tmp_path, xla_cache_dir):
-    """As root: the run directory on a 1,100 KiB tmpfs (in a private mount namespace) that holds
-    one checkpoint of this model but not two: the second (asynchronous) save hits ENOSPC. A
-    checkpoint is ~704 KiB once written, more while orbax writes it: 900 KiB once failed the
-    first save too (CI, 2026-11-30), and two need 1,408. Not root: write permission on the
-    checkpoint directory is taken away after the first save."""
+    """As root: the run directory on a tmpfs (in a private mount namespace) that is filled to
+    the last byte once checkpoint 3 is on it, so a later (asynchronous) save hits ENOSPC. A
+    tmpfs sized to hold one checkpoint but not two was flaky: orbax's files for one checkpoint
+    vary in number and size from run to run (600-810 KiB here), and 900 and 1,100 KiB each
+    once failed the first save in CI. Not root: write permission on the checkpoint directory is
+    taken away after the first save. Either way the save that fails is whichever was next
+    (the run keeps stepping while a save is written), and the one before it stays intact."""
     common = ["train.steps=100000", "checkpoint.every_steps=3", "checkpoint.async_save=true",
               "log.every_steps=1000"]
     if _can_mount_tmpfs():
@@ -202,29 +204,53 @@ def test_a_failing_save_stops_the_run_in_one_line_and_earlier_checkpoints_stay(
         mnt.mkdir()
         run_dir = mnt / "run"
         # the mount lives as long as the process: copy the run directory out before it goes
-        script = ('mount -t tmpfs -o size=1100k tmpfs "$0" && "$@"; rc=$?; '
-                  'cp -a "$0/run" "$0/../after"; exit $rc')
+        script = ('mount -t tmpfs -o size=64m tmpfs "$0" || exit 97; "$@" & pid=$!; '
+                  'while [ ! -d "$0/run/checkpoints/3" ] && kill -0 $pid 2>/dev/null; '
+                  'do sleep 0.01; done; head -c 80m /dev/zero > "$0/fill" 2>/dev/null; '
+                  'wait $pid; rc=$?; cp -a "$0/run" "$0/../after"; exit $rc')
         code, out, err = train(run_dir, xla_cache_dir, *common, prefix=(
             "unshare", "-m", "sh", "-c", script, str(mnt)))
-        cause, failed = "No space left on device (errno 28)", 6
+        cause = "No space left on device (errno 28)"
     else:
         run_dir = kept = tmp_path / "run"
         proc = start(run_dir, xla_cache_dir, *common)
-        wait_until(lambda: steps_on_disk(run_dir) == [3], proc)
+        wait_until(lambda: steps_on_disk(run_dir)[:1] == [3], proc)
         os.chmod(run_dir / "checkpoints", 0o555)
         code, out, err = finish(proc)
         os.chmod(run_dir / "checkpoints", 0o755)
-        cause, failed = "Permission denied (errno 13)", None
+        cause = "Permission denied (errno 13)"
     assert code == 4, err[-3000:]
     line = one_error_line(err)
-    failed = failed or int(line.split("checkpoint ", 1)[1].split()[0])
+    failed = int(line.split("checkpoint ", 1)[1].split()[0])
+    latest = failed - 3
+    assert failed >= 6, line
     assert line == (f"error: checkpoint {failed} could not be written to {run_dir}/checkpoints/"
-                    f"{failed}: {cause}; the run stopped and checkpoint 3 is intact and the "
-                    f"latest; fix the cause, then run the same command to resume"), line
+                    f"{failed}: {cause}; the run stopped and checkpoint {latest} is intact and "
+                    f"the latest; fix the cause, then run the same command to resume"), line
     # the run stopped right away, not at train.steps; the earlier checkpoint restores cleanly
     assert "Event loop is closed" not in err, err[-3000:]
     said = []
     step, _, _ = Checkpointer(kept / "checkpoints", tiny_config().checkpoint).restore_latest(
         abstract_state, said.append)
-    assert step == 3 and not [s for s in said if "damaged" in s], said
+    assert step == latest and not [s for s in said if "damaged" in s], said
 
+
+
+def test_console_keeps_one_line_of_a_failed_save_and_every_other_error():
+    """What asyncio logs when it collects an abandoned write of a failed save ("Future exception
+    was never retrieved", its OSError attached, seen once in ~30 disk-full runs) stays off the
+    console; asyncio's other errors and jaxlm's own lines do not."""
+    import logging
+
+    from jaxlm.faults import console_filter
+
+    def record(name, msg, exc=None):
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, None,
+                                 (type(exc), exc, None) if exc else None)
+    disk_full = OSError(28, "No space left on device")
+    never = "Future exception was never retrieved\nfuture: <Future finished exception=%r>"
+    assert not console_filter(record("asyncio", never % disk_full, disk_full))
+    assert not console_filter(record("asyncio", "Task exception was never retrieved: orbax"))
+    assert console_filter(record("asyncio", never % ValueError("x"), ValueError("x")))
+    assert console_filter(record("asyncio", "Unclosed client session"))
+    assert console_filter(record("jaxlm", "error: checkpoint 6 could not be written"))

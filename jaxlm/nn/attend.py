@@ -38,7 +38,7 @@ from jaxlm.parallel.flash_context import flash_context_attention
 from jaxlm.parallel.ring import ring_attention
 from jaxlm.nn.paged_cache import PagedKVCache, PagedStep
 from jaxlm.nn.visibility import MASKED, visible
-from jaxlm.parallel.sharding import active, context_split, logical_to_spec
+from jaxlm.parallel.sharding import active, context_split, logical_to_spec, spans_devices
 
 
 
@@ -150,7 +150,7 @@ def _cache_pages(cache, mask: MaskSpec, bias, impl: str, dtype) -> bool:
     mesh, _ = active()
     return (resolve_impl(impl, dtype, kernel_fits=bias is None) == "pallas" and bias is None
             and mask.causal and mask.sliding_window is None and not cache.quantized
-            and (mesh is None or mesh.size == 1) and cache.k_BxTxGxK.shape[1] % CACHE_PAGE == 0
+            and not spans_devices(mesh) and cache.k_BxTxGxK.shape[1] % CACHE_PAGE == 0
             and all(d >= 16 and not d & (d - 1) for d in (cache.k_BxTxGxK.shape[-1], cache.v_dim
                                                          or cache.v_BxTxGxV.shape[-1])))
 
@@ -250,7 +250,7 @@ def _attend_pallas(q_BxSxHxK, k_BxSxGxK, v_BxSxGxK, mask: MaskSpec, bias, scale)
     args = (q_BxSxHxK, k_BxSxGxK, v_BxSxGxK) + (() if segment_ids_BxS is None else
                                                  (segment_ids_BxS,))
     mesh, rules = active()
-    if mesh is None or mesh.size == 1:
+    if not spans_devices(mesh):
         return call(*args)
     q_spec = logical_to_spec(("act_batch", "act_seq", "act_heads", None), rules, mesh)
     kv_spec = logical_to_spec(("act_batch", "act_seq", "act_kv_heads", None), rules, mesh)

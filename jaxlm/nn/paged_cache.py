@@ -20,7 +20,7 @@ from flax import struct
 from jax.sharding import PartitionSpec as P
 
 from jaxlm.nn.int8 import store
-from jaxlm.parallel.sharding import active, logical_to_spec
+from jaxlm.parallel.sharding import active, logical_to_spec, spans_devices
 from kernels_pallas.paged import paged_attention, paged_attention_reference
 
 
@@ -119,7 +119,7 @@ def _kernel_per_shard(args, scale: float, max_q_len: int, sliding_window: int | 
                                k_scales_PxBxG=a[6], v_scales_PxBxG=a[7],
                                sliding_window=sliding_window, kv_splits=kv_splits)
     mesh, rules = active()
-    if mesh is None or mesh.size == 1:
+    if not spans_devices(mesh):
         return call(*args)
     q_spec = logical_to_spec((None, "act_heads", None), rules, mesh)
     pages_spec = logical_to_spec((None, None, "act_kv_heads", None), rules, mesh)

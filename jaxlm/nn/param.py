@@ -91,12 +91,12 @@ def _skinny(subscripts: str, x, w, dtype):
     if cfg is None:
         return None
     # here, not at the top: sharding's config schema imports the models, which import this
-    from jaxlm.parallel.sharding import active
+    from jaxlm.parallel.sharding import active, spans_devices
     ins, out = subscripts.replace(" ", "").split("->")
     xs, ws = ins.split(",")
     mesh, _ = active()
     if (xs[-1] != ws[0] or out != xs[:-1] + ws[1:] or len(set(xs + ws)) != len(xs + ws) - 1
-            or (mesh is not None and mesh.size > 1)):
+            or spans_devices(mesh)):
         return None
     q = w.q if isinstance(w, Int8Weight) else w
     M, K, N = math.prod(x.shape[:-1]), x.shape[-1], math.prod(q.shape[1:])

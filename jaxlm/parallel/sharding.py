@@ -118,6 +118,12 @@ def active() -> tuple[Mesh | None, Rules | None]:
     return _ctx.mesh, _ctx.rules
 
 
+def spans_devices(mesh: Mesh | None) -> bool:
+    """Whether `mesh` shares work out over more than one device: where a kernel called on
+    whole arrays must instead run per shard (under shard_map)."""
+    return mesh is not None and mesh.size > 1
+
+
 def mesh_axis_of(name: str) -> tuple[str | tuple[str, ...] | None, int]:
     """The mesh axis (or axes, or None) the active rules put logical dim `name` on, and its
     size (1 without active rules)."""
