@@ -90,7 +90,7 @@ def test_decode_through_the_paged_kernel_equals_full_forward(monkeypatch, kv_spl
     (interpreted here), prefill and decode; every generated position's logits equal the XLA
     full forward's, and the kernel really ran. kv_splits=2: a 3-page cache whose longest row
     fills two pages, its keys shared out between two programs (flash-decoding). None: the
-    automatic choice, 4 for 2 rows of 2 kv heads, capped at the cache's one page."""
+    automatic choice, 1 off a GPU."""
     import jaxlm.nn.attend as attend_mod
     import kernels_pallas.paged as paged_mod
     calls = []
