@@ -96,8 +96,7 @@ def breakdown(trace: dict, steps: int) -> dict:
         if ts is None:  # launched before the traced steps (the GPU runs behind the CPU)
             unlaunched += ms
             continue
-        bwd = ts is not None and _inside(backward, tid, ts)
-        opt = ts is not None and _inside(optimizer, tid, ts)
+        bwd, opt = _inside(backward, tid, ts), _inside(optimizer, tid, ts)
         by_cat[category(e["name"], bwd, opt)] += ms
         by_kernel[e["name"][:100]] += ms
         total += ms

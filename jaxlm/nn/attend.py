@@ -39,6 +39,7 @@ from jaxlm.parallel.ring import ring_attention
 from jaxlm.nn.paged_cache import PagedKVCache, PagedStep
 from jaxlm.nn.visibility import MASKED, visible
 from jaxlm.parallel.sharding import active, context_split, logical_to_spec, spans_devices
+from kernels_pallas.paged import default_backend as paged_backend
 
 
 
@@ -167,9 +168,8 @@ def _attend_cache_paged(q_BxSxHxK, cache, scale):
 
     def pages(x):  # [B, T, G, D] -> [B * M, CACHE_PAGE, G, D]
         return None if x is None else x.reshape(B * M, CACHE_PAGE, G, x.shape[-1])
-    # split keys where the kernel can (the GPU's; the TPU kernel takes none), by the batch
-    splits = cache.kv_splits or (auto_kv_splits(B * S, G) if jax.default_backend() == "gpu"
-                                 else 1)
+    # split keys where the kernel runs its GPU backend (the TPU kernel takes none), by the batch
+    splits = cache.kv_splits or (auto_kv_splits(B * S, G) if paged_backend() == "gpu" else 1)
     # the page table and query offsets are NumPy constants: as jnp.arange each was an iota
     # kernel per layer per decode step (13 us of a 1.16 ms 1B step on an H200)
     layout = PagedStep(None, np.arange(B * M, dtype=np.int32).reshape(B, M),
