@@ -72,6 +72,7 @@ def kv_bytes_per_token(lm) -> int:
 
 def measure(lm, batch: int, prompt: int, new: int, bw: float, weight_bytes: int,
             label: str = "bf16", min_rows: int = 2, profile: bool = False,
+            hlo_out: str | None = None,
             compiler_options: dict | None = None) -> list[list[int]]:
     """Prints the batch's tokens/s, step time and MBU (and with `profile` the step's GPU
     kernels by source line); returns its greedy outputs."""
@@ -100,19 +101,24 @@ def measure(lm, batch: int, prompt: int, new: int, bw: float, weight_bytes: int,
           f"{step * 1e3:.2f} ms/step, MBU {mbu * 100:.1f}% (weights {weight_bytes / 1e9:.2f} GB "
           f"+ KV {kv_read / 1e9:.3f} GB per step)", flush=True)
     if profile:
-        profile_loop(engine, requests, new - 1, f"{label} batch {batch}")
+        profile_loop(engine, requests, new - 1, f"{label} batch {batch}", hlo_out=hlo_out)
     return [list(o.ids) for o in outs]
 
 
-def profile_loop(engine, requests, steps: int, label: str, top: int = 25):
+def profile_loop(engine, requests, steps: int, label: str, top: int = 25,
+                 hlo_out: str | None = None):
     """Traces one decode loop (`steps` steps) and prints GPU time per step by the jaxlm source
     line that produced each kernel (step_profile's HLO metadata), with kernels per step: what a
-    step is made of, and which small kernels a fusion would remove."""
+    step is made of, and which small kernels a fusion would remove. hlo_out: also write the
+    loop's optimised HLO there (which ops each fusion holds)."""
     import collections
     import jax
     from benchmarks.step_profile import gpu_kernels, hlo_metadata, source
     d, _ = engine.prefill(requests)
-    meta = hlo_metadata(engine._loop.lower(engine.lm.state, d).compile().as_text())
+    hlo = engine._loop.lower(engine.lm.state, d).compile().as_text()
+    if hlo_out:
+        Path(hlo_out).write_text(hlo)
+    meta = hlo_metadata(hlo)
     jax.block_until_ready(d)
     us, count = collections.defaultdict(float), collections.Counter()
     for name, ms, info in gpu_kernels(lambda: jax.block_until_ready(
@@ -205,6 +211,8 @@ def main(argv=None):
                         "'[{}, {\"xla_gpu_enable_triton_gemm\": false}]'")
     p.add_argument("--profile", action="store_true",
                    help="trace each batch's first setting: GPU time per step by source line")
+    p.add_argument("--hlo-out", metavar="PATH",
+                   help="with --profile: write the profiled loop's optimised HLO here")
     p.add_argument("--speculate", type=int, default=0, metavar="K",
                    help="also batch-1 speculative decoding with K drafts a round")
     args = p.parse_args(argv)
@@ -255,6 +263,7 @@ def main(argv=None):
                 try:
                     outs = measure(lm, b, prompt, new, bw, weight_bytes, label, rows,
                                    profile=args.profile and b not in first,
+                                   hlo_out=args.hlo_out and f"{args.hlo_out}.{variant}.b{b}.txt",
                                    compiler_options=xo or None)
                 except Exception as e:  # a lever that fails to compile: say so, measure the rest
                     print(f"RESULT jaxlm generate {label} batch {b}: failed: "

@@ -12,11 +12,12 @@ sequence s sits at position kv_lens[s] - q_len_s + j; block-table entries past a
 and page slots past kv_lens are never trusted (slots are masked, V rows zeroed so NaN garbage
 cannot leak through 0 * NaN).
 
-GQA without repeating K/V. Query heads h = g * R + r (R = H // G) share kv head g. XLA regroups q
-to [G, T * R, K], token-major within a kv head, so one kernel program holds the R heads of several
-consecutive tokens as the rows of one (rows, K) tile: every page it loads serves R query heads,
-and a decode step (one token per sequence) still gives the matmul R rows rather than one. The
-transposes are O(T * H * K), nothing next to the pages read.
+GQA without repeating K/V. Query heads h = g * R + r (R = H // G) share kv head g. One kernel
+program holds the R heads of several consecutive tokens as the rows of one (rows, K) tile,
+token-major: every page it loads serves R query heads, and a decode step (one token per
+sequence) still gives the matmul R rows rather than one. The GPU kernel loads those rows in place
+from q viewed [T, G, R, K] (R padded to a power of two where it is not one) and stores its
+output the same way; the TPU kernel's q is regrouped to [G, T * R, K] by XLA.
 
 Grid (sequence, kv head, query block): query block qb of sequence s holds its tokens
 [qb * bq, (qb + 1) * bq); `max_q_len` (static) bounds q_len so the grid has cdiv(max_q_len, bq)
@@ -34,7 +35,9 @@ Backends (`backend=None`: "gpu" on a GPU, "tpu" on a TPU, else "interpret"):
                   Needs power-of-two page_size, K, V >= 16 (Triton tiles and tl.dot).
                   With kv_splits > 1 (flash-decoding) a 4th grid axis shares each block's
                   pages among that many programs; each writes its normalised partial output
-                  and log-sum-exp in float32, and XLA merges them (`_merge_splits`).
+                  and log-sum-exp in float32, and XLA merges them (`_merge_splits`). Rows of
+                  no sequence are zero-filled by aliasing zero buffers, unless cu_q_lens is a
+                  NumPy constant that gives every row a sequence (the dense decode cache).
   "interpret"     the same kernel body with interpret=True: what the CPU tests run.
   "tpu"           `_tpu_kernel`, Mosaic-TPU style: PrefetchScalarGridSpec puts block tables and
                   lengths in SMEM, and the K/V BlockSpec index maps read them, so the pipeline
@@ -57,6 +60,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -85,6 +89,8 @@ class _Config:
     quantized: bool = False  # int8 pages, dequantised page by page in the kernel
     window: int | None = None  # sliding window: a query sees keys less than this many back
     kv_splits: int = 1  # gpu: programs per query block, each over its share of the pages
+    # gpu: cu_q_lens is a constant giving every row of q to a sequence (no zero fill needed)
+    rows_owned: bool = False
 
     @property
     def n_qb(self) -> int:
@@ -147,7 +153,7 @@ def _check_inputs(q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens, scales=
 
 
 def _config(q, k_pages, v_pages, causal, sm_scale, max_q_len, backend, pages_per_block,
-            quantized=False, sliding_window=None, kv_splits=1):
+            quantized=False, sliding_window=None, kv_splits=1, cu_q_lens=None):
     backend = backend or default_backend()
     if backend not in BACKENDS:
         _fail(f"backend={backend!r}; expected one of {BACKENDS}")
@@ -179,15 +185,21 @@ def _config(q, k_pages, v_pages, causal, sm_scale, max_q_len, backend, pages_per
         _fail(f"kv_splits > 1 runs on the gpu and interpret backends, not {backend}")
     R, max_q_len = H // G, min(max_q_len, max(T, 1))
     if backend in ("gpu", "interpret"):
-        # Triton tiles are powers of two and tl.dot wants >= 16 rows
-        rows = max(16, pl.next_power_of_2(R), min(GPU_MAX_ROWS, pl.next_power_of_2(max_q_len * R)))
-        bq = rows // R
+        # Triton tiles are powers of two and tl.dot wants >= 16 rows: bq tokens x R heads
+        # padded to a power of two
+        Rp = pl.next_power_of_2(R)
+        rows = max(16, Rp, min(GPU_MAX_ROWS, pl.next_power_of_2(max_q_len * Rp)))
+        bq = rows // Rp
     else:
         bq = max(1, min(max_q_len, TPU_MAX_ROWS // R))
         rows = bq * R
     scale = K ** -0.5 if sm_scale is None else float(sm_scale)
+    # a NumPy cu_q_lens is known while tracing: whether every row belongs to a sequence whose
+    # queries all fit the grid's query blocks
+    owned = (isinstance(cu_q_lens, np.ndarray) and int(cu_q_lens[-1]) == T
+             and int(np.max(np.diff(cu_q_lens), initial=0)) <= max_q_len)
     return _Config(backend, bool(causal), scale, max_q_len, ppb, R, bq, rows, quantized,
-                   sliding_window, kv_splits)
+                   sliding_window, kv_splits, owned)
 
 
 # ---- reference ----
@@ -299,27 +311,24 @@ def _normalise(acc_RxV, l_R1):
 
 
 def _group_q(q_TxHxK, G, pad_rows=0):
-    """[T, H, K] -> [G, T * R (+ pad_rows), K]: a kv head's query rows, token-major."""
+    """[T, H, K] -> [G, T * R (+ pad_rows), K]: a kv head's query rows, token-major (TPU)."""
     T, H, K = q_TxHxK.shape
     q_GxTRxK = q_TxHxK.reshape(T, G, H // G, K).transpose(1, 0, 2, 3).reshape(G, -1, K)
     return jnp.pad(q_GxTRxK, ((0, 0), (0, pad_rows), (0, 0))) if pad_rows else q_GxTRxK
 
 
-def _ungroup(out_GxTRxV, T, H):
-    G, _, V = out_GxTRxV.shape
-    return out_GxTRxV[:, :T * (H // G)].reshape(G, T, H // G, V).transpose(1, 0, 2, 3).reshape(
-        T, H, V)
-
-
 # ---- GPU (Triton) kernel ----
 
 def _gpu_kernel(bt_ref, kv_lens_ref, cu_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref, *refs, cfg):
-    """One (sequence, kv head, query block, key split): q tile rows are (token, head) pairs
-    token-major. ks_ref / vs_ref: the int8 pages' scales [P, page_size, G] (a stand-in, never
-    read, for float pages). refs: the zero buffers the outputs alias, then the outputs: the
-    normalised output, or with kv_splits > 1 this split's normalised partial output and its
-    log-sum-exp [kv_splits, G, rows, 1], merged by `_merge_splits`."""
-    outs = refs[len(refs) // 2:]
+    """One (sequence, kv head, query block, key split). q_ref is q as it came, viewed
+    [T, G, Rp, K] (Rp: R padded to a power of two): the tile's rows are the block's bq tokens
+    x Rp heads, token-major, loaded and stored in place (no regrouped copy of q or of the
+    output). ks_ref / vs_ref: the int8 pages' scales [P, page_size, G] (a stand-in, never read,
+    for float pages). refs: the zero buffers the outputs alias (only where some rows belong to
+    no sequence), then the outputs: [T, G, Rp, V], or with kv_splits > 1 this split's
+    normalised partial output and its log-sum-exp [kv_splits, T, G, Rp], merged by
+    `_merge_splits`."""
+    outs = refs[-(1 if cfg.kv_splits == 1 else 2):]
     s, g, qb, sp = (pl.program_id(i) for i in range(4))
     B, M, ppb = k_ref.shape[1], bt_ref.shape[1], cfg.pages_per_block
     n_tok, pos0, n_pages = _block_geometry(cfg, B, M, s, qb, kv_lens_ref, cu_ref)
@@ -327,14 +336,14 @@ def _gpu_kernel(bt_ref, kv_lens_ref, cu_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref
     @pl.when(n_tok > 0)
     def _block():
         kv_len = kv_lens_ref[s]
-        row_R = lax.broadcasted_iota(jnp.int32, (cfg.rows,), 0)
-        tok_R = row_R // cfg.R
-        row_ok_R = (row_R < cfg.bq * cfg.R) & (tok_R < n_tok)
-        row0 = (cu_ref[s] + qb * cfg.bq) * cfg.R
-        # the tile may overhang into the next sequence's rows: masked here and at the store
-        q_RxK = plgpu.load(q_ref.at[g, pl.ds(row0, cfg.rows), :], mask=row_ok_R[:, None],
-                           other=0)
-        tok_R1 = tok_R[:, None]
+        Rp, K = q_ref.shape[2], q_ref.shape[3]
+        tok_R1 = lax.broadcasted_iota(jnp.int32, (cfg.rows, 1), 0) // Rp
+        # the block may overhang into the next sequence's tokens (or past T on the GPU, where
+        # a masked load reads nothing): masked here and at the store
+        tok_ok_Qx1x1 = lax.broadcasted_iota(jnp.int32, (cfg.bq, 1, 1), 0) < n_tok
+        toks = pl.ds(cu_ref[s] + qb * cfg.bq, cfg.bq)
+        q_RxK = plgpu.load(q_ref.at[toks, g, :, :], mask=tok_ok_Qx1x1, other=0).reshape(
+            cfg.rows, K)
         # pages [lo, hi) are this split's: a sliding window skips the pages wholly before its
         # block's first query's (whole loop iterations of them), the rest shared out in turn
         lo = 0
@@ -362,53 +371,60 @@ def _gpu_kernel(bt_ref, kv_lens_ref, cu_ref, q_ref, k_ref, v_ref, ks_ref, vs_ref
         init = (jnp.full((cfg.rows, 1), MASK_VALUE, jnp.float32),
                 jnp.zeros((cfg.rows, 1), jnp.float32), jnp.zeros((cfg.rows, V), jnp.float32))
         m_R1, l_R1, acc_RxV = lax.fori_loop(0, (hi - lo + ppb - 1) // ppb, body, init)
-        rows = pl.ds(row0, cfg.rows)
-        out_RxV = _normalise(acc_RxV, l_R1)
+        out_QxRpxV = _normalise(acc_RxV, l_R1).reshape(cfg.bq, Rp, V)
         if cfg.kv_splits == 1:
-            plgpu.store(outs[0].at[g, rows, :], out_RxV.astype(outs[0].dtype),
-                        mask=row_ok_R[:, None])
+            plgpu.store(outs[0].at[toks, g, :, :], out_QxRpxV.astype(outs[0].dtype),
+                        mask=tok_ok_Qx1x1)
             return
         # a split that saw no key weighs nothing in the merge
         lse_R1 = jnp.where(l_R1 > 0, m_R1 + jnp.log(jnp.where(l_R1 > 0, l_R1, 1.0)), MASK_VALUE)
-        plgpu.store(outs[0].at[sp, g, rows, :], out_RxV, mask=row_ok_R[:, None])
-        plgpu.store(outs[1].at[sp, g, rows, :], lse_R1, mask=row_ok_R[:, None])
+        plgpu.store(outs[0].at[sp, toks, g, :, :], out_QxRpxV, mask=tok_ok_Qx1x1)
+        plgpu.store(outs[1].at[sp, toks, g, :], lse_R1.reshape(cfg.bq, Rp),
+                    mask=tok_ok_Qx1x1[:, :, 0])
 
 
-def _merge_splits(out_NxGxTRxV, lse_NxGxTRx1):
+def _merge_splits(out_NxTxGxRxV, lse_NxTxGxR):
     """The splits' normalised outputs weighted by their share of the softmax mass,
-    exp(lse_i - lse): the flash-decoding merge. Rows no program wrote hold zeros in every
-    split, so they merge to zero."""
-    lse_GxTRx1 = jax.nn.logsumexp(lse_NxGxTRx1, axis=0)
-    return jnp.sum(jnp.exp(lse_NxGxTRx1 - lse_GxTRx1) * out_NxGxTRxV, axis=0)
+    exp(lse_i - max lse) / sum: the flash-decoding merge, written out over the few splits so
+    that it is elementwise (one XLA fusion; a logsumexp reduction over the split axis made it
+    two kernels a layer). Rows no program wrote hold zeros in every split: they merge to
+    zero."""
+    N = out_NxTxGxRxV.shape[0]
+    top_TxGxR = functools.reduce(jnp.maximum, [lse_NxTxGxR[i] for i in range(N)])
+    w = [jnp.exp(lse_NxTxGxR[i] - top_TxGxR)[..., None] for i in range(N)]
+    return sum(w[i] * out_NxTxGxRxV[i] for i in range(N)) / sum(w)
 
 
 def _gpu_forward(cfg, q_TxHxK, k_pages, v_pages, block_tables, kv_lens, cu_q_lens,
                  k_scales=None, v_scales=None):
-    T, H, _ = q_TxHxK.shape
+    T, H, K = q_TxHxK.shape
     if k_scales is None:  # float pages: stand-ins the kernel never reads
         k_scales = v_scales = jnp.zeros((1, 1, 1), jnp.float32)
     G, V = k_pages.shape[2], v_pages.shape[3]
-    S = block_tables.shape[0]
-    # rows padded by one tile: an overhanging dynamic slice stays in bounds (the interpreter
-    # would otherwise clamp its start and shift the rows under the mask)
-    q_GxTRxK = _group_q(q_TxHxK, G, pad_rows=cfg.rows)
-    TR = q_GxTRxK.shape[1]
-    # rows no program owns (padding) keep these zeros: the outputs alias these buffers
-    if cfg.kv_splits == 1:
-        zeros = (jnp.zeros((G, TR, V), q_TxHxK.dtype),)
-    else:
-        N = cfg.kv_splits
-        zeros = (jnp.zeros((N, G, TR, V), jnp.float32), jnp.zeros((N, G, TR, 1), jnp.float32))
+    S, R, Rp = block_tables.shape[0], H // G, cfg.rows // cfg.bq
+    q_TxGxRpxK = q_TxHxK.reshape(T, G, R, K)
+    # the interpreter clamps an overhanging dynamic slice's start (shifting the rows under the
+    # mask), so there the tokens get one block of padding; the GPU's masked loads need none
+    Tq = T + cfg.bq if cfg.backend == "interpret" else T
+    if Rp != R or Tq != T:
+        q_TxGxRpxK = jnp.pad(q_TxGxRpxK, ((0, Tq - T), (0, 0), (0, Rp - R), (0, 0)))
+    shapes = ((Tq, G, Rp, V),) if cfg.kv_splits == 1 else (
+        (cfg.kv_splits, Tq, G, Rp, V), (cfg.kv_splits, Tq, G, Rp))
+    dtypes = (q_TxHxK.dtype,) if cfg.kv_splits == 1 else (jnp.float32, jnp.float32)
+    # rows of no sequence (cu_q_lens[S] < T) must come out zero: the outputs then alias zero
+    # buffers. A copy of each per call (XLA cannot write into a constant), so skipped where
+    # cu_q_lens is a constant covering every row, as the dense decode cache's is.
+    zeros = () if cfg.rows_owned else tuple(jnp.zeros(sh, dt) for sh, dt in zip(shapes, dtypes))
     outs = pl.pallas_call(
         functools.partial(_gpu_kernel, cfg=cfg), grid=(S, G, cfg.n_qb, cfg.kv_splits),
-        out_shape=tuple(jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros),
+        out_shape=tuple(jax.ShapeDtypeStruct(sh, dt) for sh, dt in zip(shapes, dtypes)),
         input_output_aliases={8 + i: i for i in range(len(zeros))},
         interpret=cfg.backend == "interpret",
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
-        name="paged_attention")(block_tables, kv_lens, cu_q_lens, q_GxTRxK, k_pages, v_pages,
+        name="paged_attention")(block_tables, kv_lens, cu_q_lens, q_TxGxRpxK, k_pages, v_pages,
                                 k_scales, v_scales, *zeros)
-    out_GxTRxV = outs[0] if cfg.kv_splits == 1 else _merge_splits(*outs).astype(q_TxHxK.dtype)
-    return _ungroup(out_GxTRxV, T, H)
+    out_TxGxRpxV = outs[0] if cfg.kv_splits == 1 else _merge_splits(*outs)
+    return out_TxGxRpxV[:T, :, :R].reshape(T, H, V).astype(q_TxHxK.dtype)
 
 
 # ---- TPU (Mosaic) kernel ----
@@ -546,7 +562,7 @@ def paged_attention(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_tables_SxM,
                   cu_q_lens_S1, scales)
     cfg = _config(q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, causal, sm_scale, max_q_len,
                   backend, pages_per_block, quantized=scales is not None,
-                  sliding_window=sliding_window, kv_splits=kv_splits)
+                  sliding_window=sliding_window, kv_splits=kv_splits, cu_q_lens=cu_q_lens_S1)
     if q_TxHxK.shape[0] == 0 or block_tables_SxM.shape[0] == 0:
         return jnp.zeros(q_TxHxK.shape[:2] + v_pages_PxBxGxV.shape[3:], q_TxHxK.dtype)
     return _forward(cfg, q_TxHxK, k_pages_PxBxGxK, v_pages_PxBxGxV, block_tables_SxM,

@@ -58,6 +58,8 @@ CASES = {
     "window5_mixed_gqa2_f32": Case((1, 5, 0, 3), (13, 17, 5, 3), window=5),
     "window3_noncausal_chunk_bf16": Case((6, 1), (9, 2), causal=False, window=3,
                                          dtype="bfloat16", pages_per_block=1),
+    # 3 query heads per kv head: the GPU kernel pads them to a 4-row group
+    "mixed_gqa3_causal_f32": Case((1, 5, 0, 3), (7, 13, 5, 3), H=6),
 }
 
 
@@ -163,6 +165,38 @@ def test_key_splits_merge_to_one_programs_output(name, splits):
     split = paged_attention(*args, **kwargs(case), **scales, backend="interpret",
                             kv_splits=splits)
     assert rel_err(split, paged_attention_reference(*floats, **kwargs(case))) < TOL[case.dtype]
+
+
+def _pallas_aliases(jaxpr):
+    """input_output_aliases of every pallas_call in a (closed) jaxpr, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(eqn.params["input_output_aliases"])
+        for v in eqn.params.values():
+            inner = getattr(v, "jaxpr", v)
+            if hasattr(inner, "eqns"):
+                found += _pallas_aliases(inner)
+    return found
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_constant_lengths_owning_every_row_skip_the_zero_fill(splits):
+    """cu_q_lens as a NumPy constant that gives every row a sequence (the dense decode cache's
+    layout): the kernel writes its outputs without aliasing zero buffers (a copy each per call)
+    and gives what the traced cu_q_lens, zero-filled, gives."""
+    case = CASES["mixed_gqa3_causal_f32"]._replace(pad=0)
+    args = make_inputs(case, seed=2)
+    cu = np.asarray(args[5])
+
+    def run(cu_q_lens):
+        return lambda *a: paged_attention(*a, cu_q_lens, **kwargs(case), backend="interpret",
+                                          kv_splits=splits)
+    assert _pallas_aliases(jax.make_jaxpr(run(cu))(*args[:5]).jaxpr) == [()]
+    assert _pallas_aliases(jax.make_jaxpr(run(args[5]))(*args[:5]).jaxpr) != [()]
+    got = run(cu)(*args[:5])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(run(args[5])(*args[:5])))
+    assert rel_err(got, paged_attention_reference(*args, **kwargs(case))) < TOL[case.dtype]
 
 
 def dense_numpy(q, k_pages, v_pages, bt, kv_lens, cu, causal, sm_scale, window=None):

@@ -56,9 +56,11 @@ def with_lengths(tree, lengths_B):
     """Every layer's row b holds lengths_B[b] tokens (a memory cache's lengths are set too, and
     never read): slots past it are overwritten by the next
     write and, until then, hidden by causality (they lie after every query). Rolls a cache back
-    (speculative decoding) or drops a prefill's padding."""
-    return map_caches(lambda c: c.replace(lengths_B=jnp.broadcast_to(
-        lengths_B.astype(jnp.int32), c.lengths_B.shape)), tree)
+    (speculative decoding) or drops a prefill's padding. lengths_B None: the caches hold no
+    lengths (a decode loop's carry, which keeps them once, as the rows' positions)."""
+    if lengths_B is None:
+        return map_caches(lambda c: c.replace(lengths_B=None), tree)
+    return map_caches(lambda c: c.replace(lengths_B=lengths_B.astype(jnp.int32)), tree)
 
 
 def take_rows(tree, rows_B):

@@ -21,6 +21,7 @@ import numpy as np
 from flax import struct
 
 from jaxlm.config_fields import ConfigError, check_positive_int
+from jaxlm.generate import cache as kv
 from jaxlm.generate.lm import LM
 from jaxlm.generate.sampling import RowParams, SamplingConfig, sample
 
@@ -141,14 +142,24 @@ class Engine:
         """One token for every row: feed the last token at its position, sample the next."""
         with self.lm.rules_scope():
             B = d.last_B.shape[0]
+            # every layer's length is the row's position: one array for all layers, so their
+            # cache writes' length updates are one add, not one kernel per layer (and a loop
+            # carries them as one value: _loop_fn)
+            cache = kv.with_lengths(d.cache, d.pos_B)
             logits_Bx1xV, cache = self.lm.forward(state, d.last_B[:, None], d.pos_B[:, None],
-                                                  jnp.ones((B, 1), jnp.int32), d.cache)
+                                                  jnp.ones((B, 1), jnp.int32), cache)
             d = d.replace(cache=cache, pos_B=d.pos_B + 1)
             return self._advance(d, logits_Bx1xV[:, 0])
 
     def _loop_fn(self, state, d: Decoding) -> Decoding:
-        return jax.lax.while_loop(lambda d: jnp.any(~d.done_B),
-                                  lambda d: self._step_fn(state, d), d)
+        """Steps until every row is done. The loop carries no per-layer cache lengths (they
+        are pos_B): each would be a buffer of its own to copy every step (a kernel per layer)."""
+        def step(d):
+            d = self._step_fn(state, d)
+            return d.replace(cache=kv.with_lengths(d.cache, None))
+        d = jax.lax.while_loop(lambda d: jnp.any(~d.done_B), step,
+                               d.replace(cache=kv.with_lengths(d.cache, None)))
+        return d.replace(cache=kv.with_lengths(d.cache, d.pos_B))
 
     # ---------------------------------------------------------------- host side
 
