@@ -14,6 +14,7 @@ same call, in its own process, so the two never share the GPU's memory.
     python benchmarks/decode.py --min-rows 1,2 --batches 1        # batch 1 padded to 2 rows
     python benchmarks/decode.py --gemv off,on [--gemv-config '{"block_k": 64}']  # GEMV kernel
     python benchmarks/decode.py --profile --batches 1     # + where the decode step's time goes
+    python benchmarks/decode.py --layouts inputs_first,inputs_last  # LM(inputs_last=True)
     python benchmarks/decode.py --xla-options '[{}, {"xla_gpu_enable_triton_gemm": false}]'
 
 --speculate K: batch 1, K drafts a round, against plain greedy of the same model: prompt lookup
@@ -30,6 +31,7 @@ import json
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,7 +52,7 @@ def copy_bandwidth(nbytes: int) -> float:
 
 
 def build(config: str, overrides: list[str], cache_dtype: str | None = None,
-          quantize: str | None = None):
+          quantize: str | None = None, inputs_last: bool | None = None):
     import jax
     from flax import nnx
     from jaxlm.config import load_config
@@ -59,7 +61,8 @@ def build(config: str, overrides: list[str], cache_dtype: str | None = None,
     cfg = load_config(config, ["model.dtype=bfloat16", "model.param_dtype=bfloat16"]
                       + overrides).model
     state = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build_model(cfg, nnx.Rngs(0)))))()
-    return LM.of(cfg, state, cache_dtype=cache_dtype, quantize=quantize)
+    return LM.of(cfg, state, cache_dtype=cache_dtype, quantize=quantize,
+                 inputs_last=inputs_last)
 
 
 def kv_bytes_per_token(lm) -> int:
@@ -71,7 +74,7 @@ def kv_bytes_per_token(lm) -> int:
 
 
 def measure(lm, batch: int, prompt: int, new: int, bw: float, weight_bytes: int,
-            label: str = "bf16", min_rows: int = 2, profile: bool = False,
+            label: str = "bf16", min_rows: int | None = None, profile: bool = False,
             hlo_out: str | None = None,
             compiler_options: dict | None = None) -> list[list[int]]:
     """Prints the batch's tokens/s, step time and MBU (and with `profile` the step's GPU
@@ -197,9 +200,13 @@ def main(argv=None):
     p.add_argument("--kv-splits", default="auto",
                    help="comma-separated key splits of decode attention (the paged kernel's "
                         "flash-decoding; auto: chosen by the batch) to measure in turn")
-    p.add_argument("--min-rows", default="2",
+    p.add_argument("--min-rows", default="auto",
                    help="comma-separated least rows a batch is padded to (Engine min_rows; "
-                        "its default 2), measured in turn")
+                        "auto: its default, by the weights' layout), measured in turn")
+    p.add_argument("--layouts", default="auto",
+                   help="comma-separated matmul weight layouts measured in turn: inputs_first "
+                        "(the model's [inputs, outputs]), inputs_last (LM(inputs_last=True)), "
+                        "auto (the LM's default: inputs_last on a GPU)")
     p.add_argument("--gemv", default="off",
                    help="comma-separated off/on: few-row products by the Pallas GEMV kernel "
                         "(kernels_pallas/gemv.py), measured in turn")
@@ -228,7 +235,11 @@ def main(argv=None):
         prompt, new, batches, bw_bytes = 128, 256, tuple(map(int, args.batches.split(","))), 2**31
     splits = [None if n == "auto" else positive_ints(p, "--kv-splits", n)[0]
               for n in args.kv_splits.split(",")]
-    min_rows = positive_ints(p, "--min-rows", args.min_rows)
+    min_rows = [None if n == "auto" else positive_ints(p, "--min-rows", n)[0]
+                for n in args.min_rows.split(",")]
+    layouts = args.layouts.split(",")
+    if not set(layouts) <= {"auto", "inputs_first", "inputs_last"}:
+        p.error(f"--layouts: {args.layouts!r}: expected auto, inputs_first or inputs_last")
     try:
         xla_options = json.loads(args.xla_options)
     except ValueError:
@@ -247,32 +258,39 @@ def main(argv=None):
     for variant in variants:
         if variant not in ("bf16", "int8"):
             p.error(f"--variants: {variant!r} is not bf16 or int8")
-        lm = build(config, overrides, args.cache_dtype, None if variant == "bf16" else variant)
-        weight_bytes = sum(x.nbytes for x in jax.tree.leaves(lm.state))
-        print(f"{jax.devices()[0].device_kind}: params {weight_bytes / 1e9:.2f} GB {variant}; "
-              f"copy bandwidth {bw / 1e12:.2f} TB/s; KV {kv_bytes_per_token(lm) / 1024:.0f} "
-              f"KiB/token", flush=True)
         first = {}  # batch -> (label, outputs) of this weight format's first setting
-        for n, rows, g, xo in itertools.product(splits, min_rows, gemvs, xla_options):
-            lm = dataclasses.replace(lm, kv_splits=n, gemv=gemv_cfg if g == "on" else None)
-            label = " ".join([variant] + [f"kv_splits={n or 'auto'}"] * (len(splits) > 1)
-                             + [f"min_rows={rows}"] * (len(min_rows) > 1)
-                             + [f"gemv={g}"] * (len(gemvs) > 1)
-                             + [f"xla={json.dumps(xo)}"] * (len(xla_options) > 1))
-            for b in batches:
-                try:
-                    outs = measure(lm, b, prompt, new, bw, weight_bytes, label, rows,
-                                   profile=args.profile and b not in first,
-                                   hlo_out=args.hlo_out and f"{args.hlo_out}.{variant}.b{b}.txt",
-                                   compiler_options=xo or None)
-                except Exception as e:  # a lever that fails to compile: say so, measure the rest
-                    print(f"RESULT jaxlm generate {label} batch {b}: failed: "
-                          f"{type(e).__name__}: {str(e)[:300]}", flush=True)
-                    continue
-                if b in first:
-                    compare(label, b, outs, first[b])
-                else:
-                    first[b] = label, outs
+        profiled = set()  # (layout, batch) traced with --profile: each layout's first setting
+        for layout in layouts:
+            lm = build(config, overrides, args.cache_dtype, None if variant == "bf16" else variant,
+                       inputs_last=None if layout == "auto" else layout == "inputs_last")
+            weight_bytes = sum(x.nbytes for x in jax.tree.leaves(lm.state))
+            print(f"{jax.devices()[0].device_kind}: params {weight_bytes / 1e9:.2f} GB {variant} "
+                  f"{layout}; copy bandwidth {bw / 1e12:.2f} TB/s; KV "
+                  f"{kv_bytes_per_token(lm) / 1024:.0f} KiB/token", flush=True)
+            for n, rows, g, xo in itertools.product(splits, min_rows, gemvs, xla_options):
+                lm = dataclasses.replace(lm, kv_splits=n, gemv=gemv_cfg if g == "on" else None)
+                label = " ".join([variant] + [layout] * (len(layouts) > 1)
+                                 + [f"kv_splits={n or 'auto'}"] * (len(splits) > 1)
+                                 + [f"min_rows={rows}"] * (len(min_rows) > 1)
+                                 + [f"gemv={g}"] * (len(gemvs) > 1)
+                                 + [f"xla={json.dumps(xo)}"] * (len(xla_options) > 1))
+                for b in batches:
+                    hlo_out = args.hlo_out and f"{args.hlo_out}.{variant}.{layout}.b{b}.txt"
+                    try:
+                        outs = measure(lm, b, prompt, new, bw, weight_bytes, label, rows,
+                                       profile=args.profile and (layout, b) not in profiled,
+                                       hlo_out=hlo_out, compiler_options=xo or None)
+                        profiled.add((layout, b))
+                    except Exception as e:  # a lever that fails to compile: say so, go on
+                        where = traceback.extract_tb(e.__traceback__)[-1]
+                        print(f"RESULT jaxlm generate {label} batch {b}: failed: "
+                              f"{type(e).__name__}: {str(e)[:300]} ({where.filename}:"
+                              f"{where.lineno})", flush=True)
+                        continue
+                    if b in first:
+                        compare(label, b, outs, first[b])
+                    else:
+                        first[b] = label, outs
         if args.speculate and variant == "bf16":
             speculate(lm, args.speculate, prompt, new)
         del lm

@@ -15,13 +15,13 @@ from flax import nnx
 from jaxlm.generate.engine import Engine, Request
 from jaxlm.generate.lm import LM
 from jaxlm.generate.quantize import Int8Weight, input_axes, quantize_int8, weight_bytes
-from jaxlm.nn.param import project
+from jaxlm.nn.param import InputsLast, project
 from tests.test_generate import GREEDY, PROMPTS, decode_logits, full_forward, tiny_lm
 
 
 def flat(state):
     leaves = jax.tree_util.tree_flatten_with_path(
-        state, is_leaf=lambda x: isinstance(x, Int8Weight))[0]
+        state, is_leaf=lambda x: isinstance(x, (Int8Weight, InputsLast)))[0]
     return {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in leaves}
 
 
@@ -88,17 +88,23 @@ def test_int8_weights_and_logits():
                                    atol=2e-4)
 
 
-def test_int8_on_a_mesh_keeps_the_weights_layout():
+@pytest.mark.parametrize("inputs_last", [False, True])
+def test_int8_on_a_mesh_keeps_the_weights_layout(inputs_last):
     """data=2 x tensor=2: int8 values and scales keep the full weights' sharding (heads on
-    tensor) and decoding gives one device's int8 tokens and logits."""
+    tensor; laid out inputs last, the heads axis moves first) and decoding gives one device's
+    int8 tokens and logits."""
     from jaxlm.config_schema import MESH_AXES
     from jaxlm.generate.load import mesh_of
     _, lm = tiny_lm("llama-gqa")
-    one = LM.of(lm.cfg, lm.state, quantize="int8")
+    one = LM.of(lm.cfg, lm.state, quantize="int8", inputs_last=inputs_last)
     sizes = dict.fromkeys(MESH_AXES, 1) | {"data": 2, "tensor": 2}
-    four = LM.of(lm.cfg, lm.state, mesh=mesh_of(sizes), quantize="int8")
+    four = LM.of(lm.cfg, lm.state, mesh=mesh_of(sizes), quantize="int8",
+                 inputs_last=inputs_last)
     wq = four.state["layers"][1]["attn"]["wq"]  # [embed, heads, head_dim]
-    assert wq.q.sharding.spec[1] == "tensor" and wq.scale.sharding.spec[1] == "tensor"
+    if inputs_last:  # [heads, head_dim, embed]
+        assert wq.v.sharding.spec[0] == "tensor" and wq.scale.sharding.spec[0] == "tensor"
+    else:
+        assert wq.q.sharding.spec[1] == "tensor" and wq.scale.sharding.spec[1] == "tensor"
     reqs = [Request(p, GREEDY) for p in PROMPTS] + [Request([7], GREEDY)]
     for (l1, t1), (l4, t4) in zip(decode_logits(Engine(one), reqs, 3),
                                   decode_logits(Engine(four), reqs, 3)):
@@ -124,3 +130,53 @@ def test_bf16_model_decodes_from_bf16_matmul_weights_with_the_same_logits():
     seqs = [p + [1, 2, 3] for p in PROMPTS]
     np.testing.assert_array_equal(full_forward(lm, seqs),
                                   full_forward(dataclasses.replace(lm, state=stored), seqs))
+
+
+@pytest.mark.parametrize("subscripts,x_shape,w_shape,axes", [
+    ("bsd,dhk->bshk", (2, 3, 8), (8, 4, 5), (0,)),       # query / key / value
+    ("bshk,hkd->bsd", (2, 3, 4, 5), (4, 5, 8), (0, 1)),  # output projection
+    ("bsf,fd->bsd", (1, 1, 16), (16, 8), (0,)),          # MLP, head: one row
+    ("bshk,hkd->bsd", (1, 1, 4, 5), (4, 5, 8), (0, 1)),  # one row, two input axes
+])
+def test_inputs_last_weights_multiply_like_their_own_layout(subscripts, x_shape, w_shape, axes):
+    """A weight laid out inputs last (float or int8) gives its own layout's product: one row as
+    a reduction over the inputs (no dot), more rows as a dot; read whole, it is the weight."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
+    for weight in (w, quantize_int8(w, axes)):
+        lw = InputsLast.of(weight, axes)
+        assert lw.shape == w.shape and lw.v.shape[-len(axes):] == w.shape[:len(axes)]
+        np.testing.assert_array_equal(np.asarray(lw[...]), np.asarray(weight[...]))
+        want = np.einsum(subscripts, np.asarray(x, np.float64), np.asarray(weight[...], np.float64))
+        got = project(subscripts, x, nnx.Param(lw), jnp.float32)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+        eqns = jax.make_jaxpr(lambda x, lw: project(subscripts, x, nnx.Param(lw), jnp.float32))(
+            x, lw).jaxpr.eqns
+        dots = [e for e in eqns if e.primitive.name == "dot_general"]
+        assert len(dots) == (0 if np.prod(x_shape[:-len(axes)]) == 1 else 1)
+    # stacked expert weights (inputs not leading) keep their layout
+    experts = jnp.zeros((3, 8, 4))
+    assert InputsLast.of(experts, (1,)) is experts
+
+
+def test_inputs_last_lm_decodes_the_models_tokens_and_logits():
+    """Mixtral (dense and MoE blocks), float32 and int8 weights, laid out inputs last: the step
+    and the loop give the model's own layout's logits and tokens, for one request (one row:
+    the reductions) and three (a dot). Experts keep their layout; everything else is moved."""
+    _, lm = tiny_lm("mixtral")
+    for quantize in (None, "int8"):
+        base = LM.of(lm.cfg, lm.state, quantize=quantize)
+        last = LM.of(lm.cfg, lm.state, quantize=quantize, inputs_last=True)
+        moved = flat(last.state)
+        assert isinstance(moved["layers/1/blocks/0/attn/wo"], InputsLast)
+        assert isinstance(moved["head"], InputsLast)
+        assert not isinstance(moved["layers/1/blocks/1/moe/w_up"], InputsLast)
+        assert Engine(last).min_rows == 1 and Engine(base).min_rows == 2
+        for reqs in ([Request(PROMPTS[0], GREEDY)], [Request(p, GREEDY) for p in PROMPTS]):
+            want = decode_logits(Engine(base, min_rows=1), reqs, 3)
+            for (l1, t1), (l2, t2) in zip(want, decode_logits(Engine(last), reqs, 3)):
+                np.testing.assert_allclose(l2, l1, rtol=1e-4, atol=1e-4)
+                np.testing.assert_array_equal(t2, t1)
+            outs = Engine(last).generate(reqs)
+            assert [o.ids for o in outs] == [o.ids for o in Engine(base).generate(reqs)]

@@ -44,7 +44,11 @@ class Output:
 
 @struct.dataclass
 class Decoding:
-    """Everything the decode loop carries."""
+    """Everything the decode loop carries. The cache holds no lengths (None): every layer's
+    is the row's position, pos_B, set from it inside each step. One array, not one per layer:
+    the layers' length updates are one add a step, and no two leaves of a Decoding are one
+    buffer (the step donates them: with every layer's lengths one forwarded array, XLA was
+    free to write a row's count into its position's buffer, as it did on an H200)."""
     cache: Any
     tokens_BxN: jax.Array     # generated tokens so far (row b: [0, count_B[b]))
     last_B: jax.Array         # the token fed next
@@ -82,15 +86,18 @@ def prompt_len(lm: LM, longest: int, max_len: int) -> int:
 
 
 class Engine:
-    def __init__(self, lm: LM, eos_id: int | None = None, min_rows: int = 2,
+    def __init__(self, lm: LM, eos_id: int | None = None, min_rows: int | None = None,
                  compiler_options: dict | None = None):
-        """min_rows: a batch of fewer requests is padded to this many rows. Why 2: with one
-        row every product is vector x matrix, and XLA's GPU compiler rewrites those under 10M
-        elements (the 1B preset's attention output projection) into a multiply and a
-        reduction instead of a GEMM (its DotStrengthReduction pass). On an H200 the 1B
-        preset's batch-1 step went from 1.30 to 1.15 ms with 2 (benchmarks/RESULTS.md).
+        """min_rows: a batch of fewer requests is padded to this many rows; None: 1 where the
+        LM's weights are laid out inputs last (a row multiplies them as a row reduction),
+        else 2. Why 2: with one row every product is vector x matrix, and XLA's GPU compiler
+        rewrites those under 10M elements (the 1B preset's attention output projection) into
+        a multiply and a reduction over the [inputs, outputs] layout instead of a GEMM (its
+        DotStrengthReduction pass). On an H200 the 1B preset's batch-1 step went from 1.30 to
+        1.15 ms with 2 (benchmarks/RESULTS.md).
         compiler_options: XLA options for the decode step and loop (not prefill), as
         jax.jit takes them."""
+        min_rows = (1 if lm.inputs_last else 2) if min_rows is None else min_rows
         check_positive_int("min_rows", min_rows)
         self.lm, self.eos_id, self.min_rows = lm, eos_id, min_rows
         self._prefill = jax.jit(self._prefill_fn, static_argnums=(2,))
@@ -115,7 +122,7 @@ class Engine:
             real_BxP = jnp.arange(tokens_BxP.shape[1]) < lens_B[:, None]
             seen_BxV = jnp.zeros((B, V), bool).at[
                 jnp.arange(B)[:, None], jnp.where(real_BxP, tokens_BxP, V)].set(True, mode="drop")
-            d = Decoding(cache, jnp.zeros((B, max_len), jnp.int32),
+            d = Decoding(kv.with_lengths(cache, None), jnp.zeros((B, max_len), jnp.int32),
                          jnp.zeros((B,), jnp.int32), lens_B, jnp.zeros((B,), jnp.int32),
                          jnp.zeros((B,), bool), host["max"], host["stop"], seen_BxV, logits_BxV,
                          host["params"])
@@ -142,24 +149,15 @@ class Engine:
         """One token for every row: feed the last token at its position, sample the next."""
         with self.lm.rules_scope():
             B = d.last_B.shape[0]
-            # every layer's length is the row's position: one array for all layers, so their
-            # cache writes' length updates are one add, not one kernel per layer (and a loop
-            # carries them as one value: _loop_fn)
             cache = kv.with_lengths(d.cache, d.pos_B)
             logits_Bx1xV, cache = self.lm.forward(state, d.last_B[:, None], d.pos_B[:, None],
                                                   jnp.ones((B, 1), jnp.int32), cache)
-            d = d.replace(cache=cache, pos_B=d.pos_B + 1)
+            d = d.replace(cache=kv.with_lengths(cache, None), pos_B=d.pos_B + 1)
             return self._advance(d, logits_Bx1xV[:, 0])
 
     def _loop_fn(self, state, d: Decoding) -> Decoding:
-        """Steps until every row is done. The loop carries no per-layer cache lengths (they
-        are pos_B): each would be a buffer of its own to copy every step (a kernel per layer)."""
-        def step(d):
-            d = self._step_fn(state, d)
-            return d.replace(cache=kv.with_lengths(d.cache, None))
-        d = jax.lax.while_loop(lambda d: jnp.any(~d.done_B), step,
-                               d.replace(cache=kv.with_lengths(d.cache, None)))
-        return d.replace(cache=kv.with_lengths(d.cache, d.pos_B))
+        return jax.lax.while_loop(lambda d: jnp.any(~d.done_B),
+                                  lambda d: self._step_fn(state, d), d)
 
     # ---------------------------------------------------------------- host side
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.nn.param import Int8Weight
+from jaxlm.nn.param import InputsLast, Int8Weight
 
 STACKED = ("layers", "expert")  # leading axes that index separate matrices
 SKIP = ("embed", "router", "table", "scale", "selection_bias")  # leaf names never quantised
@@ -75,6 +75,13 @@ def cast_matmul_weights(state: dict, abstract_state, dtype) -> dict:
     return _map_matmul_weights(state, abstract_state, cast)
 
 
+def inputs_last_state(state: dict, abstract_state) -> dict:
+    """The state with every matmul weight (float, or already an Int8Weight) laid out with its
+    input axes last (jaxlm.nn.param.InputsLast): a batch-1 decode step then multiplies its one
+    row by each weight as a row reduction. Stacked expert weights keep their layout."""
+    return _map_matmul_weights(state, abstract_state, InputsLast.of)
+
+
 def _map_matmul_weights(state: dict, abstract_state, fn) -> dict:
     """`fn(weight, input axes)` applied to each matmul weight of the pure-dict state."""
     is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
@@ -85,7 +92,8 @@ def _map_matmul_weights(state: dict, abstract_state, fn) -> dict:
         key = _key(path)
         axes = None if key[-1] in SKIP else input_axes(names[key])
         return w if axes is None else fn(w, axes)
-    return jax.tree_util.tree_map_with_path(one, state)
+    return jax.tree_util.tree_map_with_path(one, state,
+                                            is_leaf=lambda x: isinstance(x, Int8Weight))
 
 
 def _key(path) -> tuple[str, ...]:

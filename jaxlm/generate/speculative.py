@@ -133,7 +133,8 @@ def lookup(ctx_L, length, n: int, K: int):
 
 @struct.dataclass
 class Round:
-    """What the speculative loop carries from round to round."""
+    """What the speculative loop carries from round to round (caches without lengths when it
+    starts: _run_fn sets them)."""
     cache: Any
     draft_cache: Any           # None with prompt lookup
     ctx_L: jax.Array           # the prompt, then the output (slots past `length` unused)
@@ -174,6 +175,12 @@ def _run_fn(lm: LM, draft: LM | None, K: int, ngram: int, state, draft_state, r:
         return Round(cache, draft_cache, ctx_L, length, seen_1xV, done, r.drafted + K,
                      r.accepted + n)
 
+    # the engines' prefills hand over caches without lengths (a Decoding keeps them as the
+    # rows' positions): both hold the prompt, the tokens before position length - 1
+    held_1 = (r.length - 1)[None]
+    r = r.replace(cache=kv.with_lengths(r.cache, held_1),
+                  draft_cache=None if r.draft_cache is None
+                  else kv.with_lengths(r.draft_cache, held_1))
     return jax.lax.while_loop(lambda r: ~r.done, round_, r)
 
 

@@ -3,8 +3,8 @@
 Every parameter is an `nnx.Param` whose `out_sharding` metadata holds logical axis names; the rules
 table (jaxlm.parallel.sharding) decides what they mean on a mesh. Parameters are stored in
 `param_dtype` and cast to the compute `dtype` where they are used. Decoding may hold a matmul
-weight as an `Int8Weight` instead (jaxlm.generate.quantize); `project` is how the dense layers
-multiply by a weight either way.
+weight as an `Int8Weight` or laid out `InputsLast` instead (jaxlm.generate.quantize); `project`
+is how the dense layers multiply by a weight either way.
 """
 from __future__ import annotations
 
@@ -125,6 +125,69 @@ class Int8Weight:
         return self.q.shape
 
 
+@struct.dataclass
+class InputsLast:
+    """A matmul weight stored with its input (contracted) axes last, so each output channel's
+    inputs are contiguous: float values, or int8 with one float32 scale per output channel
+    (`scale`, shaped like the output axes). Why: one row times such a weight can be a multiply
+    summed over the inputs, a row reduction that XLA's GPU compiler streams at 62-72% of the
+    copy bandwidth on an H200, where its GEMM of the model's [inputs, outputs] layout, with
+    the row padded to two, reached 31-66% (benchmarks/weight_layout.py, RESULTS.md). Reading it
+    whole (`w[...]`) gives the weight in its own layout (dequantised), for any other reader."""
+    v: jax.Array                          # [outputs..., inputs...]
+    scale: jax.Array | None               # float32 [outputs...] (int8 v); None (float v)
+    n_in: int = struct.field(pytree_node=False, default=1)
+    dtype: str = struct.field(pytree_node=False, default="float32")  # the weight's own dtype
+
+    @classmethod
+    def of(cls, w, axes: tuple[int, ...]):
+        """A weight (float, or an Int8Weight) whose input axes are `axes`, laid out inputs last;
+        a weight whose inputs do not lead (stacked experts) is returned as it is."""
+        n = len(axes)
+        if axes != tuple(range(n)):
+            return w
+        q = w.q if isinstance(w, Int8Weight) else w
+        order = tuple(range(n, q.ndim)) + tuple(range(n))
+        scale = w.scale.reshape(q.shape[n:]) if isinstance(w, Int8Weight) else None
+        dtype = w.dtype if isinstance(w, Int8Weight) else jnp.dtype(w.dtype).name
+        return cls(jnp.transpose(q, order), scale, n, dtype)
+
+    @property
+    def shape(self):
+        n = self.v.ndim - self.n_in
+        return self.v.shape[n:] + self.v.shape[:n]
+
+    def __getitem__(self, index):
+        n = self.v.ndim - self.n_in
+        w = jnp.transpose(self.v, tuple(range(n, self.v.ndim)) + tuple(range(n)))
+        if self.scale is not None:
+            w = w.astype(jnp.float32) * self.scale.reshape((1,) * self.n_in + self.scale.shape)
+        return w.astype(self.dtype)[index]
+
+    def project(self, subscripts: str, x, dtype):
+        """einsum(subscripts, x, the weight) in `dtype`, accumulated in float32: one row as a
+        product summed over the inputs, more rows as a dot of the inputs-last layout; a
+        product that does not contract exactly the weight's inputs (closing x in the same
+        order) reads the weight whole."""
+        ins, out = subscripts.replace(" ", "").split("->")
+        xs, ws = ins.split(",")
+        n = self.n_in
+        if xs[-n:] != ws[:n] or out != xs[:-n] + ws[n:] or len(set(xs + ws)) != len(xs + ws) - n:
+            return jnp.einsum(subscripts, x, self[...].astype(dtype))
+        M, K = math.prod(x.shape[:-n]), math.prod(x.shape[-n:])
+        N = math.prod(self.v.shape[:-n])
+        x_MxK, v_NxK = x.reshape(M, K), self.v.reshape(N, K)
+        if M == 1:
+            y_MxN = jnp.sum(x_MxK.astype(jnp.float32)[:, None, :] * v_NxK.astype(jnp.float32),
+                            axis=-1)
+        else:
+            y_MxN = jnp.einsum("mk,nk->mn", x_MxK.astype(dtype), v_NxK.astype(dtype),
+                               preferred_element_type=jnp.float32)
+        if self.scale is not None:
+            y_MxN = y_MxN * self.scale.reshape(N)
+        return y_MxN.astype(dtype).reshape(*x.shape[:-n], *self.v.shape[:-n])
+
+
 def project(subscripts: str, x, weight: nnx.Variable, dtype, *, fp8: bool = True,
             amax_2xH=None):
     """einsum(subscripts, x, weight) in `dtype`; in fp8 where the training step turned that on
@@ -135,6 +198,8 @@ def project(subscripts: str, x, weight: nnx.Variable, dtype, *, fp8: bool = True
     convert into the matmul, but not the multiply by the scale, and wrote a dequantised copy of
     each such weight every decode step (0.8 ms of the int8 1B preset's 2.1 ms step, H200)."""
     w = weight.get_value()
+    if isinstance(w, InputsLast):
+        return w.project(subscripts, x, dtype)
     subscripts, x, w = merge_contracted(subscripts, x, w)
     if fp8 and fp8_active() and not isinstance(w, Int8Weight):
         return fp8_einsum(subscripts, x, w, dtype, amax_2xH, fp8_margin())
