@@ -161,9 +161,10 @@ def test_inputs_last_weights_multiply_like_their_own_layout(subscripts, x_shape,
 
 
 def test_inputs_last_lm_decodes_the_models_tokens_and_logits():
-    """Mixtral (dense and MoE blocks), float32 and int8 weights, laid out inputs last: the step
-    and the loop give the model's own layout's logits and tokens, for one request (one row:
-    the reductions) and three (a dot). Experts keep their layout; everything else is moved."""
+    """Mixtral (dense and MoE blocks), float32 and int8 weights, laid out inputs last: steps
+    give the model's own layout's logits and tokens, for one request (one row: the
+    reductions) and three (a dot), and so does the loop for one. Experts keep their layout;
+    everything else is moved. A new LM made from such a state reads its weights back."""
     _, lm = tiny_lm("mixtral")
     for quantize in (None, "int8"):
         base = LM.of(lm.cfg, lm.state, quantize=quantize)
@@ -173,10 +174,16 @@ def test_inputs_last_lm_decodes_the_models_tokens_and_logits():
         assert isinstance(moved["head"], InputsLast)
         assert not isinstance(moved["layers/1/blocks/1/moe/w_up"], InputsLast)
         assert Engine(last).min_rows == 1 and Engine(base).min_rows == 2
+        # an LM made from this one's state (a draft from its target) reads it back
+        again = flat(LM.of(lm.cfg, last.state, quantize=quantize).state)
+        for k, w in flat(base.state).items():
+            np.testing.assert_allclose(np.asarray(again[k][...]), np.asarray(w[...]),
+                                       rtol=1e-6, atol=1e-7)
         for reqs in ([Request(PROMPTS[0], GREEDY)], [Request(p, GREEDY) for p in PROMPTS]):
             want = decode_logits(Engine(base, min_rows=1), reqs, 3)
             for (l1, t1), (l2, t2) in zip(want, decode_logits(Engine(last), reqs, 3)):
                 np.testing.assert_allclose(l2, l1, rtol=1e-4, atol=1e-4)
                 np.testing.assert_array_equal(t2, t1)
-            outs = Engine(last).generate(reqs)
-            assert [o.ids for o in outs] == [o.ids for o in Engine(base).generate(reqs)]
+        reqs = [Request(PROMPTS[0], GREEDY)]  # the loop, for one row (the reductions)
+        outs = Engine(last).generate(reqs)
+        assert [o.ids for o in outs] == [o.ids for o in Engine(base, min_rows=1).generate(reqs)]

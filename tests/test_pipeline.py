@@ -142,8 +142,11 @@ def test_1f1b_activation_memory_does_not_grow_with_microbatches():
                     h = jax.lax.scan(lambda h, wl: (_wide_layer(wl, h, None)[0], None), x, w)[0]
                     return _square_tail(w_out, h, y)
                 want = jax.grad(plain, argnums=(0, 1, 2))(w, w_out, x)
-                jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
-                             want, compiled(w, w_out, x))
+                # float32 sums in another order: errors scale with the largest terms (x's
+                # gradient reaches ~900, and CI saw 2e-4 on an element of 0.07)
+                jax.tree.map(lambda a, b: np.testing.assert_allclose(
+                    a, b, rtol=1e-4, atol=1e-6 * float(np.abs(a).max())), want,
+                    compiled(w, w_out, x))
     for schedule, per_microbatch_ok in (("1f1b", lambda g: g < 2 * residual_bytes),
                                         ("gpipe", lambda g: g >= L // S * hidden_bytes)):
         growth = [(temp[schedule, b] - temp[schedule, a]) / (b - a) for a, b in ((4, 8), (8, 16))]

@@ -24,7 +24,7 @@ from jaxlm.generate import cache as kv
 from jaxlm.generate.quantize import cast_matmul_weights, inputs_last_state, quantize_state
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.registry import build_model
-from jaxlm.nn.param import skinny_matmuls
+from jaxlm.nn.param import InputsLast, Int8Weight, skinny_matmuls
 from jaxlm.parallel.sharding import check_divisible, mesh_axis_of, tree_shardings, use_rules
 
 CACHE_DTYPES = ("float32", "bfloat16", "int8")  # int8: per-head scales (jaxlm.nn.kv_cache)
@@ -76,6 +76,10 @@ class LM:
             merged = dict(state["params"])
             _deep_update(merged, state.get("model_state", {}))
             state = merged
+        # another LM's state (as a draft model is made from its target) may hold int8 weights
+        # or weights laid out inputs last: each is read back whole, in its own layout
+        decoded = lambda x: isinstance(x, (InputsLast, Int8Weight))  # noqa: E731
+        state = jax.tree.map(lambda x: x[...] if decoded(x) else x, state, is_leaf=decoded)
         cfg, state = unstack_layers(cfg, state)
         abstract = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
         graphdef, abstract_state = nnx.split(abstract)
