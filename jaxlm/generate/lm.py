@@ -57,9 +57,9 @@ class LM:
         from the batch and kv heads (jaxlm.nn.attend.auto_kv_splits). `gemv`: a
         kernels_pallas.gemv.GemvConfig to multiply decode steps' few rows by the weights with
         that kernel (jaxlm.nn.param.skinny_matmuls; weights laid out inputs first only); None:
-        XLA's dots. `inputs_last`: the
-        matmul weights laid out with their input axes last (jaxlm.nn.param.InputsLast), so a
-        batch of one row multiplies each as a row reduction (Engine then pads no batch);
+        XLA's dots. `inputs_last`: the matmul weights laid out with their input axes last
+        (jaxlm.nn.param.InputsLast), so a batch of one row multiplies each as a row reduction
+        (Engine then pads no batch);
         None: on a GPU, where batch 1 of the 1B preset went from 0.92 to 0.86 ms a step
         (int8: 1.00 to 0.78) and batch 16 held (1.09 / 1.10 ms; H200, RESULTS.md). A CPU's
         dots are faster than its reductions."""
