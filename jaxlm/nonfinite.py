@@ -62,9 +62,9 @@ class Monitor:
     """Applies train.on_nonfinite to the flags of past steps, in step order.
 
     `record` keeps each step's flag; with `eager` (one process) it also reads those the device
-    has already finished, which costs no sync. `check` reads all of them, blocking: call it where
-    the loop syncs anyway. A multi-process run reads only in `check`, at the same steps on every
-    process, so all of them stop at the same step."""
+    has already finished, which costs no sync. `check` reads all of them (or those up to a
+    step), blocking: call it where the loop syncs anyway. A multi-process run reads only in
+    `check`, at the same steps on every process, so all of them stop at the same step."""
 
     def __init__(self, policy: str, max_skipped: int, say, eager: bool):
         self.policy, self.max_skipped, self.say, self.eager = policy, max_skipped, say, eager
@@ -77,11 +77,13 @@ class Monitor:
         if self.eager:
             self._read(block=False)
 
-    def check(self):
-        self._read(block=True)
+    def check(self, upto: int | None = None):
+        """Reads every recorded flag, or those of steps up to `upto`, blocking."""
+        self._read(block=True, upto=upto)
 
-    def _read(self, block: bool):
-        while self._flags and (block or self._flags[0][1].is_ready()):
+    def _read(self, block: bool, upto: int | None = None):
+        while self._flags and (upto is None or self._flags[0][0] <= upto) and (
+                block or self._flags[0][1].is_ready()):
             step, flag = self._flags.popleft()
             value = int(np.asarray(flag))
             if not value:

@@ -221,8 +221,37 @@ def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
                file=sys.stdout)
     cleanup.callback(bar.close)
     preempt.start(start)
-    window_start, window_steps, pending = time.perf_counter(), 0, None
+    window_start, window_steps = time.perf_counter(), 0
     data_wait = 0.0  # seconds this window spent waiting for the data iterator
+    unlogged = None  # a log step's window, read once the next step is queued (the GPU never idles)
+
+    def log(step: int, pending, steps: int, waited: float, with_eval: bool) -> dict:
+        """The window ending at `step`: waits for that step alone, then writes its line."""
+        nonlocal window_start
+        host = jax.device_get(pending)  # closes the timing window
+        monitor.check(upto=step)  # every flag to this step, read while we sync anyway
+        now = time.perf_counter()
+        dt = (now - window_start) / steps
+        window_start = now
+        tps = tokens_per_step / dt
+        rec = {"loss": float(host["loss"]), "lr": float(host["lr"]),
+               "grad_norm": float(host["grad_norm"]), "tokens_per_sec": tps,
+               "step_time_s": dt, "mfu": M.mfu(tps, flops_tok, peak, jax.device_count()),
+               "data_wait_s": waited / steps}
+        stats = {k: float(v) for k, v in host["stats"].items()}  # the model's own, by name
+        rec.update(stats)
+        mem_b = M.peak_memory_bytes()
+        rec["peak_mem_gib"] = mem_b / 2**30 if mem_b else None
+        if monitor.skipped:
+            rec["skipped_steps"] = monitor.skipped
+        if with_eval:
+            rec.update(evaluate())  # the state is this step's: nothing later was queued
+            window_start = time.perf_counter()
+        say(M.format_line(step, rec, stats))
+        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+        writer.write(step, rec)
+        return rec
+
     for step in range(start + 1, cfg.train.steps + 1):
         t_data = time.perf_counter()
         batch = nonfinite.inject(train_iter.next(), step)  # a no-op unless a drill asks
@@ -231,29 +260,19 @@ def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
         monitor.record(step, pending["nonfinite"])
         window_steps += 1
         bar.update(1)
+        if unlogged:  # the previous step's window, read while this step runs
+            last = log(*unlogged, with_eval=False)
+            unlogged = None
         is_last = step == cfg.train.steps
+        # train.eval_every=0: evaluate only at the end
+        eval_now = is_last or bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0
         if step % cfg.log.every_steps == 0 or is_last:
-            host = jax.device_get(pending)  # waits for the device: closes the timing window
-            monitor.check()  # every step's non-finite flag so far, read while we sync anyway
-            dt = (time.perf_counter() - window_start) / window_steps
-            tps = tokens_per_step / dt
-            last = {"loss": float(host["loss"]), "lr": float(host["lr"]),
-                    "grad_norm": float(host["grad_norm"]), "tokens_per_sec": tps,
-                    "step_time_s": dt, "mfu": M.mfu(tps, flops_tok, peak, jax.device_count()),
-                    "data_wait_s": data_wait / window_steps}
-            stats = {k: float(v) for k, v in host["stats"].items()}  # the model's own, by name
-            last.update(stats)
-            mem_b = M.peak_memory_bytes()
-            last["peak_mem_gib"] = mem_b / 2**30 if mem_b else None
-            if monitor.skipped:
-                last["skipped_steps"] = monitor.skipped
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 or is_last:
-                last.update(evaluate())
-            say(M.format_line(step, last, stats))
-            bar.set_postfix(loss=f"{last['loss']:.3f}")
-            writer.write(step, last)
-            window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-        elif cfg.train.eval_every and step % cfg.train.eval_every == 0:
+            unlogged = (step, pending, window_steps, data_wait)
+            window_steps, data_wait = 0, 0.0
+            if eval_now:  # evaluation reads this step's state: no later step first
+                last = log(*unlogged, with_eval=True)
+                unlogged = None
+        elif eval_now:
             ev = evaluate()
             say(M.format_line(step, ev))
             writer.write(step, ev)
@@ -266,6 +285,8 @@ def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
         if ckpt:
             ckpt.poll()  # a background save that failed stops the run now
         if preempted:
+            if unlogged:
+                last = log(*unlogged, with_eval=False)
             preempt.stop(step, ckpt)  # waits for the checkpoint to commit, raises RunStopped
     if ckpt:
         ckpt.wait()

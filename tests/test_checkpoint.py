@@ -37,6 +37,16 @@ def test_resume_equals_uninterrupted_run_exactly(uninterrupted, tmp_path, capsys
     jax.tree.map(np.testing.assert_array_equal, full_params, jax.device_get(out["state"]["params"]))
 
 
+def test_a_log_read_a_step_late_holds_its_own_step(uninterrupted, tmp_path):
+    """jaxlm.train reads a log step's metrics once the next step is queued (the GPU never idles
+    at a log), except where it evaluates. Evaluating at steps 2 and 4 reads those at once: the
+    losses must be the uninterrupted run's, which read every step's a step late."""
+    _, full, _ = uninterrupted
+    run(tiny_config(f"train.run_dir={tmp_path}", "mesh.data=4", "mesh.fsdp=2",
+                    "train.eval_every=2", "checkpoint.enabled=false"))
+    assert losses(tmp_path) == full
+
+
 def test_restore_onto_a_different_mesh(uninterrupted, tmp_path):
     _, full, _ = uninterrupted
     run(tiny_config(f"train.run_dir={tmp_path}", "mesh.data=4", "mesh.fsdp=2", "train.steps=3"))
