@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlm import nonfinite
 from jaxlm.config import Config
+from jaxlm.models.moe_fields import MoEFields
 from jaxlm.nn.fp8 import AMAX_KEY, matmul_precision
 from jaxlm.objectives import OBJECTIVES
 from jaxlm.optim import learning_rate_schedule
@@ -55,21 +56,36 @@ def build_step_fns(cfg: Config, mesh: Mesh) -> StepFns:
     batch_sh = batch_sharding(mesh, cfg.mesh.rules)
     loss_fn = make_loss_fn(cfg, mesh, spec.graphdef)
     replicated = NamedSharding(mesh, P())
+    options = compiler_options(cfg, mesh)
     train = jax.jit(make_train_step(cfg, mesh, spec, loss_fn),
                     in_shardings=(spec.shardings, batch_sh),
-                    out_shardings=(spec.shardings, replicated), donate_argnums=0)
+                    out_shardings=(spec.shardings, replicated), donate_argnums=0,
+                    compiler_options=options)
 
     def eval_step(state, batch):
         (nll, tokens, _), _ = loss_fn(state["params"], batch, state.get("model_state"))
         return nll, tokens
 
     evaluate = jax.jit(eval_step, in_shardings=(spec.shardings, batch_sh),
-                       out_shardings=replicated)
+                       out_shardings=replicated, compiler_options=options)
     ring = mesh.shape.get("sequence", 1) if cfg.mesh.context_parallel == "ring" else 1
     order = None if ring == 1 else zigzag_order(cfg.data.seq_len, ring)
     return StepFns(spec.graphdef, spec.optimizer, spec.abstract_state, spec.shardings, batch_sh,
                    spec.init, train, evaluate, spec.param_count,
                    spec.from_weights, order)
+
+
+def compiler_options(cfg: Config, mesh: Mesh) -> dict | None:
+    """XLA options for the training and eval steps. On a GPU, a dense model's bf16 matmuls go
+    to cuBLAS without XLA autotuning Triton GEMMs against it: cuBLAS's kernels ran the 1B
+    step's GEMMs anyway, and the step compiled in 10.9-12.4 s against 15.1-16.6 s and ran
+    179.6 ms against 181.1-181.7 (H200, cold CUDA cache, benchmarks/RESULTS.md). fp8 keeps the
+    Triton GEMMs: without them its step ran 148.4 ms against 141.5. MoE models keep them too,
+    unmeasured without (their experts' ragged products)."""
+    gpu = mesh.devices.flat[0].platform == "gpu"
+    if not gpu or cfg.model.matmul_precision == "fp8" or isinstance(cfg.model, MoEFields):
+        return None
+    return {"xla_gpu_enable_triton_gemm": False}
 
 
 def make_loss_fn(cfg: Config, mesh: Mesh, graphdef):

@@ -173,3 +173,23 @@ def test_remat_really_saves_activation_memory():
     none, dots, full = temp_bytes("none"), temp_bytes("save_dots"), temp_bytes("full")
     assert full < 0.75 * none, (none, dots, full)
     assert dots < none, (none, dots, full)
+
+
+def test_gpu_steps_of_dense_bf16_models_leave_gemms_to_cublas():
+    """On a GPU the training and eval steps of a dense bf16 model compile without Triton GEMMs
+    (their autotuning cost ~4 s of the 1B step's compile, and cuBLAS won it); fp8 and MoE
+    models, and every CPU step, keep XLA's defaults."""
+    from types import SimpleNamespace
+
+    from helpers import family_config, tiny_config
+    from jaxlm.config import MESH_AXES
+    from jaxlm.parallel.sharding import make_mesh
+    from jaxlm.step import compiler_options
+
+    gpu = SimpleNamespace(devices=np.array([SimpleNamespace(platform="gpu")]))
+    assert compiler_options(tiny_config(), gpu) == {"xla_gpu_enable_triton_gemm": False}
+    assert compiler_options(family_config("gpt2"), gpu) == {"xla_gpu_enable_triton_gemm": False}
+    assert compiler_options(tiny_config("model.matmul_precision=fp8"), gpu) is None
+    assert compiler_options(family_config("deepseek"), gpu) is None
+    cpu = make_mesh({a: 1 for a in MESH_AXES}, jax.devices()[:1])
+    assert compiler_options(tiny_config(), cpu) is None
