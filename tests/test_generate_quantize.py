@@ -163,10 +163,12 @@ def test_inputs_last_weights_multiply_like_their_own_layout(subscripts, x_shape,
 def test_inputs_last_lm_decodes_the_models_tokens_and_logits():
     """Mixtral (dense and MoE blocks), float32 and int8 weights, laid out inputs last: steps
     give the model's own layout's logits and tokens, for one request (one row: the
-    reductions) and three (a dot), and so does the loop for one. Experts keep their layout;
-    everything else is moved. A new LM made from such a state reads its weights back."""
+    reductions) in float32 and three (a dot) in int8, and so does the loop for one row in
+    both. Experts keep their layout; everything else is moved. A new LM made from such a
+    state reads its weights back. (One request count per dtype: each is a compile.)"""
     _, lm = tiny_lm("mixtral")
-    for quantize in (None, "int8"):
+    for quantize, reqs in ((None, [Request(PROMPTS[0], GREEDY)]),
+                           ("int8", [Request(p, GREEDY) for p in PROMPTS])):
         base = LM.of(lm.cfg, lm.state, quantize=quantize)
         last = LM.of(lm.cfg, lm.state, quantize=quantize, inputs_last=True)
         moved = flat(last.state)
@@ -179,11 +181,10 @@ def test_inputs_last_lm_decodes_the_models_tokens_and_logits():
         for k, w in flat(base.state).items():
             np.testing.assert_allclose(np.asarray(again[k][...]), np.asarray(w[...]),
                                        rtol=1e-6, atol=1e-7)
-        for reqs in ([Request(PROMPTS[0], GREEDY)], [Request(p, GREEDY) for p in PROMPTS]):
-            want = decode_logits(Engine(base, min_rows=1), reqs, 3)
-            for (l1, t1), (l2, t2) in zip(want, decode_logits(Engine(last), reqs, 3)):
-                np.testing.assert_allclose(l2, l1, rtol=1e-4, atol=1e-4)
-                np.testing.assert_array_equal(t2, t1)
+        want = decode_logits(Engine(base, min_rows=1), reqs, 3)
+        for (l1, t1), (l2, t2) in zip(want, decode_logits(Engine(last), reqs, 3)):
+            np.testing.assert_allclose(l2, l1, rtol=1e-4, atol=1e-4)
+            np.testing.assert_array_equal(t2, t1)
         reqs = [Request(PROMPTS[0], GREEDY)]  # the loop, for one row (the reductions)
         outs = Engine(last).generate(reqs)
         assert [o.ids for o in outs] == [o.ids for o in Engine(base, min_rows=1).generate(reqs)]
