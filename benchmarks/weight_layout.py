@@ -2,7 +2,8 @@
 x [M, K] by the 1B preset's weights stored [K, N] (as the model holds them: output columns
 contiguous) against the same weights stored [N, K] (each output's K inputs contiguous), bf16
 and int8 (converted in the GEMM, scaled after, as jaxlm.nn.param.project does), and the [N, K]
-weight as a multiply and a float32 row reduction; M = 1 and 2 rows (a batch-1 step, and its
+weight as a multiply and a float32 row reduction, also read as 32-bit words unpacked by shifts
+(does a wider load help XLA's reduction? On an H200 it did not); M = 1 and 2 rows (a batch-1 step, and its
 padding to two rows, Engine(min_rows=2)). Each product runs over 16 distinct weights (one per layer, so
 together they outgrow the 50 MB L2 cache as the decode loop's do), REPEAT times in one jitted
 loop: microseconds per product and the weight bytes read per second against the measured copy
@@ -27,7 +28,31 @@ SHAPES = [("q/k/v", 2048, 6144), ("gate/up", 2048, 11264), ("down", 5632, 2048),
 LAYERS, REPEAT = 16, 20
 
 
-LAYOUTS = ("KN", "NK", "NK-reduce")
+LAYOUTS = ("KN", "NK", "NK-reduce", "NK-reduce-packed")
+
+
+def unpacked_f32(w_NxW, kind: str):
+    """The [N, K] weight's values as float32 [N, K / P, P] from its P-element 32-bit words:
+    P = 4 int8 (sign-extended by shifts) or 2 bf16 (a bf16 is a float32's high half)."""
+    import jax.numpy as jnp
+    from jax import lax
+    if kind == "int8":
+        parts = [lax.shift_right_arithmetic(lax.shift_left(w_NxW, jnp.int32(24 - 8 * b)),
+                                            jnp.int32(24)) for b in range(4)]
+        return jnp.stack(parts, axis=-1).astype(jnp.float32)
+    lo = lax.bitcast_convert_type(lax.shift_left(w_NxW, jnp.uint32(16)), jnp.float32)
+    hi = lax.bitcast_convert_type(w_NxW & jnp.uint32(0xFFFF0000), jnp.float32)
+    return jnp.stack([lo, hi], axis=-1)
+
+
+def packed(w_NxK):
+    """The [N, K] weight bitcast to 32-bit words [N, K / P] (what NK-reduce-packed reads)."""
+    import jax.numpy as jnp
+    from jax import lax
+    N, K = w_NxK.shape
+    word = jnp.int32 if w_NxK.dtype == jnp.int8 else jnp.uint32
+    per = 4 // w_NxK.dtype.itemsize
+    return lax.bitcast_convert_type(w_NxK.reshape(N, K // per, per), word)
 
 
 def product(layout: str, kind: str):
@@ -35,7 +60,12 @@ def product(layout: str, kind: str):
     the [N, K] weight multiplied by x and summed over K in float32 (a row reduction, not a
     dot: what XLA's GPU compiler makes of a vector x matrix product itself)."""
     import jax.numpy as jnp
-    if layout == "NK-reduce":
+    if layout == "NK-reduce-packed":
+        def dot(x, w):
+            w_NxWxP = unpacked_f32(w, kind)
+            x_WxP = x.astype(jnp.float32).reshape(x.shape[0], *w_NxWxP.shape[1:])
+            return jnp.sum(x_WxP[:, None] * w_NxWxP[None], axis=(-2, -1))
+    elif layout == "NK-reduce":
         def dot(x, w):
             return jnp.sum(x[:, None, :].astype(jnp.float32) * w[None].astype(jnp.float32),
                            axis=-1)
@@ -94,6 +124,8 @@ def main(argv=None):
                 weights = [(jnp.asarray(rng.integers(-127, 128, size=shape), jnp.int8),
                             jnp.asarray(rng.uniform(1e-3, 1e-2, size=N), jnp.float32))
                            for _ in range(layers)]
+            if layout == "NK-reduce-packed":
+                weights = [(packed(w[0]),) + w[1:] for w in weights]
             t = timed(product(layout, kind), x, weights)
             nbytes = weights[0][0].nbytes
             line.append(f"{layout} {t * 1e6:.1f} us ({nbytes / t / bw:.0%})")
