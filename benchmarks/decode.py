@@ -12,7 +12,6 @@ same call, in its own process, so the two never share the GPU's memory.
     python benchmarks/decode.py --variants bf16,int8 --speculate 4  # both, then speculative
     python benchmarks/decode.py --kv-splits 1,2,4 --batches 1     # flash-decoding splits
     python benchmarks/decode.py --min-rows 1,2 --batches 1        # batch 1 padded to 2 rows
-    python benchmarks/decode.py --gemv off,on [--gemv-config '{"block_k": 64}']  # GEMV kernel
     python benchmarks/decode.py --profile --batches 1     # + where the decode step's time goes
     python benchmarks/decode.py --layouts inputs_first,inputs_last  # LM(inputs_last=True)
     python benchmarks/decode.py --xla-options '[{}, {"xla_gpu_enable_triton_gemm": false}]'
@@ -207,11 +206,6 @@ def main(argv=None):
                    help="comma-separated matmul weight layouts measured in turn: inputs_first "
                         "(the model's [inputs, outputs]), inputs_last (LM(inputs_last=True)), "
                         "auto (the LM's default: inputs_last on a GPU)")
-    p.add_argument("--gemv", default="off",
-                   help="comma-separated off/on: few-row products by the Pallas GEMV kernel "
-                        "(kernels_pallas/gemv.py), measured in turn")
-    p.add_argument("--gemv-config", default="{}",
-                   help="JSON fields of the kernel's GemvConfig (block sizes, splits, warps)")
     p.add_argument("--xla-options", default="[{}]",
                    help="JSON list of XLA option dicts for the decode loop (Engine "
                         "compiler_options), measured in turn, e.g. "
@@ -246,14 +240,6 @@ def main(argv=None):
         xla_options = None
     if not isinstance(xla_options, list) or not all(isinstance(o, dict) for o in xla_options):
         p.error(f"--xla-options: {args.xla_options!r} is not a JSON list of objects")
-    gemvs = args.gemv.split(",")
-    if not set(gemvs) <= {"off", "on"}:
-        p.error(f"--gemv: {args.gemv!r}: expected off, on or off,on")
-    from kernels_pallas.gemv import GemvConfig
-    try:
-        gemv_cfg = GemvConfig(**json.loads(args.gemv_config))
-    except (ValueError, TypeError) as e:
-        p.error(f"--gemv-config: {args.gemv_config!r}: {e}")
     bw = copy_bandwidth(bw_bytes)
     for variant in variants:
         if variant not in ("bf16", "int8"):
@@ -267,12 +253,11 @@ def main(argv=None):
             print(f"{jax.devices()[0].device_kind}: params {weight_bytes / 1e9:.2f} GB {variant} "
                   f"{layout}; copy bandwidth {bw / 1e12:.2f} TB/s; KV "
                   f"{kv_bytes_per_token(lm) / 1024:.0f} KiB/token", flush=True)
-            for n, rows, g, xo in itertools.product(splits, min_rows, gemvs, xla_options):
-                lm = dataclasses.replace(lm, kv_splits=n, gemv=gemv_cfg if g == "on" else None)
+            for n, rows, xo in itertools.product(splits, min_rows, xla_options):
+                lm = dataclasses.replace(lm, kv_splits=n)
                 label = " ".join([variant] + [layout] * (len(layouts) > 1)
                                  + [f"kv_splits={n or 'auto'}"] * (len(splits) > 1)
                                  + [f"min_rows={rows}"] * (len(min_rows) > 1)
-                                 + [f"gemv={g}"] * (len(gemvs) > 1)
                                  + [f"xla={json.dumps(xo)}"] * (len(xla_options) > 1))
                 for b in batches:
                     hlo_out = args.hlo_out and f"{args.hlo_out}.{variant}.{layout}.b{b}.txt"

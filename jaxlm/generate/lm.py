@@ -24,7 +24,7 @@ from jaxlm.generate import cache as kv
 from jaxlm.generate.quantize import cast_matmul_weights, inputs_last_state, quantize_state
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.registry import build_model
-from jaxlm.nn.param import InputsLast, Int8Weight, skinny_matmuls
+from jaxlm.nn.param import InputsLast, Int8Weight
 from jaxlm.parallel.sharding import check_divisible, mesh_axis_of, tree_shardings, use_rules
 
 CACHE_DTYPES = ("float32", "bfloat16", "int8")  # int8: per-head scales (jaxlm.nn.kv_cache)
@@ -41,28 +41,24 @@ class LM:
     cache_dtype: Any = None         # None: the model's compute dtype
     decoder_start_id: int = 0       # seq2seq: the decoder's first token (pad, as span corruption)
     kv_splits: int | None = None    # decode attention's key splits (None: by the batch)
-    gemv: Any = None                # a GemvConfig: few-row products by the Pallas GEMV kernel
     inputs_last: bool = False       # matmul weights laid out inputs last (param.InputsLast)
 
     @classmethod
     def of(cls, cfg: ModelConfig, state, *, mesh: Mesh | None = None, rules=None,
            context_len: int | None = None, cache_dtype=None, decoder_start_id: int = 0,
-           quantize: str | None = None, kv_splits: int | None = None, gemv=None,
+           quantize: str | None = None, kv_splits: int | None = None,
            inputs_last: bool | None = None) -> "LM":
         """The model of `cfg` with `state` ({'params': ..., 'model_state': ...} as a train state
         holds them, or one nnx pure dict of all variables), placed on `mesh` by `rules`;
         `quantize="int8"`: its matmul weights then held as int8 (jaxlm.generate.quantize).
         `kv_splits`: programs per kv head and row in decode attention, where the paged kernel
         reads the cache (flash-decoding; for batches too small to fill a GPU); None: chosen
-        from the batch and kv heads (jaxlm.nn.attend.auto_kv_splits). `gemv`: a
-        kernels_pallas.gemv.GemvConfig to multiply decode steps' few rows by the weights with
-        that kernel (jaxlm.nn.param.skinny_matmuls; weights laid out inputs first only); None:
-        XLA's dots. `inputs_last`: the matmul weights laid out with their input axes last
-        (jaxlm.nn.param.InputsLast), so a batch of one row multiplies each as a row reduction
-        (Engine then pads no batch);
-        None: on a GPU, where batch 1 of the 1B preset went from 0.92 to 0.86 ms a step
-        (int8: 1.00 to 0.78) and batch 16 held (1.09 / 1.10 ms; H200, RESULTS.md). A CPU's
-        dots are faster than its reductions."""
+        from the batch and kv heads (jaxlm.nn.attend.auto_kv_splits). `inputs_last`: the
+        matmul weights laid out with their input axes last (jaxlm.nn.param.InputsLast), so a
+        batch of one row multiplies each as a row reduction (Engine then pads no batch); None:
+        on a GPU, where batch 1 of the 1B preset went from 0.92 to 0.86 ms a step (int8: 1.00
+        to 0.78) and batch 16 held (1.09 / 1.10 ms; H200, RESULTS.md). A CPU's dots are
+        faster than its reductions."""
         if kv_splits is not None:
             check_positive_int("kv_splits", kv_splits)
         if cache_dtype is not None and jnp.dtype(cache_dtype).name not in CACHE_DTYPES:
@@ -103,7 +99,7 @@ class LM:
         context_len = limit if context_len is None else min(context_len, limit or context_len)
         return cls(cfg, graphdef, state, mesh, rules, context_len,
                    None if cache_dtype is None else jnp.dtype(cache_dtype), decoder_start_id,
-                   kv_splits, gemv, inputs_last)
+                   kv_splits, inputs_last)
 
     @property
     def seq2seq(self) -> bool:
@@ -118,12 +114,10 @@ class LM:
 
     @contextlib.contextmanager
     def rules_scope(self):
-        """The scope a traced decoding function runs in: the mesh's logical rules, if any, and
-        the GEMV kernel's policy."""
+        """The scope a traced decoding function runs in: the mesh's logical rules, if any."""
         with contextlib.ExitStack() as stack:
             if self.mesh is not None:
                 stack.enter_context(use_rules(self.mesh, self.rules))
-            stack.enter_context(skinny_matmuls(self.gemv))
             yield
 
     def model(self, state):

@@ -8,16 +8,13 @@ is how the dense layers multiply by a weight either way.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
 from jaxlm.nn.fp8 import fp8_active, fp8_einsum, fp8_margin
-from kernels_pallas import gemv
 
 
 def param(rngs: nnx.Rngs, shape, names, std: float, dtype) -> nnx.Param:
@@ -43,8 +40,8 @@ def scaled_out_std(std: float, num_layers: int) -> float:
 def merge_contracted(subscripts: str, x, w):
     """(subscripts, x, w) with the axes contracted together merged into one, where they close x
     and open w in the same order (the output projection's 'bshk,hkd->bsd' becomes
-    'bsc,cd->bsd'). Same product, one GEMM's shape; also the one shape the GEMV kernel takes
-    (`skinny_matmuls`). It was meant to stop XLA rewriting the batch-1 output projection into
+    'bsc,cd->bsd'). Same product, one GEMM's shape. It was meant to stop XLA rewriting the
+    batch-1 output projection into
     an elementwise product the size of the weight plus a reduction (H200 trace); the step moved
     only from 1.32 to 1.30 ms, since the rewrite's cause is the product's size, not its axes:
     XLA's GPU DotStrengthReduction takes every vector x matrix product under 10M elements."""
@@ -62,50 +59,6 @@ def merge_contracted(subscripts: str, x, w):
     else:
         w = w.reshape(-1, *w.shape[n:])
     return f"{xs[:-n] + merged},{merged + ws[n:]}->{out}", x, w
-
-
-class _Skinny(threading.local):
-    config = None  # a kernels_pallas.gemv.GemvConfig while `skinny_matmuls` is on
-
-
-_skinny_policy = _Skinny()
-
-
-@contextlib.contextmanager
-def skinny_matmuls(config):
-    """Inside (a decoding trace): `project` multiplies a few rows (at most gemv.MAX_ROWS
-    tokens) by a weight with the Pallas GEMV kernel (kernels_pallas/gemv.py, `config` its
-    block sizes; None: off), where the product has that shape, runs on one device, and the
-    block sizes fit. Why: XLA's own kernels for such products are slow on the GPU (see there)."""
-    prev, _skinny_policy.config = _skinny_policy.config, config
-    try:
-        yield
-    finally:
-        _skinny_policy.config = prev
-
-
-def _skinny(subscripts: str, x, w, dtype):
-    """The GEMV kernel's product for 'Pc,cQ->PQ' (one contracted axis, closing x and opening
-    w) when `skinny_matmuls` is on and the shapes fit; else None."""
-    cfg = _skinny_policy.config
-    if cfg is None:
-        return None
-    # here, not at the top: sharding's config schema imports the models, which import this
-    from jaxlm.parallel.sharding import active, spans_devices
-    ins, out = subscripts.replace(" ", "").split("->")
-    xs, ws = ins.split(",")
-    mesh, _ = active()
-    if (xs[-1] != ws[0] or out != xs[:-1] + ws[1:] or len(set(xs + ws)) != len(xs + ws) - 1
-            or spans_devices(mesh)):
-        return None
-    q = w.q if isinstance(w, Int8Weight) else w
-    M, K, N = math.prod(x.shape[:-1]), x.shape[-1], math.prod(q.shape[1:])
-    if not gemv.supported(M, K, N, cfg):
-        return None
-    scale_N = w.scale.reshape(N) if isinstance(w, Int8Weight) else None
-    y_MxN = gemv.gemv(x.astype(dtype).reshape(M, K), q.reshape(K, N), scale_N, cfg=cfg,
-                      out_dtype=dtype)
-    return y_MxN.reshape(*x.shape[:-1], *q.shape[1:])
 
 
 @struct.dataclass
@@ -203,9 +156,6 @@ def project(subscripts: str, x, weight: nnx.Variable, dtype, *, fp8: bool = True
     subscripts, x, w = merge_contracted(subscripts, x, w)
     if fp8 and fp8_active() and not isinstance(w, Int8Weight):
         return fp8_einsum(subscripts, x, w, dtype, amax_2xH, fp8_margin())
-    y = _skinny(subscripts, x, w, dtype)
-    if y is not None:
-        return y
     if not isinstance(w, Int8Weight):
         return jnp.einsum(subscripts, x, w.astype(dtype))
     y = jnp.einsum(subscripts, x, w.q.astype(dtype))
