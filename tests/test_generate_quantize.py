@@ -188,3 +188,32 @@ def test_inputs_last_lm_decodes_the_models_tokens_and_logits():
         reqs = [Request(PROMPTS[0], GREEDY)]  # the loop, for one row (the reductions)
         outs = Engine(last).generate(reqs)
         assert [o.ids for o in outs] == [o.ids for o in Engine(base, min_rows=1).generate(reqs)]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "deepseek", "t5"])
+def test_an_inputs_last_decode_reads_no_weight_whole(name, monkeypatch):
+    """Laid out inputs last (a GPU's default), a weight that a layer read whole (`w[...]`)
+    would be transposed back every decode step. Prefill and steps of GPT-2 (its q/k/v biases,
+    once taken for weights), DeepSeek (MLA, whose absorbed decoding slices wkv_b: kept in its
+    own layout) and T5 (its own head) read none, and give the model's own layout's logits and
+    tokens."""
+    if name == "t5":
+        from tests.test_generate_t5 import START, T5, tiny_t5
+        _, lm = tiny_t5(T5 + ["model.tie_embeddings=false"])
+        kw = {"decoder_start_id": START}
+    else:
+        _, lm = tiny_lm(name)
+        kw = {}
+    last = LM.of(lm.cfg, lm.state, inputs_last=True, **kw)
+    if not lm.cfg.tie_embeddings:  # GPT-2's head is its token table
+        assert isinstance(flat(last.state)["head"], InputsLast)
+    reads, read = [], InputsLast.__getitem__
+    monkeypatch.setattr(InputsLast, "__getitem__",
+                        lambda w, index: reads.append(w.v.shape) or read(w, index))
+    reqs = [Request(PROMPTS[0], GREEDY)]
+    got = decode_logits(Engine(last), reqs, 3)
+    assert reads == []
+    monkeypatch.undo()
+    for (l1, t1), (l2, t2) in zip(decode_logits(Engine(lm, min_rows=1), reqs, 3), got):
+        np.testing.assert_allclose(l2, l1, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(t2, t1)

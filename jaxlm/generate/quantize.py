@@ -23,9 +23,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlm.nn.param import InputsLast, Int8Weight
+from jaxlm.optim import is_bias
 
 STACKED = ("layers", "expert")  # leading axes that index separate matrices
 SKIP = ("embed", "router", "table", "scale", "selection_bias")  # leaf names never quantised
+# weights their layer reads whole (MLA's absorbed decoding slices wkv_b), kept in their own
+# layout: laid out inputs last, every decode step would transpose them back
+WHOLE = ("wkv_b",)
 
 
 def input_axes(names) -> tuple[int, ...] | None:
@@ -78,19 +82,22 @@ def cast_matmul_weights(state: dict, abstract_state, dtype) -> dict:
 def inputs_last_state(state: dict, abstract_state) -> dict:
     """The state with every matmul weight (float, or already an Int8Weight) laid out with its
     input axes last (jaxlm.nn.param.InputsLast): a batch-1 decode step then multiplies its one
-    row by each weight as a row reduction. Stacked expert weights keep their layout."""
-    return _map_matmul_weights(state, abstract_state, InputsLast.of)
+    row by each weight as a row reduction. Stacked expert weights, and those read whole
+    (WHOLE), keep their layout."""
+    return _map_matmul_weights(state, abstract_state, InputsLast.of, skip=WHOLE)
 
 
-def _map_matmul_weights(state: dict, abstract_state, fn) -> dict:
-    """`fn(weight, input axes)` applied to each matmul weight of the pure-dict state."""
+def _map_matmul_weights(state: dict, abstract_state, fn, skip=()) -> dict:
+    """`fn(weight, input axes)` applied to each matmul weight of the pure-dict state (but
+    those whose leaf name is in `skip`). Biases are no matmul weights, whatever their axes."""
     is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
     names = {_key(p): tuple(s) for p, s in jax.tree_util.tree_flatten_with_path(
         nnx.to_pure_dict(nnx.get_partition_spec(abstract_state)), is_leaf=is_spec)[0]}
 
     def one(path, w):
         key = _key(path)
-        axes = None if key[-1] in SKIP else input_axes(names[key])
+        leaf = key[-1]
+        axes = None if leaf in SKIP + tuple(skip) or is_bias(leaf) else input_axes(names[key])
         return w if axes is None else fn(w, axes)
     return jax.tree_util.tree_map_with_path(one, state,
                                             is_leaf=lambda x: isinstance(x, Int8Weight))

@@ -21,7 +21,7 @@ from jaxlm.nn.attend import MaskSpec, attend
 from jaxlm.nn.attention import KV_NAMES, Q_NAMES
 from jaxlm.nn.kv_cache import KVCache
 from jaxlm.nn.norms import RMSNorm
-from jaxlm.nn.param import param
+from jaxlm.nn.param import param, project
 from jaxlm.nn.rope import RopeScaling, rope
 from jaxlm.parallel.sharding import constrain
 
@@ -71,11 +71,11 @@ class MLA(nnx.Module):
         c, dt = self.c, self.c.dtype
         Kn, R = c.qk_nope_head_dim, c.kv_lora_rank
         if c.q_lora_rank:
-            q_lat_BxSxQ = self.q_norm(jnp.einsum("bsd,dq->bsq", x_BxSxD, self.wq_a[...].astype(dt)))
-            q = jnp.einsum("bsq,qhk->bshk", q_lat_BxSxQ, self.wq_b[...].astype(dt))
+            q_lat_BxSxQ = self.q_norm(project("bsd,dq->bsq", x_BxSxD, self.wq_a, dt, fp8=False))
+            q = project("bsq,qhk->bshk", q_lat_BxSxQ, self.wq_b, dt, fp8=False)
         else:
-            q = jnp.einsum("bsd,dhk->bshk", x_BxSxD, self.wq[...].astype(dt))
-        kv_a_BxSxL = jnp.einsum("bsd,dl->bsl", x_BxSxD, self.wkv_a[...].astype(dt))
+            q = project("bsd,dhk->bshk", x_BxSxD, self.wq, dt, fp8=False)
+        kv_a_BxSxL = project("bsd,dl->bsl", x_BxSxD, self.wkv_a, dt, fp8=False)
         latent_BxSxR = self.kv_norm(kv_a_BxSxL[..., :R])
         k_rope_BxSx1xKr = rope(kv_a_BxSxL[..., None, R:], positions_BxS, c.rope_theta,
                                c.rope_scaling)
@@ -83,7 +83,7 @@ class MLA(nnx.Module):
         mask = MaskSpec(causal=c.causal, q_segment_ids=segment_ids_BxS, positions=positions_BxS)
         scaling = 1.0 if c.rope_scaling is None else c.rope_scaling.logit_scale  # YaRN's mscale
         scale = c.qk_head_dim ** -0.5 * scaling
-        wkv_b_RxHxN = self.wkv_b[...].astype(dt)
+        wkv_b_RxHxN = self.wkv_b[...].astype(dt)  # read whole: decoding slices it (_absorbed)
         if cache is not None:
             out_BxSxHxV, cache = self._absorbed(q[..., :Kn], q_rope_BxSxHxKr, latent_BxSxR,
                                                 k_rope_BxSx1xKr, wkv_b_RxHxN, mask, bias, cache,
@@ -97,7 +97,7 @@ class MLA(nnx.Module):
             q, k, v = constrain(q, Q_NAMES), constrain(k, KV_NAMES), constrain(v, KV_NAMES)
             out_BxSxHxV, _ = attend(q, k, v, mask, bias=bias, impl=c.impl, scale=scale)
         out_BxSxHxV = constrain(out_BxSxHxV, Q_NAMES)
-        return jnp.einsum("bshv,hvd->bsd", out_BxSxHxV, self.wo[...].astype(dt)), cache
+        return project("bshv,hvd->bsd", out_BxSxHxV, self.wo, dt, fp8=False), cache
 
     def _absorbed(self, q_nope_BxSxHxKn, q_rope_BxSxHxKr, latent_BxSxR, k_rope_BxSx1xKr,
                   wkv_b_RxHxN, mask, bias, cache, scale):

@@ -21,7 +21,7 @@ from jaxlm.nn.attention import AttentionConfig
 from jaxlm.nn.block import Block, BlockConfig, LayerInputs
 from jaxlm.nn.mlp import MLPConfig
 from jaxlm.nn.norms import RMSNorm
-from jaxlm.nn.param import scaled_out_std
+from jaxlm.nn.param import project, scaled_out_std
 from jaxlm.nn.relative_bias import RelativeBias, RelativeBiasConfig
 from jaxlm.parallel.sharding import constrain
 
@@ -89,10 +89,10 @@ class T5(TokenLM):
         h_BxTxD = self.final_norm(h_BxTxD)
         if self.cfg.tie_embeddings:
             h_BxTxD = h_BxTxD * self.cfg.d_model ** -0.5
-            w_DxV = self.embed[...].T
+            logits_BxTxV = jnp.einsum("btd,dv->btv", h_BxTxD,
+                                      self.embed[...].T.astype(self.dtype))
         else:
-            w_DxV = self.head[...]
-        logits_BxTxV = jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV.astype(self.dtype))
+            logits_BxTxV = project("btd,dv->btv", h_BxTxD, self.head, self.dtype, fp8=False)
         return constrain(logits_BxTxV, ("act_batch", "act_seq", "act_vocab"))
 
     def __call__(self, tokens_BxS, decoder_tokens_BxT, positions_BxS=None, segment_ids_BxS=None,
