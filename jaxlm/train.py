@@ -267,11 +267,12 @@ def _run(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
         # train.eval_every=0: evaluate only at the end
         eval_now = is_last or bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0
         if step % cfg.log.every_steps == 0 or is_last:
-            unlogged = (step, pending, window_steps, data_wait)
+            window = (step, pending, window_steps, data_wait)
             window_steps, data_wait = 0, 0.0
             if eval_now:  # evaluation reads this step's state: no later step first
-                last = log(*unlogged, with_eval=True)
-                unlogged = None
+                last = log(*window, with_eval=True)
+            else:
+                unlogged = window
         elif eval_now:
             ev = evaluate()
             say(M.format_line(step, ev))

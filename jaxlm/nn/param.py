@@ -41,10 +41,10 @@ def merge_contracted(subscripts: str, x, w):
     """(subscripts, x, w) with the axes contracted together merged into one, where they close x
     and open w in the same order (the output projection's 'bshk,hkd->bsd' becomes
     'bsc,cd->bsd'). Same product, one GEMM's shape. It was meant to stop XLA rewriting the
-    batch-1 output projection into
-    an elementwise product the size of the weight plus a reduction (H200 trace); the step moved
-    only from 1.32 to 1.30 ms, since the rewrite's cause is the product's size, not its axes:
-    XLA's GPU DotStrengthReduction takes every vector x matrix product under 10M elements."""
+    batch-1 output projection into an elementwise product the size of the weight plus a
+    reduction (H200 trace); the step moved only from 1.32 to 1.30 ms, since the rewrite's
+    cause is the product's size, not its axes: XLA's GPU DotStrengthReduction takes every
+    vector x matrix product under 10M elements."""
     ins, out = subscripts.replace(" ", "").split("->")
     xs, ws = ins.split(",")
     n = max((m for m in range(2, min(len(xs), len(ws)) + 1)
